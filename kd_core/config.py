@@ -1,0 +1,196 @@
+"""Typed, frozen parameters loaded from params.yaml.
+
+One object feeds every stage, so a setting is read in one place. Unknown keys and bad values are
+errors that name the key, raised before any compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kd_core.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: Literal["mnist1d", "parquet"] = "mnist1d"
+    transfer_size: int = Field(50_000, ge=0)
+    seed: int = 42
+    train: str | None = None
+    test: str | None = None
+    transfer: str | None = None
+    label_column: str = "label"
+    feature_columns: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _parquet_needs_files(self) -> DataParams:
+        if self.source == "parquet" and (not self.train or not self.test):
+            raise ValueError("data.source 'parquet' needs data.train and data.test")
+        if self.feature_columns is not None and len(self.feature_columns) == 0:
+            raise ValueError("data.feature_columns is empty; use null for 'every column but the label'")
+        return self
+
+
+class ValidationParams(_Section):
+    min_rows_per_class: int = Field(5, ge=1)
+    max_duplicate_frac: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class TeacherParams(_Section):
+    source: str = "train"
+    arch: str = "cnn1d"
+    options: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class StudentParams(_Section):
+    arch: str = "mlp"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheParams(_Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    shard_rows: int = Field(16_384, ge=1)
+    batch_size: int = Field(2048, ge=1)
+
+
+class DistillParams(_Section):
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class TrainParams(_Section):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.002, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+    nproc: int = Field(1, ge=1)
+
+
+class PolicyParams(_Section):
+    min_teacher_retention: float = Field(0.85, ge=0.0)
+    min_gain_over_baseline: float = 0.0
+    min_gain_over_champion: float = 0.0
+
+
+class RegistryParams(_Section):
+    model_name: str = Field("kd-student", min_length=1)
+    experiment: str = Field("kd-distill", min_length=1)
+
+
+class ScheduleParams(_Section):
+    cron: str = "0 3 * * 1"
+
+
+class PathParams(_Section):
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    validation: str = "reports/validation"
+    teacher: str = "artifacts/teacher"
+    logits: str = "artifacts/logits"
+    student: str = "artifacts/student"
+    baseline: str = "artifacts/baseline"
+    metrics: str = "metrics"
+    work: str = ".kd"
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    teacher: TeacherParams = TeacherParams()
+    student: StudentParams = StudentParams()
+    cache: CacheParams = CacheParams()
+    distill: DistillParams = DistillParams()
+    train: TrainParams = TrainParams()
+    policy: PolicyParams = PolicyParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
+    paths: PathParams = PathParams()
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form: the 'params hash' that identifies a configuration."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: invalid params: " + "; ".join(parts)
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate a mapping (as read from YAML) into Params, or raise a one-line UserError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, source)) from None
+
+
+def load_params(root: Path | str = ".") -> Params:
+    """Read and validate ``params.yaml`` in ``root`` (safe YAML: no tags that run code)."""
+    path = Path(root) / PARAMS_FILE
+    if not path.exists():
+        raise UserError(f"{path}: not found (run kd from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_params(raw, str(path))
+
+
+def _coerce(value: str) -> Any:
+    """Interpret a --set value the way YAML would (numbers, null, lists), as `dvc exp run -S` does."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def set_params(root: Path | str, assignments: list[str]) -> Params:
+    """Apply ``key.sub=value`` edits to params.yaml, keeping its comments; validate before writing."""
+    from ruamel.yaml import YAML  # ruamel keeps comments and order; it comes with DVC
+
+    path = Path(root) / PARAMS_FILE
+    rt = YAML()
+    doc = rt.load(path.read_text()) if path.exists() else {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key.path=value")
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = _coerce(value)
+    params = parse_params(json.loads(json.dumps(doc)), f"{path} (after --set)")
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    path.write_text(buf.getvalue())
+    return params

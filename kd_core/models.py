@@ -1,0 +1,191 @@
+"""Architecture registry and the on-disk model format.
+
+A model directory holds `model.safetensors` (weights, never a pickle) and `model.json` (architecture,
+options, feature order, class names). The standardisation fitted on the training rows is the first
+layer of the network, so a loaded model takes raw rows and returns logits over the named classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kd_core.data import Schema
+from kd_core.errors import UserError
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+Factory = Callable[..., nn.Module]  # factory(n_features, n_classes, **options) -> nn.Module
+
+
+class Registry:
+    """Names -> factories, filled by explicit decoration so the list of choices is greppable."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self._items = kind, {}
+
+    def register(self, name: str) -> Callable[[Factory], Factory]:
+        def deco(fn: Factory) -> Factory:
+            self._items[name] = fn
+            return fn
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def get(self, name: str) -> Factory:
+        if name in self._items:
+            return self._items[name]
+        if ":" in name:  # a user model the user named in params.yaml: package.module:factory
+            module, _, attr = name.partition(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise UserError(f"{self.kind} {name!r} cannot be imported: {exc}") from None
+        raise UserError(f"unknown {self.kind} {name!r}; choose one of {self.names()} "
+                        "or give package.module:factory")
+
+
+ARCHS = Registry("architecture")
+
+
+@ARCHS.register("mlp")
+def mlp(n_features: int, n_classes: int, hidden: list[int] = (128, 64), dropout: float = 0.0) -> nn.Module:
+    """Plain ReLU MLP: the small, fast student."""
+    layers: list[nn.Module] = []
+    width = n_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+class CNN1d(nn.Module):
+    """1-D CNN over the feature axis (Greydanus 2020's MNIST-1D CNN, widened): the teacher."""
+
+    def __init__(self, n_features: int, n_classes: int, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        convs, c_in, length = [], 1, n_features
+        for i in range(layers):
+            k = 5 if i == 0 else 3
+            convs += [nn.Conv1d(c_in, channels, k, stride=2, padding=k // 2), nn.ReLU()]
+            c_in, length = channels, (length + 2 * (k // 2) - k) // 2 + 1
+        self.convs = nn.Sequential(*convs)
+        self.head = nn.Linear(channels * length, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, F)
+        h = self.convs(x.unsqueeze(1))  # (B, C, L)
+        return self.head(h.flatten(1))  # (B, K)
+
+
+ARCHS.register("cnn1d")(CNN1d)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with the training rows' statistics, stored as buffers in the weights."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F)
+        return (x - self.mean) / self.std
+
+
+class KDModel(nn.Module):
+    """Raw rows -> logits: standardisation followed by the registered architecture."""
+
+    def __init__(self, net: nn.Module, n_features: int) -> None:
+        super().__init__()
+        self.scale = Standardize(n_features)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, K)
+        return self.net(self.scale(x))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    options: dict[str, Any]
+    schema: Schema
+
+    def to_json(self) -> dict:
+        return {"arch": self.arch, "options": self.options, **self.schema.to_json()}
+
+
+def build(spec: ModelSpec, x_train: np.ndarray | None = None) -> KDModel:
+    """Instantiate `spec`; with training rows, fit the standardisation to them."""
+    n_features, n_classes = len(spec.schema.features), len(spec.schema.classes)
+    try:
+        net = ARCHS.get(spec.arch)(n_features, n_classes, **spec.options)
+    except TypeError as exc:
+        raise UserError(f"architecture {spec.arch!r} rejected its options {spec.options}: {exc}") from None
+    model = KDModel(net, n_features)
+    if x_train is not None and len(x_train):
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0)
+        std[std < 1e-8] = 1.0  # constant columns pass through instead of dividing by zero
+        model.scale.mean.copy_(torch.from_numpy(mean))
+        model.scale.std.copy_(torch.from_numpy(std))
+    return model
+
+
+def save(model: KDModel, spec: ModelSpec, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    (out / META_FILE).write_text(json.dumps(spec.to_json(), indent=2))
+
+
+def load(path: Path) -> tuple[KDModel, ModelSpec]:
+    """Load a model directory; weights via safetensors, so loading never executes code."""
+    meta_path, weights = path / META_FILE, path / WEIGHTS_FILE
+    if not meta_path.exists() or not weights.exists():
+        raise UserError(f"{path} is not a kd model directory (needs {META_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads(meta_path.read_text())
+    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta))
+    model = build(spec)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{weights} does not match architecture {spec.arch!r}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model.eval(), spec
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of weights + architecture config: the teacher part of the cache key."""
+    h = hashlib.sha256()
+    h.update(hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).digest())
+    meta = json.loads((path / META_FILE).read_text())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Logits for rows `x` on CPU in batches.  # (N, F) -> (N, K)"""
+    model.eval()
+    out = [model(torch.from_numpy(x[i:i + batch_size])).float().numpy()
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
