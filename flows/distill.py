@@ -1,0 +1,82 @@
+"""The distillation DAG as a Prefect flow: one task per DVC stage, in dvc.yaml's order.
+
+Each task runs `dvc repro --single-item STAGE`, so DVC decides what is stale and keeps dvc.lock
+true, and `kd run` always agrees with a manual `dvc repro`. Prefect adds retries, logs and
+schedules; it keeps no cache of its own. One MLflow run per DAG run is handed to the stages
+through MLFLOW_RUN_ID.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from kd_core import registry
+from kd_core.config import Params
+from kd_core.stages import STAGES
+
+RETRIED = {"teacher": 2, "register": 3}  # stages that talk to MLflow, which may blink
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; the message is that stage's one-line error."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    ran: bool
+
+
+def _error_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    ours = [ln.removeprefix("kd: error: ") for ln in lines if ln.startswith("kd: error:")]
+    return ours[-1] if ours else (lines[-1] if lines else "failed without a message")
+
+
+def _env(run_id: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `kd` of this env
+    if run_id:
+        env["MLFLOW_RUN_ID"] = run_id
+    return env
+
+
+def run_stage(name: str, root: str, run_id: str | None) -> StageOutcome:
+    """Run one DVC stage; raise StageFailed with the stage's own error line when it fails."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name],
+                          cwd=root, env=_env(run_id), capture_output=True, text=True)
+    logger = get_run_logger()
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode != 0:
+        raise StageFailed(f"stage {name} failed: {_error_line(proc.stderr)}")
+    return StageOutcome(name, ran="didn't change, skipping" not in proc.stdout)
+
+
+stage_tasks = {name: task(run_stage, name=name, retries=RETRIED.get(name, 0), retry_delay_seconds=5)
+               for name in STAGES}
+
+
+@flow(name="kd-distill", log_prints=True)
+def distill(root: str, run_id: str | None = None) -> list[StageOutcome]:
+    """prepare → validate → teacher → cache_logits → train_student, train_baseline → evaluate → register."""
+    return [stage_tasks[name](name, root, run_id) for name in STAGES]
+
+
+def run_dag(root: Path, params: Params) -> list[StageOutcome]:
+    """One DAG run: an MLflow run for the record, then the flow; the run's status follows the flow's."""
+    run_id = registry.start_dag_run(root, params)
+    try:
+        outcomes = distill(str(root), run_id)
+    except BaseException:
+        registry.end_dag_run(root, run_id, "FAILED")
+        raise
+    registry.end_dag_run(root, run_id, "FINISHED")
+    return outcomes

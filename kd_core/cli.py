@@ -1,0 +1,118 @@
+"""`kd`: the command line. Wiring and presentation only; the work happens in kd_core.stages.
+
+User mistakes (UserError) print one line on stderr and exit 1, never a traceback. Prefect is
+imported lazily, inside the commands that orchestrate, so `kd stage` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kd_core.config import load_params, set_params
+from kd_core.errors import UserError
+from kd_core.stages import STAGES
+
+app = typer.Typer(help="Knowledge-distillation pipeline: validated data, cached teacher logits, "
+                       "students promoted by policy.", no_args_is_help=True, add_completion=False)
+cache_app = typer.Typer(help="Inspect the soft-label cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+out = Console()
+
+
+def _root() -> Path:
+    root = Path.cwd()
+    if not (root / "dvc.yaml").exists() or not (root / "params.yaml").exists():
+        raise UserError(f"{root} is not a kd project (no dvc.yaml / params.yaml here)")
+    return root
+
+
+@app.command()
+def stage(name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")]) -> None:
+    """Run one DAG stage in this project (what dvc.yaml calls). Example: kd stage prepare"""
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    root = _root()
+    params = load_params(root)
+    module = importlib.import_module(f"kd_core.stages.{name}")
+    result = module.run(params, root)
+    print(f"{name}: {result.summary()}")
+
+
+@app.command()
+def run(
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-S", help="edit params.yaml before running, e.g. --set distill.temperature=2")] = None,
+) -> None:
+    """Run the whole DAG as a Prefect flow (DVC skips what is up to date). Example: kd run -S train.epochs=5"""
+    root = _root()
+    params = set_params(root, set_) if set_ else load_params(root)
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.distill import StageFailed, run_dag  # lazy: Prefect loads only for orchestration
+
+    try:
+        outcomes = run_dag(root, params)
+    except StageFailed as exc:
+        raise UserError(str(exc)) from None
+    for o in outcomes:
+        out.print(f"  {o.stage:<15} {'ran' if o.ran else 'up to date'}")
+    _print_summary(root / params.paths.metrics)
+
+
+def _print_summary(metrics: Path) -> None:
+    ev = json.loads((metrics / "eval.json").read_text())
+    table = Table(title="teacher / baseline / student (test set)")
+    for col in ("model", "accuracy", "params", "MACs", "size (KiB)", "latency p50 (ms)", "ECE"):
+        table.add_column(col, justify="right")
+    for role in ("teacher", "baseline", "student"):
+        m = ev[role]
+        table.add_row(role, f"{m['accuracy']:.3f}", f"{m['params']:,}", f"{m['macs']:,}",
+                      f"{m['size_bytes'] / 1024:.1f}", f"{m['latency_ms_p50']:.3f}", f"{m['ece']:.3f}")
+    out.print(table)
+    reg_path = metrics / "register.json"
+    if reg_path.exists():
+        reg = json.loads(reg_path.read_text())
+        out.print(f"promotion: [bold]{reg['decision']}[/bold] — {reg['model_name']} "
+                  f"version {reg['version']} aliases {reg['aliases']}")
+        for reason in reg["reasons"]:
+            out.print(f"  {reason}")
+
+
+@cache_app.command("verify")
+def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g. artifacts/logits")]) -> None:
+    """Check a cache's checksums, shapes, dtypes and finite values. Example: kd cache verify artifacts/logits"""
+    from kd_core.logits import read_manifest, verify_cache
+
+    problems = verify_cache(path)
+    if problems:
+        raise UserError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+    m = read_manifest(path)
+    print(f"{path}: ok: {m['rows']} rows × {m['classes']} classes, {len(m['shards'])} shard(s), "
+          f"key {m['key'][:12]}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"kd: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,44 @@
+"""prepare: source tables -> data/prepared/{train,test,transfer}.parquet + schema.json."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kd_core import data
+from kd_core.config import Params
+from kd_core.stages import atomic_dir
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    train: int
+    test: int
+    transfer: int
+    features: int
+    classes: int
+
+    def summary(self) -> str:
+        return (f"prepared {self.train} train / {self.test} test / {self.transfer} transfer rows, "
+                f"{self.features} features, {self.classes} classes")
+
+
+def _warn_untracked(params: Params, workdir: Path) -> None:
+    """DVC only sees content changes of files under paths.raw; say so once for files elsewhere."""
+    raw = (workdir / params.paths.raw).resolve()
+    for key in ("train", "test", "transfer"):
+        value = getattr(params.data, key)
+        if value and raw not in (workdir / value).resolve().parents:
+            print(f"kd: note: data.{key}={value} is outside {params.paths.raw}/, so `dvc repro` "
+                  "notices a new path but not new content at the same path", file=sys.stderr)
+
+
+def run(params: Params, workdir: Path) -> PrepareResult:
+    if params.data.source == "parquet":
+        _warn_untracked(params, workdir)
+    splits = data.load_source(params.data, workdir)
+    with atomic_dir(workdir / params.paths.prepared) as out:
+        data.write_prepared(splits, out)
+    return PrepareResult(len(splits.train), len(splits.test), len(splits.transfer),
+                         len(splits.schema.features), len(splits.schema.classes))

@@ -1,0 +1,70 @@
+"""teacher: train the teacher on the labelled rows, or load one (kd model directory or MLflow URI)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from kd_core import data, models
+from kd_core.config import Params
+from kd_core.errors import UserError
+from kd_core.stages import atomic_dir
+from kd_core.stages._common import epoch_logger, labelled_arrays
+from kd_core.train import FitConfig, fit
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    arch: str
+    source: str
+    train_accuracy: float | None
+    params: int
+
+    def summary(self) -> str:
+        acc = f", train accuracy {self.train_accuracy:.3f}" if self.train_accuracy is not None else ""
+        return f"teacher {self.arch} from {self.source}: {self.params:,} parameters{acc}"
+
+
+def _is_mlflow_uri(source: str) -> bool:
+    return source.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def _check_schema(spec: models.ModelSpec, schema: data.Schema, source: str) -> None:
+    """A loaded teacher must read the same features and predict the same classes as the data."""
+    if spec.schema.features != schema.features:
+        raise UserError(f"teacher {source} expects features {list(spec.schema.features)[:5]}…, "
+                        f"the prepared data has {list(schema.features)[:5]}…")
+    if tuple(map(str, spec.schema.classes)) != tuple(map(str, schema.classes)):
+        raise UserError(f"teacher {source} predicts classes {list(spec.schema.classes)}, "
+                        f"the training labels are {list(schema.classes)}")
+
+
+def run(params: Params, workdir: Path) -> TeacherResult:
+    tp = params.teacher
+    splits = data.read_prepared(workdir / params.paths.prepared)
+    with atomic_dir(workdir / params.paths.teacher) as out:
+        if tp.source == "train":
+            x, y = labelled_arrays(splits)
+            spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
+            model = models.build(spec, x)
+            cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, params.train.seed,
+                            params.train.device)
+            history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb), cfg,
+                          on_epoch=epoch_logger(workdir, "teacher"))
+            models.save(model, spec, out)
+            return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(
+                p.numel() for p in model.parameters()))
+        if _is_mlflow_uri(tp.source):
+            from kd_core import registry
+
+            src = registry.download_model_dir(tp.source, workdir / params.paths.work / "teacher-download")
+        else:
+            src = workdir / tp.source
+        model, spec = models.load(src)
+        _check_schema(spec, splits.schema, tp.source)
+        for name in (models.WEIGHTS_FILE, models.META_FILE):
+            shutil.copy2(src / name, out / name)
+        return TeacherResult(spec.arch, tp.source, None, sum(p.numel() for p in model.parameters()))

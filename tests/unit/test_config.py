@@ -1,0 +1,50 @@
+"""params.yaml: unknown keys and bad values are one-line errors naming the key."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_core.config import load_params, parse_params, set_params
+from kd_core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_project_params_load():
+    p = load_params(ROOT)
+    assert p.data.source == "mnist1d" and p.registry.model_name == "kd-student"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"distill": {"temprature": 2}}, "distill.temprature: unknown key"),
+    ({"distill": {"temperature": 0}}, "distill.temperature"),
+    ({"distill": {"alpha": 1.5}}, "distill.alpha"),
+    ({"train": {"epochs": "many"}}, "train.epochs"),
+    ({"cache": {"dtype": "int8"}}, "cache.dtype"),
+    ({"data": {"source": "parquet"}}, "needs data.train and data.test"),
+    ({"bogus": {}}, "bogus: unknown key"),
+])
+def test_bad_params_name_the_key(raw, needle):
+    with pytest.raises(UserError) as err:
+        parse_params(raw)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_set_params_keeps_comments_and_validates(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, ["distill.temperature=2.5", "data.feature_columns=[a, b]"])
+    text = (tmp_path / "params.yaml").read_text()
+    assert "# softens the teacher" in text
+    loaded = yaml.safe_load(text)
+    assert loaded["distill"]["temperature"] == 2.5 and loaded["data"]["feature_columns"] == ["a", "b"]
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(UserError, match="distill.alpha"):
+        set_params(tmp_path, ["distill.alpha=7"])
+    assert (tmp_path / "params.yaml").read_text() == before  # a rejected edit writes nothing
+
+
+def test_params_digest_changes_with_values():
+    assert parse_params({}).digest() != parse_params({"distill": {"temperature": 2}}).digest()

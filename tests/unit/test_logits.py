@@ -1,0 +1,100 @@
+"""The soft-label cache: round trip, keys, stale refusal, resume and verification."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kd_core.errors import UserError
+from kd_core.logits import CacheSettings, LogitCache, build_cache, cache_key, verify_cache
+
+
+def _teacher_logits(n: int = 1000, k: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, k, generator=g) * 5
+
+
+def _build(tmp_path, logits, dtype="float32", shard_rows=300, compute=None):
+    settings = CacheSettings(dtype, shard_rows)
+    key = cache_key("teacher", "data", settings)
+    compute = compute or (lambda a, b: logits[a:b])
+    report = build_cache(compute, len(logits), logits.shape[1], tmp_path / "cache", tmp_path / "work",
+                         key, settings, {"teacher_fingerprint": "teacher"})
+    return report, key
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0), ("float16", 1e-2), ("bfloat16", 5e-2)])
+def test_round_trip_per_dtype(tmp_path, dtype, tol):
+    logits = _teacher_logits()
+    report, key = _build(tmp_path, logits, dtype)
+    assert (report.shards, report.computed) == (4, 4)
+    cache = LogitCache(tmp_path / "cache", key)
+    idx = np.array([999, 0, 300, 299, 512])
+    got = cache.take(idx)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, logits[idx].numpy(), rtol=tol, atol=tol * 10)
+    assert verify_cache(tmp_path / "cache") == []
+
+
+def test_key_depends_on_teacher_data_and_settings():
+    s = CacheSettings("float32", 100)
+    base = cache_key("t", "d", s)
+    assert base != cache_key("t2", "d", s)
+    assert base != cache_key("t", "d2", s)
+    assert base != cache_key("t", "d", CacheSettings("float16", 100))
+
+
+def test_stale_cache_is_refused(tmp_path):
+    _build(tmp_path, _teacher_logits())
+    with pytest.raises(UserError, match="another teacher or other data"):
+        LogitCache(tmp_path / "cache", "0" * 64)
+
+
+def test_same_key_does_nothing(tmp_path):
+    logits = _teacher_logits()
+    _build(tmp_path, logits)
+    report, _ = _build(tmp_path, logits, compute=lambda a, b: pytest.fail("teacher ran again"))
+    assert report.unchanged
+
+
+def test_resume_keeps_finished_shards_and_is_byte_identical(tmp_path):
+    logits = _teacher_logits()
+    calls = []
+
+    def crashing(a, b):
+        if a >= 600:
+            raise KeyboardInterrupt  # simulated crash after two shards
+        calls.append(a)
+        return logits[a:b]
+
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "crash", logits, compute=crashing)
+    report, _ = _build(tmp_path / "crash", logits)
+    assert (report.computed, report.reused) == (2, 2)
+    _build(tmp_path / "clean", logits)
+    for f in sorted((tmp_path / "clean" / "cache").iterdir()):
+        assert f.read_bytes() == (tmp_path / "crash" / "cache" / f.name).read_bytes(), f.name
+
+
+def test_flipped_byte_is_caught(tmp_path):
+    _, key = _build(tmp_path, _teacher_logits())
+    shard = tmp_path / "cache" / "shard-00001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    problems = verify_cache(tmp_path / "cache")
+    assert len(problems) == 1 and "shard-00001" in problems[0] and "checksum" in problems[0]
+    cache = LogitCache(tmp_path / "cache", key)
+    cache.take(np.array([0]))  # an intact shard still reads
+    with pytest.raises(UserError, match="checksum"):
+        cache.take(np.array([350]))
+
+
+def test_non_finite_logits_are_reported(tmp_path):
+    logits = _teacher_logits()
+    logits[5, 2] = float("inf")
+    _build(tmp_path, logits)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["rows"] == 1000
+    assert any("non-finite" in p for p in verify_cache(tmp_path / "cache"))
