@@ -70,12 +70,12 @@ class CacheParams(_Section):
 
 
 class DistillParams(_Section):
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class TrainParams(_Section):
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(60, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.002, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -129,8 +129,11 @@ class ModelSpec:
         return {"arch": self.arch, "options": self.options, **self.schema.to_json()}
 
 
-def build(spec: ModelSpec, x_train: np.ndarray | None = None) -> KDModel:
-    """Instantiate `spec`; with training rows, fit the standardisation to them."""
+def build(spec: ModelSpec, x_train: np.ndarray | None = None, seed: int | None = None) -> KDModel:
+    """Instantiate `spec` (seeded: weight init is part of a repeatable run); with training rows, fit
+    the standardisation to them."""
+    if seed is not None:
+        torch.manual_seed(seed)
     n_features, n_classes = len(spec.schema.features), len(spec.schema.classes)
     try:
         net = ARCHS.get(spec.arch)(n_features, n_classes, **spec.options)

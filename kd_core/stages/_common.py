@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_core import data
-from kd_core.config import Params, TrainParams
+from kd_core.config import TrainParams
 from kd_core.train import FitConfig
 
 

@@ -49,7 +49,7 @@ def run(params: Params, workdir: Path) -> TeacherResult:
         if tp.source == "train":
             x, y = labelled_arrays(splits)
             spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
-            model = models.build(spec, x)
+            model = models.build(spec, x, params.train.seed)
             cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, params.train.seed,
                             params.train.device)
             history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb), cfg,

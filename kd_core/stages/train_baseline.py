@@ -24,7 +24,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
     epochs = max(1, round(params.train.epochs * rows_student / max(len(x), 1)))
     cfg = fit_config(params.train.model_copy(update={"epochs": epochs}))
     spec = models.ModelSpec(params.student.arch, dict(params.student.options), splits.schema)
-    model = models.build(spec, x)
+    model = models.build(spec, x, params.train.seed)
     history = fit(model, x, y, lambda s, _t, yb: losses.hard_ce(s, yb), cfg,
                   on_epoch=epoch_logger(workdir, "baseline"))
     with atomic_dir(workdir / params.paths.baseline) as out:

@@ -38,7 +38,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
     y = np.concatenate([y_lab, np.full(len(splits.transfer), losses.UNLABELLED)])  # (N,)
     T, alpha = params.distill.temperature, params.distill.alpha
     spec = models.ModelSpec(params.student.arch, dict(params.student.options), splits.schema)
-    model = models.build(spec, x)
+    model = models.build(spec, x, params.train.seed)
     history = fit(model, x, y, lambda s, t, yb: losses.hinton_kd(s, t, yb, T, alpha),
                   fit_config(params.train), soft=cache.take, on_epoch=epoch_logger(workdir, "student"))
     with atomic_dir(workdir / params.paths.student) as out:

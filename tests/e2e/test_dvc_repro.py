@@ -1,0 +1,38 @@
+"""`dvc repro` in a temporary git repo: the DAG of record runs, is a no-op when nothing changed,
+and a temperature change re-runs only the student side."""
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import dvc, write_params
+
+pytestmark = pytest.mark.slow
+ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
+       "evaluate", "register"}
+
+
+def ran(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", out))
+
+
+def test_repro_noop_and_temperature_rerun(project):
+    first = dvc(project, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ran(first.stdout) == ALL
+    assert (project / "dvc.lock").exists()
+    eval_json = json.loads((project / "metrics/eval.json").read_text())
+    assert set(eval_json) >= {"teacher", "student", "baseline"}
+    reg = json.loads((project / "metrics/register.json").read_text())
+    assert reg["version"] is not None and reg["decision"] in ("promoted", "rejected")
+
+    second = dvc(project, "repro")
+    assert second.returncode == 0, second.stderr
+    assert ran(second.stdout) == set()
+    assert "up to date" in second.stdout
+
+    write_params(project, {"distill": {"temperature": 2.0}})
+    third = dvc(project, "repro")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert ran(third.stdout) == {"train_student", "evaluate", "register"}
