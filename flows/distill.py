@@ -14,10 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 
 from kd_core import registry
 from kd_core.config import Params
+from kd_core.errors import TransientError
 from kd_core.stages import STAGES
 
 RETRIED = {"teacher": 2, "register": 3}  # stages that talk to MLflow, which may blink
@@ -25,6 +26,10 @@ RETRIED = {"teacher": 2, "register": 3}  # stages that talk to MLflow, which may
 
 class StageFailed(RuntimeError):
     """A stage exited non-zero; the message is that stage's one-line error."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,19 @@ def run_stage(name: str, root: str, run_id: str | None) -> StageOutcome:
         if line.strip():
             logger.info(line)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {name} failed: {_error_line(proc.stderr)}")
+        transient = f"exited with {TransientError.exit_code}" in proc.stderr  # dvc reports the cmd's code
+        raise StageFailed(f"stage {name} failed: {_error_line(proc.stderr)}", transient)
     return StageOutcome(name, ran="didn't change, skipping" not in proc.stdout)
 
 
-stage_tasks = {name: task(run_stage, name=name, retries=RETRIED.get(name, 0), retry_delay_seconds=5)
+def _transient(_task: object, _run: object, state: State) -> bool:
+    """Retry only outages: a bad input fails the same way every time."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, StageFailed) and exc.transient
+
+
+stage_tasks = {name: task(run_stage, name=name, retries=RETRIED.get(name, 0), retry_delay_seconds=10,
+                          retry_condition_fn=_transient)
                for name in STAGES}
 
 

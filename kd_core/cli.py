@@ -106,7 +106,7 @@ def main() -> None:
         app(standalone_mode=False)
     except UserError as exc:
         print(f"kd: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))
     except typer.Abort:
         sys.exit(130)
     except Exception as exc:

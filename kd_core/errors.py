@@ -7,3 +7,12 @@ and keeps its traceback.
 
 class UserError(Exception):
     """A problem in the user's inputs, described in one readable line."""
+
+
+class TransientError(UserError):
+    """An outside service (MLflow, a cluster) did not answer; the same command may succeed later.
+
+    The CLI exits with EX_TEMPFAIL (75) for it, so orchestration retries these and nothing else.
+    """
+
+    exit_code = 75

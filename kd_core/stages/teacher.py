@@ -60,7 +60,8 @@ def run(params: Params, workdir: Path) -> TeacherResult:
         if _is_mlflow_uri(tp.source):
             from kd_core import registry
 
-            src = registry.download_model_dir(tp.source, workdir / params.paths.work / "teacher-download")
+            src = registry.download_model_dir(tp.source, workdir / params.paths.work / "teacher-download",
+                                             root=workdir)
         else:
             src = workdir / tp.source
         model, spec = models.load(src)

@@ -47,4 +47,4 @@ def test_set_params_keeps_comments_and_validates(tmp_path):
 
 
 def test_params_digest_changes_with_values():
-    assert parse_params({}).digest() != parse_params({"distill": {"temperature": 2}}).digest()
+    assert parse_params({}).digest() != parse_params({"distill": {"temperature": 3}}).digest()

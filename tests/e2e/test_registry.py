@@ -1,0 +1,378 @@
+"""Registration against a real MLflow sqlite store: idempotence, promotion, aliases, serving raw rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kd_core import data, models, registry
+from kd_core.config import Params, parse_params
+from kd_core.errors import UserError
+from kd_core.stages import register
+
+NAME = "kd-student"
+FEATURES = ("f0", "f1", "f2", "f3")
+SCHEMA = data.Schema(FEATURES, "label", ("cat", "dog", "eel"))
+PARAMS = Params()
+CHANGED = parse_params({"train": {"lr": 0.01}})  # another configuration: a new candidate
+
+
+def rows(n: int, seed: int) -> pd.DataFrame:
+    """Class k has feature k raised: the hand-set student below classifies it perfectly."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % len(SCHEMA.classes)
+    x = rng.normal(0.0, 0.3, (n, len(FEATURES))).astype(np.float32)
+    x[np.arange(n), y] += 3.0
+    df = pd.DataFrame(x, columns=list(FEATURES))
+    df["label"] = np.asarray(SCHEMA.classes)[y]
+    return df
+
+
+def save_student(root: Path) -> None:
+    """A linear student (mlp without hidden layers) whose logit k is feature k."""
+    spec = models.ModelSpec("mlp", {"hidden": []}, SCHEMA)
+    model = models.build(spec)
+    with torch.no_grad():
+        model.net[0].weight.copy_(torch.eye(3, 4))  # (K, F)
+        model.net[0].bias.zero_()
+    models.save(model, spec, root / PARAMS.paths.student)
+
+
+def write_eval(root: Path, student: float, teacher: float = 0.95, baseline: float = 0.9) -> None:
+    extra = {"ece": 0.02, "nll": 0.2, "agreement_with_teacher": 0.95, "params": 15, "macs": 12,
+             "latency_ms_p50": 0.05, "size_bytes": 400}
+    ev = {r: {"accuracy": a, **extra} for r, a in (("teacher", teacher), ("student", student),
+                                                    ("baseline", baseline))}
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/eval.json").write_text(json.dumps(ev))
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Creating MLflow's schema takes seconds; every test copies one migrated store instead."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
+    """A project after `evaluate`: prepared splits, a student, eval.json, cache manifest, dvc.lock."""
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    train, test = rows(60, 0), rows(30, 1)
+    data.write_prepared(data.Splits(train, test, train[list(FEATURES)].head(10), SCHEMA),
+                        tmp_path / PARAMS.paths.prepared)
+    save_student(tmp_path)
+    write_eval(tmp_path, student=0.93)
+    (tmp_path / PARAMS.paths.logits).mkdir(parents=True)
+    (tmp_path / PARAMS.paths.logits / "manifest.json").write_text(
+        json.dumps({"key": "cache-1", "teacher_fingerprint": "teacher-1"}))
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  prepare:\n    cmd: kd stage prepare\n"
+                                       "    outs:\n    - path: data/prepared\n      md5: abc.dir\n")
+    (tmp_path / PARAMS.paths.validation).mkdir(parents=True)
+    (tmp_path / PARAMS.paths.validation / "train.json").write_text('{"success": true}')
+    return tmp_path
+
+
+def register_json(root: Path) -> dict:
+    return json.loads((root / "metrics/register.json").read_text())
+
+
+def test_first_candidate_is_promoted_and_recorded(root: Path):
+    result = register.run(PARAMS, root)
+
+    assert result.summary().startswith("kd-student version 1 promoted (challenger, champion)")
+    reg = register_json(root)
+    assert reg == {"decision": "promoted", "reasons": list(result.outcome.reasons), "model_name": NAME,
+                   "version": 1, "aliases": ["challenger", "champion"]}
+    client = MlflowClient()
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags["decision"] == "promoted"
+    assert mv.tags["reason.gain_over_champion"] == "gain_over_champion n/a (no champion): pass"
+    assert mv.tags["cache_key"] == "cache-1" and mv.tags["teacher_fingerprint"] == "teacher-1"
+    assert mv.tags["params_hash"] == PARAMS.digest() and mv.tags["git_commit"] == "unknown"
+    assert mv.tags["data_fingerprint"] == data.data_fingerprint(root / PARAMS.paths.prepared)
+
+    run = client.get_run(result.outcome.run_id)
+    assert mv.run_id == run.info.run_id
+    assert run.data.params["train.lr"] == "0.002" and run.data.params["registry.model_name"] == NAME
+    assert run.data.params["data.feature_columns"] == "null"
+    assert run.data.metrics["student.accuracy"] == 0.93 and "baseline.latency_ms_p50" in run.data.metrics
+    assert run.data.tags["dvc.prepare"] and run.data.tags["git_commit"] == "unknown"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"dvc.lock", "metrics", "reports"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "reports/validation")] == [
+        "reports/validation/train.json"]
+    assert (root / "mlruns" / PARAMS.registry.experiment).is_dir()  # artifacts sit by the store
+
+
+def test_identical_candidate_registers_nothing(root: Path):
+    register.run(PARAMS, root)
+    again = register.run(PARAMS, root)
+
+    assert again.outcome.unchanged and again.outcome.version == 1
+    reg = register_json(root)
+    assert reg["reasons"][0] == "unchanged: identical to version 1"
+    assert reg["decision"] == "promoted" and reg["aliases"] == ["challenger", "champion"]
+    assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_worse_candidate_is_rejected_and_champion_stays(root: Path):
+    register.run(PARAMS, root)
+    write_eval(root, student=0.9)  # the champion re-scores 1.0 on today's test rows
+
+    result = register.run(CHANGED, root)
+
+    reg = register_json(root)
+    assert (reg["decision"], reg["version"], reg["aliases"]) == ("rejected", 2, ["challenger"])
+    assert "gain_over_champion -0.1000 >= 0.0000: fail" in reg["reasons"]
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(NAME, "champion").version == 1
+    assert client.get_model_version_by_alias(NAME, "challenger").version == 2
+    assert client.get_run(result.outcome.run_id).data.metrics["champion.accuracy"] == 1.0
+
+
+def test_better_candidate_replaces_champion(root: Path):
+    register.run(PARAMS, root)
+    write_eval(root, student=1.0)
+
+    register.run(CHANGED, root)
+
+    client = MlflowClient()
+    assert register_json(root)["aliases"] == ["challenger", "champion"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == 2
+    assert client.get_model_version(NAME, "1").tags["successor"] == "2"
+    assert client.get_model_version(NAME, "1").aliases == []
+
+
+def test_bad_evidence_fails_before_anything_is_recorded(root: Path):
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    del ev["student"]["accuracy"]
+    (root / "metrics/eval.json").write_text(json.dumps(ev))
+
+    with pytest.raises(UserError, match="student metrics lack 'accuracy'"):
+        register.run(PARAMS, root)
+
+    client = MlflowClient()
+    assert client.search_model_versions(f"name='{NAME}'") == []
+    assert client.get_experiment_by_name(PARAMS.registry.experiment) is None  # no run was created
+
+
+def test_champion_that_cannot_score_todays_data_stops_registration(root: Path):
+    register.run(PARAMS, root)
+    splits = data.read_prepared(root / PARAMS.paths.prepared)
+    renamed = data.Schema(("f0", "f1", "g2", "f3"), "label", SCHEMA.classes)
+    data.write_prepared(data.Splits(*(df.rename(columns={"f2": "g2"}) for df in
+                                      (splits.train, splits.test, splits.transfer)), renamed),
+                        root / PARAMS.paths.prepared)
+
+    with pytest.raises(UserError, match=r"models:/kd-student/1 cannot score .*missing inputs") as exc:
+        register.run(CHANGED, root)
+
+    assert "\n" not in str(exc.value)
+    assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_unknown_dag_run_id_is_a_one_line_error(root: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
+    with pytest.raises(UserError, match="MLFLOW_RUN_ID=0123456789abcdef0123456789abcdef is not a run"):
+        register.run(PARAMS, root)
+
+
+def test_champion_serves_class_names_from_raw_rows(root: Path):
+    register.run(PARAMS, root)
+    test = pd.read_parquet(root / PARAMS.paths.prepared / "test.parquet")
+    raw = test.drop(columns=["label"])[["f3", "f1", "f0", "f2"]].assign(note=1.0)
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+
+    assert list(model.predict(raw)) == test["label"].tolist()
+    probs = model.predict(raw.head(3), params={"output": "probabilities"})
+    assert list(probs.columns) == ["cat", "dog", "eel"]
+    assert np.allclose(probs.to_numpy().sum(axis=1), 1.0)
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['f2'\]"):
+        model.predict(raw.drop(columns=["f2"]))
+
+
+def test_predict_frame_names_missing_columns_and_keeps_integer_classes():
+    schema = data.Schema(FEATURES, "label", (3, 5, 7))
+    model = models.build(models.ModelSpec("mlp", {"hidden": []}, schema))
+    with torch.no_grad():
+        model.net[0].weight.copy_(torch.eye(3, 4))
+        model.net[0].bias.zero_()
+    frame = pd.DataFrame([[0.0, 0.0, 2.0, 9.0], [1.0, 0.0, 0.0, 9.0]], columns=list(FEATURES))
+
+    assert registry.predict_frame(model, schema, frame).tolist() == [7, 3]
+    with pytest.raises(UserError, match=r"lacks feature column\(s\) \['f1'\]"):
+        registry.predict_frame(model, schema, frame.drop(columns=["f1"]))
+    with pytest.raises(UserError, match="unknown output 'logits'"):
+        registry.predict_frame(model, schema, frame, output="logits")
+
+
+def test_registered_model_downloads_as_a_kd_model_dir(root: Path):
+    """teacher.source may be an MLflow URI: the kd directory inside the registered model."""
+    register.run(PARAMS, root)
+    local = registry.download_model_dir(f"models:/{NAME}@champion", root / ".kd/teacher-download", root)
+    _, spec = models.load(local)
+    assert spec.schema == SCHEMA
+
+
+def test_dag_run_holds_epoch_metrics_and_the_registration(root: Path, monkeypatch: pytest.MonkeyPatch):
+    registry.log_epoch_metrics(root, {"student.loss": 1.0}, 1)  # no run id: nothing, no error
+    run_id = registry.start_dag_run(root, PARAMS)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    for epoch, loss in enumerate([0.9, 0.5], start=1):
+        registry.log_epoch_metrics(root, {"student.loss": loss}, epoch)
+    mlflow.flush_async_logging()
+
+    outcome = register.run(PARAMS, root).outcome
+    registry.end_dag_run(root, run_id, "FINISHED")
+
+    client = MlflowClient()
+    assert outcome.run_id == run_id
+    assert [m.value for m in client.get_metric_history(run_id, "student.loss")] == [0.9, 0.5]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["student.accuracy"] == 0.93
+    assert client.get_experiment(run.info.experiment_id).name == PARAMS.registry.experiment
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # register made no second run
+
+
+def test_unreachable_server_fails_with_one_line(root: Path, monkeypatch: pytest.MonkeyPatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(register, "RETRY_DELAYS_S", (0.0, 0.0))
+
+    with pytest.raises(UserError, match=r"unreachable.*gave up after 3 attempts") as exc:
+        register.run(PARAMS, root)
+
+    assert "\n" not in str(exc.value)
+    assert not (root / "metrics/register.json").exists()
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@kd.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@kd.invalid"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_git_commit_marks_and_distinguishes_uncommitted_code(tmp_path: Path):
+    assert registry.git_commit(tmp_path) == "unknown"
+    for name in ("code.py", "dvc.lock", "params.yaml"):
+        (tmp_path / name).write_text("v1\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "c")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    assert registry.git_commit(tmp_path) == head
+
+    (tmp_path / "dvc.lock").write_text("v2\n")  # written by the pipeline: not a code change
+    (tmp_path / "params.yaml").write_text("v2\n")
+    assert registry.git_commit(tmp_path) == head
+
+    (tmp_path / "code.py").write_text("v2\n")
+    first = registry.git_commit(tmp_path)
+    (tmp_path / "code.py").write_text("v3\n")
+    second = registry.git_commit(tmp_path)
+    assert first.startswith(f"{head}-dirty.") and second.startswith(f"{head}-dirty.") and first != second
+
+
+@pytest.mark.slow
+def test_concurrent_identical_registrations_register_once(root: Path):
+    """The file lock serializes the idempotence check: two racing processes make one version."""
+    script = ("import sys; from pathlib import Path; from kd_core.config import Params; "
+              "from kd_core.stages import register; print(register.run(Params(), Path(sys.argv[1])).summary())")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    summaries = sorted(out.strip().splitlines()[-1] for out, _ in outs)
+    assert [" promoted " in s for s in summaries].count(True) == 1
+    assert [" unchanged " in s for s in summaries].count(True) == 1
+    assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_class_names(root: Path):
+    register.run(PARAMS, root)
+    port = free_port()
+    log = (root / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+        cwd=root, env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, (root / "serve.log").read_text()
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(0.5)
+        test = pd.read_parquet(root / PARAMS.paths.prepared / "test.parquet").head(6)
+        raw = test.drop(columns=["label"])[["f2", "f0", "f3", "f1"]]
+        body = json.dumps({"dataframe_split": raw.to_dict(orient="split")}).encode()
+        req = urllib.request.Request(f"{base}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = json.loads(resp.read())
+        assert answer == {"predictions": test["label"].tolist()}
+    finally:  # SIGTERM lets the CLI take its uvicorn child down with it (MLflow sets PDEATHSIG)
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_registered_model_loads_without_this_checkout(root: Path):
+    """code_paths carries kd_core: load in a process that cannot import this repo's kd_core."""
+    register.run(PARAMS, root)
+    script = (
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+        "sys.path = [p for p in sys.path if p not in ('', '.')]\n"
+        "import mlflow, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        "import kd_core\n"
+        "print(kd_core.__file__)\n"
+        "print(list(m.predict(pd.DataFrame([[3.0, 0, 0, 0]], columns=['f0', 'f1', 'f2', 'f3']))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    where, prediction = out.stdout.strip().splitlines()[-2:]
+    assert "/code/kd_core/" in where and Path(__file__).resolve().parents[2].as_posix() not in where
+    assert prediction == "['cat']"
