@@ -8,6 +8,7 @@ through MLFLOW_RUN_ID.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -41,7 +42,8 @@ class StageOutcome:
 def _error_line(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     ours = [ln.removeprefix("kd: error: ") for ln in lines if ln.startswith("kd: error:")]
-    return ours[-1] if ours else (lines[-1] if lines else "failed without a message")
+    dvc_errors = [ln for ln in lines if ln.startswith("ERROR")]
+    return (ours or dvc_errors or lines or ["failed without a message"])[0]
 
 
 def _env(run_id: str | None) -> dict[str, str]:
@@ -83,8 +85,19 @@ def distill(root: str, run_id: str | None = None) -> list[StageOutcome]:
     return [stage_tasks[name](name, root, run_id) for name in STAGES]
 
 
+class _NoStageTracebacks(logging.Filter):
+    """A failed stage already printed its one-line error; keep Prefect's console to that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_dag(root: Path, params: Params) -> list[StageOutcome]:
     """One DAG run: an MLflow run for the record, then the flow; the run's status follows the flow's."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoStageTracebacks())
     run_id = registry.start_dag_run(root, params)
     try:
         outcomes = distill(str(root), run_id)

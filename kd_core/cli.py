@@ -57,6 +57,7 @@ def run(
     params = set_params(root, set_) if set_ else load_params(root)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from CI
     from flows.distill import StageFailed, run_dag  # lazy: Prefect loads only for orchestration
 
     try:
