@@ -49,6 +49,7 @@ def _error_line(stderr: str) -> str:
 def _env(run_id: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `kd` of this env
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if run_id:
         env["MLFLOW_RUN_ID"] = run_id
     return env
@@ -60,8 +61,9 @@ def run_stage(name: str, root: str, run_id: str | None) -> StageOutcome:
                           cwd=root, env=_env(run_id), capture_output=True, text=True)
     logger = get_run_logger()
     for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info(line)
+        if line.strip():  # the stage's own summary and notes on the console, DVC's chatter in debug
+            ours = line.startswith((f"{name}: ", "kd: "))
+            logger.log(logging.INFO if ours else logging.DEBUG, line)
     if proc.returncode != 0:
         transient = f"exited with {TransientError.exit_code}" in proc.stderr  # dvc reports the cmd's code
         raise StageFailed(f"stage {name} failed: {_error_line(proc.stderr)}", transient)
