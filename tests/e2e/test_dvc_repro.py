@@ -32,7 +32,7 @@ def test_repro_noop_and_temperature_rerun(project):
     assert ran(second.stdout) == set()
     assert "up to date" in second.stdout
 
-    write_params(project, {"distill": {"temperature": 2.0}})
+    write_params(project, {"distill": {"temperature": 3.5}})
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stdout + third.stderr
     assert ran(third.stdout) == {"train_student", "evaluate", "register"}
