@@ -101,6 +101,50 @@ def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g
           f"key {m['key'][:12]}")
 
 
+def _current_key(root: Path) -> str | None:
+    from kd_core.logits import read_manifest
+
+    try:
+        return read_manifest(root / load_params(root).paths.logits)["key"]
+    except UserError:
+        return None
+
+
+@cache_app.command("ls")
+def cache_ls() -> None:
+    """List the caches in the content-addressed store (.kd/cache). Example: kd cache ls"""
+    from kd_core.logits import list_store
+
+    root = _root()
+    current = _current_key(root)
+    table = Table(title=f"logit caches in {load_params(root).paths.work}/cache")
+    for col in ("key", "state", "rows", "MiB", "teacher"):
+        table.add_column(col)
+    for c in list_store(root / load_params(root).paths.work):
+        state = "current" if c.key == current else ("complete" if c.complete else "partial (resumable)")
+        table.add_row(c.key[:12], state, str(c.rows or "?"), f"{c.bytes / 2**20:.1f}",
+                      (c.teacher_fingerprint or "?")[:12])
+    out.print(table)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    keep: Annotated[int, typer.Option(help="also keep this many most recent caches")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would be removed")] = False,
+) -> None:
+    """Delete stored caches other than the current one. Example: kd cache gc --keep 1"""
+    from kd_core.logits import gc_store, list_store
+
+    root = _root()
+    work = root / load_params(root).paths.work
+    others = [c.key for c in list_store(work) if c.key != _current_key(root)]
+    protected = set(others[:keep]) | {_current_key(root)}
+    doomed = [c for c in list_store(work) if c.key not in protected] if dry_run else gc_store(work, protected)
+    verb = "would remove" if dry_run else "removed"
+    print(f"{verb} {len(doomed)} cache(s), {sum(c.bytes for c in doomed) / 2**20:.1f} MiB: "
+          + (", ".join(c.key[:12] for c in doomed) or "nothing"))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     try:

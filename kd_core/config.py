@@ -65,8 +65,11 @@ class StudentParams(_Section):
 
 class CacheParams(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    top_k: int | None = Field(None, ge=1)
     shard_rows: int = Field(16_384, ge=1)
     batch_size: int = Field(2048, ge=1)
+    runner: Literal["serial", "dask"] = "serial"
+    dask_address: str | None = None
 
 
 class DistillParams(_Section):

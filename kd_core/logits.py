@@ -1,16 +1,27 @@
 """The soft-label cache: the teacher's raw logits on disk, tied to the teacher and data that made them.
 
-Layout of a cache directory::
+A cache is a directory::
 
-    manifest.json        format, key, dtype, rows, classes, shards [{file, start, stop, sha256}]
-    shard-00000.npy      raw logits rows [start, stop) as a plain .npy (memory-mappable)
+    manifest.json                 format, key, dtype, top_k, rows, classes, shards with sha256
+    shard-00000.logits.npy        dense: raw logits of rows [start, stop)           (B, K)
+    shard-00000.values.npy        top-k: the K' largest raw logits per row           (B, K')
+    shard-00000.indices.npy       top-k: their class indices (int32)                 (B, K')
+    shard-00000.tail_lse.npy      top-k: log-sum-exp of the other logits at T = 1    (B,)
 
-Raw logits (not probabilities) are stored, so any temperature can be applied later. The cache key
-hashes the teacher fingerprint, the data fingerprint and the cache settings, so a changed teacher or
-changed data can never be served stale soft labels. Shards are computed into a work directory that
-survives crashes (DVC deletes a stage's outputs before re-running it), each written to a temporary
-name and renamed when complete; a re-run keeps every shard whose checksum verifies and computes only
-the missing ones.
+Raw logits (not probabilities) are stored so any temperature can be applied later. The **key**
+hashes the teacher fingerprint, the data fingerprint and the cache settings: a changed teacher or
+changed data can never be served stale soft labels.
+
+Caches are built in a content-addressed store, ``<work>/cache/<key>/``, that outlives DVC (which
+deletes a stage's outputs before re-running it). Each shard is written to a temporary name and
+renamed when complete, with a sha256 sidecar; a re-run keeps every shard that verifies and computes
+only the missing ones, so a crash costs at most one shard. A finished cache is published into the
+stage output by hard links, and a later run with the same key publishes it again without running
+the teacher.
+
+Top-k tail at T ≠ 1: only the tail's log-sum-exp at T = 1 (``L``) and its size ``n`` are known. The
+tail is treated as ``n`` equal logits ``L - log n`` — exact in total mass at T = 1, and at any T it
+keeps the tail as one bucket whose mass follows from those equal logits: ``n · exp((L - log n)/T)``.
 """
 
 from __future__ import annotations
@@ -19,18 +30,21 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kd_core.errors import UserError
+from kd_core.errors import TransientError, UserError
 from kd_core.stages import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+STORE = "cache"  # under params.paths.work
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 kept as its bits
 
 Compute = Callable[[int, int], torch.Tensor]  # (start, stop) -> raw logits (stop - start, K)
@@ -40,9 +54,13 @@ Compute = Callable[[int, int], torch.Tensor]  # (start, stop) -> raw logits (sto
 class CacheSettings:
     dtype: str
     shard_rows: int
+    top_k: int | None = None  # None: dense
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shard_rows": self.shard_rows}
+        return {"dtype": self.dtype, "shard_rows": self.shard_rows, "top_k": self.top_k}
+
+    def roles(self) -> tuple[str, ...]:
+        return ("values", "indices", "tail_lse") if self.top_k else ("logits",)
 
 
 def cache_key(teacher_fingerprint: str, data_fingerprint: str, settings: CacheSettings) -> str:
@@ -55,19 +73,43 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_rows, n_rows)) for s in range(0, n_rows, shard_rows)]
 
 
-def encode(logits: torch.Tensor, dtype: str) -> np.ndarray:
+# --- encoding -------------------------------------------------------------------------------------
+
+def _store(x: torch.Tensor, dtype: str) -> np.ndarray:
     """Tensor -> storage array; bfloat16 has no numpy dtype, so its 16-bit pattern is stored as int16."""
     if dtype == "bfloat16":
-        return logits.to(torch.bfloat16).view(torch.int16).cpu().numpy()
-    return logits.to(getattr(torch, dtype)).cpu().numpy()
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+    return x.to(getattr(torch, dtype)).cpu().numpy()
 
 
 def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage array -> float32 logits.  # (B, K)"""
+    """Storage array -> float32.  # (B, ...)"""
     if dtype == "bfloat16":
         return torch.from_numpy(np.array(stored)).view(torch.bfloat16).float().numpy()  # copy: writable
     return np.asarray(stored, dtype=np.float32)
 
+
+def encode(logits: torch.Tensor, settings: CacheSettings) -> dict[str, np.ndarray]:
+    """Raw logits (B, K) -> the arrays of one shard, by role."""
+    logits = logits.float()
+    if not settings.top_k:
+        return {"logits": _store(logits, settings.dtype)}
+    values, indices = logits.topk(settings.top_k, dim=-1)  # (B, K'), (B, K')
+    tail = logits.scatter(-1, indices, float("-inf"))  # (B, K): top-k masked out
+    tail_lse = torch.logsumexp(tail, dim=-1) if logits.shape[1] > settings.top_k \
+        else torch.full((len(logits),), float("-inf"))  # (B,)
+    return {"values": _store(values, settings.dtype), "indices": indices.to(torch.int32).numpy(),
+            "tail_lse": tail_lse.numpy().astype(np.float32)}
+
+
+def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
+    storage = np.dtype(_STORAGE[manifest["dtype"]])
+    k = manifest.get("top_k")
+    return {"logits": ((rows, manifest["classes"]), storage), "values": ((rows, k), storage),
+            "indices": ((rows, k), np.dtype(np.int32)), "tail_lse": ((rows,), np.dtype(np.float32))}[role]
+
+
+# --- files ----------------------------------------------------------------------------------------
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -77,24 +119,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_shard(path: Path, arr: np.ndarray) -> str:
-    """Write a shard via a temporary name + fsync + rename; return its sha256 (also in a sidecar)."""
+def _write_array(path: Path, arr: np.ndarray) -> str:
+    """Write via a temporary name + fsync + rename, then a sha256 sidecar; return the sha256.
+
+    A crash leaves either no file, a `.tmp` nobody trusts, or a file without a sidecar (recomputed).
+    An `OSError` (disk full, file size limit) removes the partial file and becomes one clear line.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    digest = sha256_file(path)
-    side = path.with_name(path.name + ".sha256")
-    side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(digest)
-    os.replace(side_tmp, side)
-    return digest
+    try:
+        with tmp.open("wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)  # what is on disk, read back from the page cache
+        os.replace(tmp, path)
+        side_tmp = path.with_name(path.name + ".sha256.tmp")
+        side_tmp.write_text(digest)
+        os.replace(side_tmp, path.with_name(path.name + ".sha256"))
+        return digest
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write cache shard {path}: {exc.strerror or exc}") from None
 
 
-def _verified_digest(path: Path) -> str | None:
-    """The shard's sha256 if it is complete and matches its sidecar, else None (recompute it)."""
+def _verified(path: Path) -> str | None:
+    """The file's sha256 if it is complete and matches its sidecar, else None (recompute it)."""
     side = path.with_name(path.name + ".sha256")
     if not path.exists() or not side.exists():
         return None
@@ -102,66 +151,158 @@ def _verified_digest(path: Path) -> str | None:
     return digest if digest == side.read_text().strip() else None
 
 
+def shard_file(i: int, role: str) -> str:
+    return f"shard-{i:05d}.{role}.npy"
+
+
+def write_shard(store: Path, i: int, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write one shard's arrays; returns {role: sha256}. Top-level so Dask workers can run it."""
+    return {role: _write_array(store / shard_file(i, role), arr) for role, arr in arrays.items()}
+
+
+def _verified_shard(store: Path, i: int, roles: tuple[str, ...]) -> dict[str, str] | None:
+    digests = {r: _verified(store / shard_file(i, r)) for r in roles}
+    return None if any(d is None for d in digests.values()) else digests
+
+
+# --- building -------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class CacheReport:
     key: str
     rows: int
     classes: int
     shards: int
-    computed: int  # shards computed in this call
-    reused: int  # shards kept from an interrupted earlier call
-    unchanged: bool = False  # the output already held a verified cache with this key
+    computed: int  # shards computed by the teacher in this call
+    reused: int  # shards kept from an interrupted or earlier call
+    unchanged: bool = False  # a complete cache with this key existed: the teacher did not run
+    seconds: float = 0.0
 
 
-def _existing(out: Path, key: str) -> dict | None:
-    """A complete, verified cache with this key already in place, else None."""
+def _compute_and_write(compute: Compute, settings: CacheSettings, store: Path, i: int, start: int,
+                       stop: int, n_classes: int) -> dict[str, str]:
+    """Teacher forward for one shard, then encode and write it (used by the Dask runner)."""
+    logits = compute(start, stop)
+    _check_shape(logits, start, stop, n_classes)
+    return write_shard(store, i, encode(logits, settings))
+
+
+def _check_shape(logits: torch.Tensor, start: int, stop: int, n_classes: int) -> None:
+    if tuple(logits.shape) != (stop - start, n_classes):
+        raise UserError(f"teacher returned logits of shape {tuple(logits.shape)} for rows {start}:{stop}, "
+                        f"expected {(stop - start, n_classes)}")
+
+
+def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
+                n_classes: int) -> dict[int, dict[str, str]]:
+    """The teacher computes shard i+1 while a writer thread encodes, writes and hashes shard i.
+
+    numpy writes and hashlib release the GIL, so disk and hashing overlap the forward passes.
+    """
+    done: dict[int, dict[str, str]] = {}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list[tuple[int, Future]] = []
+        for i, start, stop in todo:
+            logits = compute(start, stop)  # (B, K)
+            _check_shape(logits, start, stop, n_classes)
+            pending.append((i, writer.submit(lambda i=i, lg=logits: write_shard(store, i, encode(lg, settings)))))
+            while len(pending) > 1:  # at most one shard in flight: memory stays bounded
+                j, fut = pending.pop(0)
+                done[j] = fut.result()
+        for j, fut in pending:
+            done[j] = fut.result()
+    return done
+
+
+def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
+              n_classes: int, address: str | None) -> dict[int, dict[str, str]]:
+    """Map shards over a Dask cluster: `address` of an existing one, else a temporary local cluster.
+
+    Workers write shards straight into the store (a shared filesystem for remote clusters).
+    """
+    from distributed import Client, LocalCluster
+
+    cluster = None
     try:
-        manifest = read_manifest(out)
-    except UserError:
-        return None
-    if manifest.get("key") != key or verify_cache(out):
-        return None
-    return manifest
+        if address:
+            client = Client(address, timeout="30s")
+        else:
+            cluster = LocalCluster(n_workers=min(len(todo), os.cpu_count() or 1), threads_per_worker=1,
+                                   processes=True, dashboard_address=None)
+            client = Client(cluster)
+    except OSError as exc:
+        raise TransientError(f"cannot reach the Dask cluster {address}: {exc}") from None
+    try:
+        futures = {i: client.submit(_compute_and_write, compute, settings, store, i, start, stop, n_classes,
+                                    pure=False) for i, start, stop in todo}
+        return {i: f.result() for i, f in futures.items()}
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
-                settings: CacheSettings, meta: dict) -> CacheReport:
-    """Compute (or resume) every shard, then publish shards + manifest into `out` atomically."""
+                settings: CacheSettings, meta: dict, runner: str = "serial",
+                dask_address: str | None = None) -> CacheReport:
+    """Compute (or resume) every shard in the store, then publish shards + manifest into `out`."""
+    t0 = time.perf_counter()
+    if settings.top_k and settings.top_k > n_classes:
+        raise UserError(f"cache.top_k={settings.top_k} exceeds the number of classes ({n_classes})")
+    store = work / STORE / key
+    store.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(n_rows, settings.shard_rows)
-    existing = _existing(out, key)
-    if existing is not None:
-        return CacheReport(key, n_rows, n_classes, len(ranges), 0, len(ranges), unchanged=True)
-    work_dir = work / "cache" / key
-    work_dir.mkdir(parents=True, exist_ok=True)
-    shards, computed = [], 0
-    for i, (start, stop) in enumerate(ranges):
-        path = work_dir / f"shard-{i:05d}.npy"
-        digest = _verified_digest(path)
-        if digest is None:
-            arr = encode(compute(start, stop), settings.dtype)  # (stop - start, K)
-            if arr.shape != (stop - start, n_classes):
-                raise UserError(f"teacher returned logits of shape {arr.shape} for rows {start}:{stop}, "
-                                f"expected {(stop - start, n_classes)}")
-            digest = _write_shard(path, arr)
-            computed += 1
-        shards.append({"file": path.name, "start": start, "stop": stop, "sha256": digest})
-    manifest = {"format": FORMAT_VERSION, "key": key, "dtype": settings.dtype,
-                "storage_dtype": np.dtype(_STORAGE[settings.dtype]).name, "rows": n_rows,
-                "classes": n_classes, "shard_rows": settings.shard_rows, "shards": shards, **meta}
+    complete = _complete_manifest(store, key)
+    if complete is not None:
+        _publish(store, out, complete)
+        return CacheReport(key, n_rows, n_classes, len(ranges), 0, len(ranges), True,
+                           time.perf_counter() - t0)
+    digests = {i: d for i in range(len(ranges)) if (d := _verified_shard(store, i, settings.roles()))}
+    todo = [(i, s, e) for i, (s, e) in enumerate(ranges) if i not in digests]
+    if todo:
+        run = _run_dask if runner == "dask" else _run_serial
+        extra = (dask_address,) if runner == "dask" else ()
+        digests.update(run(compute, settings, store, todo, n_classes, *extra))
+    manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
+                "storage_dtype": np.dtype(_STORAGE[settings.dtype]).name, "rows": n_rows, "classes": n_classes,
+                "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
+                                                             for r in settings.roles()}}
+                           for i, (s, e) in enumerate(ranges)], **meta}  # no timestamps: byte-identical reruns
+    problems = verify_manifest(store, manifest)  # written once, after every shard verified
+    if problems:
+        raise UserError(f"cache {store} failed verification after writing: {problems[0]}")
+    (store / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _publish(store, out, manifest)
+    return CacheReport(key, n_rows, n_classes, len(ranges), len(todo), len(ranges) - len(todo), False,
+                       time.perf_counter() - t0)
+
+
+def _complete_manifest(store: Path, key: str) -> dict | None:
+    """The store's manifest if the cache with this key is complete and every file verifies."""
+    try:
+        manifest = read_manifest(store)
+    except UserError:
+        return None
+    return manifest if manifest.get("key") == key and not verify_manifest(store, manifest) else None
+
+
+def _publish(store: Path, out: Path, manifest: dict) -> None:
+    """Hard-link the cache into the stage output (no copy), replacing it atomically."""
     with atomic_dir(out) as tmp:
-        for s in shards:
-            _link_or_copy(work_dir / s["file"], tmp / s["file"])
+        for s in manifest["shards"]:
+            for a in s["arrays"].values():
+                _link_or_copy(store / a["file"], tmp / a["file"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return CacheReport(key, n_rows, n_classes, len(ranges), computed, len(ranges) - computed)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
-        os.link(src, dst)  # same filesystem: publishing costs no copy
-    except OSError:
+        os.link(src, dst)
+    except OSError:  # another filesystem
         shutil.copy2(src, dst)
 
+
+# --- reading and verifying ------------------------------------------------------------------------
 
 def read_manifest(path: Path) -> dict:
     mpath = path / MANIFEST
@@ -172,47 +313,66 @@ def read_manifest(path: Path) -> dict:
     except ValueError as exc:
         raise UserError(f"{mpath} is not valid JSON: {exc}") from None
     if manifest.get("format") != FORMAT_VERSION:
-        raise UserError(f"{mpath}: cache format {manifest.get('format')!r}, this kd reads {FORMAT_VERSION}")
+        raise UserError(f"{mpath}: cache format {manifest.get('format')!r}, this kd reads {FORMAT_VERSION}; "
+                        "re-run the cache_logits stage")
     return manifest
 
 
-def verify_cache(path: Path) -> list[str]:
-    """Every problem found: checksums, row ranges, shapes, dtypes and finite values. Empty = sound."""
-    manifest = read_manifest(path)
+def verify_manifest(path: Path, manifest: dict) -> list[str]:
+    """Every problem: row coverage, missing files, checksums, shapes, dtypes and finite values."""
     problems, expected_start = [], 0
-    storage = np.dtype(_STORAGE.get(manifest.get("dtype"), np.float32))
     for s in manifest["shards"]:
-        f = path / s["file"]
         if s["start"] != expected_start:
-            problems.append(f"{f}: starts at row {s['start']}, expected {expected_start}")
+            problems.append(f"shard at rows {s['start']}:{s['stop']}: expected to start at {expected_start}")
         expected_start = s["stop"]
-        if not f.exists():
-            problems.append(f"{f}: missing")
-            continue
-        if sha256_file(f) != s["sha256"]:
-            problems.append(f"{f}: checksum mismatch (corrupted or modified)")
-            continue
-        arr = np.load(f, mmap_mode="r", allow_pickle=False)
-        if arr.shape != (s["stop"] - s["start"], manifest["classes"]) or arr.dtype != storage:
-            problems.append(f"{f}: shape {arr.shape} dtype {arr.dtype}, expected "
-                            f"{(s['stop'] - s['start'], manifest['classes'])} {storage}")
-            continue
-        bad = int((~np.isfinite(decode(arr, manifest["dtype"]))).sum())
-        if bad:
-            problems.append(f"{f}: {bad} non-finite logit(s)")
+        for role, a in s["arrays"].items():
+            f = path / a["file"]
+            if not f.exists():
+                problems.append(f"{f}: missing")
+            elif sha256_file(f) != a["sha256"]:
+                problems.append(f"{f}: checksum mismatch (corrupted or modified)")
+            else:
+                problems += _check_array(f, role, s["stop"] - s["start"], manifest)
     if expected_start != manifest["rows"]:
         problems.append(f"{path}: shards cover {expected_start} rows, manifest says {manifest['rows']}")
     return problems
 
 
+def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:
+    arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    shape, dtype = _expected(role, rows, manifest)
+    if arr.shape != shape or arr.dtype != dtype:
+        return [f"{f}: shape {arr.shape} dtype {arr.dtype}, expected {shape} {dtype}"]
+    if role == "indices":
+        bad = int(((arr < 0) | (arr >= manifest["classes"])).sum())
+        return [f"{f}: {bad} class index(es) out of range"] if bad else []
+    values = decode(arr, manifest["dtype"]) if role in ("logits", "values") else np.asarray(arr)
+    finite = np.isfinite(values) | ((values == -np.inf) & (role == "tail_lse"))  # empty tail: -inf
+    bad = int((~finite).sum())
+    return [f"{f}: {bad} non-finite value(s)"] if bad else []
+
+
+def verify_cache(path: Path) -> list[str]:
+    """`kd cache verify`: every problem found in the cache at `path`. Empty means sound."""
+    return verify_manifest(path, read_manifest(path))
+
+
+@dataclass(frozen=True)
+class TopK:
+    values: np.ndarray  # (B, K') float32 raw logits
+    indices: np.ndarray  # (B, K') int64 class indices
+    tail_lse: np.ndarray  # (B,) float32 log-sum-exp of the other logits at T = 1
+    n_tail: int  # classes outside the top K'
+
+
 @dataclass
 class LogitCache:
-    """Read side: memory-mapped shards, each checksum-verified once before its first use."""
+    """Read side: memory-mapped arrays, each checksum-verified once before its first use."""
 
     path: Path
     expected_key: str | None = None
     manifest: dict = field(init=False)
-    _shards: dict[int, np.ndarray] = field(init=False, default_factory=dict)
+    _arrays: dict[tuple[int, str], np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.manifest = read_manifest(self.path)
@@ -231,21 +391,90 @@ class LogitCache:
     def classes(self) -> int:
         return int(self.manifest["classes"])
 
-    def _shard(self, i: int) -> np.ndarray:
-        if i not in self._shards:
-            s = self.manifest["shards"][i]
-            f = self.path / s["file"]
-            if not f.exists() or sha256_file(f) != s["sha256"]:
+    @property
+    def top_k(self) -> int | None:
+        return self.manifest.get("top_k")
+
+    def _array(self, i: int, role: str) -> np.ndarray:
+        if (i, role) not in self._arrays:
+            a = self.manifest["shards"][i]["arrays"][role]
+            f = self.path / a["file"]
+            if not f.exists() or sha256_file(f) != a["sha256"]:
                 raise UserError(f"{f}: checksum mismatch or missing; the cache is corrupt: "
                                 "run `kd cache verify` and re-run the cache_logits stage")
-            self._shards[i] = np.load(f, mmap_mode="r", allow_pickle=False)
-        return self._shards[i]
+            self._arrays[(i, role)] = np.load(f, mmap_mode="r", allow_pickle=False)
+        return self._arrays[(i, role)]
+
+    def _gather(self, idx: np.ndarray, role: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(mask into idx, rows of that shard's array) for every shard `idx` touches."""
+        which = np.searchsorted(self._starts, idx, side="right") - 1  # (B,)
+        return [(sel, self._array(int(i), role)[idx[sel] - self._starts[i]])
+                for i in np.unique(which) for sel in [which == i]]
+
+    def take_topk(self, idx: np.ndarray) -> TopK:
+        """Top-k view of rows `idx` (a dense cache is cut to its own top-k on the fly)."""
+        if not self.top_k:
+            raise UserError(f"{self.path} is a dense cache; it has no top-k arrays")
+        k = self.top_k
+        values, indices = np.empty((len(idx), k), np.float32), np.empty((len(idx), k), np.int64)
+        tail = np.empty(len(idx), np.float32)
+        for sel, rows in self._gather(idx, "values"):
+            values[sel] = decode(rows, self.manifest["dtype"])
+        for sel, rows in self._gather(idx, "indices"):
+            indices[sel] = rows
+        for sel, rows in self._gather(idx, "tail_lse"):
+            tail[sel] = rows
+        return TopK(values, indices, tail, self.classes - k)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows `idx` (global row numbers) as float32 logits.  # (B,) -> (B, K)"""
-        out = np.empty((len(idx), self.classes), dtype=np.float32)
-        which = np.searchsorted(self._starts, idx, side="right") - 1  # (B,)
-        for i in np.unique(which):
-            sel = which == i
-            out[sel] = decode(self._shard(int(i))[idx[sel] - self._starts[i]], self.manifest["dtype"])
+        """Rows `idx` (global row numbers) as float32 logits.  # (B,) -> (B, K)
+
+        For a top-k cache the tail classes get the equal-logit approximation of the module docstring.
+        """
+        if not self.top_k:
+            out = np.empty((len(idx), self.classes), dtype=np.float32)
+            for sel, rows in self._gather(idx, "logits"):
+                out[sel] = decode(rows, self.manifest["dtype"])
+            return out
+        t = self.take_topk(idx)
+        fill = t.tail_lse - np.log(max(t.n_tail, 1))  # (B,)
+        out = np.repeat(fill[:, None], self.classes, axis=1).astype(np.float32)
+        np.put_along_axis(out, t.indices, t.values, axis=1)
         return out
+
+
+# --- the store: listing and garbage collection ----------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredCache:
+    key: str
+    path: Path
+    complete: bool
+    rows: int | None
+    bytes: int
+    modified: float  # the store directory's mtime
+    teacher_fingerprint: str | None
+
+
+def list_store(work: Path) -> list[StoredCache]:
+    """Every cache in the store, complete or interrupted, newest first."""
+    out = []
+    for d in sorted((work / STORE).glob("*")):
+        if not d.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        try:
+            m = read_manifest(d)
+        except UserError:
+            m = None
+        out.append(StoredCache(d.name, d, m is not None, m and m["rows"], size, d.stat().st_mtime,
+                               m and m.get("teacher_fingerprint")))
+    return sorted(out, key=lambda c: (c.modified, c.key), reverse=True)
+
+
+def gc_store(work: Path, keep: set[str]) -> list[StoredCache]:
+    """Delete every stored cache whose key is not in `keep`; returns what was removed."""
+    removed = [c for c in list_store(work) if c.key not in keep]
+    for c in removed:
+        shutil.rmtree(c.path)
+    return removed

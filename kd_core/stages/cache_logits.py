@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,10 @@ class CacheResult:
     def summary(self) -> str:
         r = self.report
         if r.unchanged:
-            return f"logit cache {r.key[:12]} is up to date ({r.rows} rows × {r.classes} classes): nothing to do"
-        return (f"cached {r.rows} rows × {r.classes} classes as {r.shards} shard(s), key {r.key[:12]} "
-                f"({r.computed} computed, {r.reused} resumed)")
+            return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes): "
+                    "published it, the teacher did not run")
+        return (f"cached {r.rows} rows × {r.classes} classes as {r.shards} shard(s) in {r.seconds:.1f} s, "
+                f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed)")
 
 
 def cache_rows(splits: data.Splits) -> np.ndarray:
@@ -30,31 +32,46 @@ def cache_rows(splits: data.Splits) -> np.ndarray:
                            data.features_array(splits.transfer, splits.schema)])  # (N, F)
 
 
+def settings(params: Params) -> logits.CacheSettings:
+    return logits.CacheSettings(params.cache.dtype, params.cache.shard_rows, params.cache.top_k)
+
+
 def expected_key(params: Params, workdir: Path) -> str:
     """The key a cache must carry to be used with the current teacher, data and cache settings."""
     return logits.cache_key(models.fingerprint(workdir / params.paths.teacher),
                             data.data_fingerprint(workdir / params.paths.prepared), settings(params))
 
 
-def settings(params: Params) -> logits.CacheSettings:
-    return logits.CacheSettings(params.cache.dtype, params.cache.shard_rows)
+@functools.lru_cache(maxsize=2)
+def _teacher_and_rows(teacher_dir: str, prepared_dir: str) -> tuple[models.KDModel, np.ndarray]:
+    """Loaded once per process: in the stage, or in each Dask worker."""
+    return models.load(Path(teacher_dir))[0], cache_rows(data.read_prepared(Path(prepared_dir)))
+
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """Picklable `compute(start, stop)`: paths travel to Dask workers, not tensors."""
+
+    teacher_dir: str
+    prepared_dir: str
+    batch_size: int
+
+    @torch.inference_mode()
+    def __call__(self, start: int, stop: int) -> torch.Tensor:  # (stop - start, K)
+        teacher, x = _teacher_and_rows(self.teacher_dir, self.prepared_dir)
+        return torch.cat([teacher(torch.from_numpy(x[i:min(i + self.batch_size, stop)]))
+                          for i in range(start, stop, self.batch_size)])
 
 
 def run(params: Params, workdir: Path) -> CacheResult:
-    splits = data.read_prepared(workdir / params.paths.prepared)
-    teacher, _ = models.load(workdir / params.paths.teacher)
-    x = cache_rows(splits)
-    bs = params.cache.batch_size
-
-    @torch.inference_mode()
-    def compute(start: int, stop: int) -> torch.Tensor:  # (stop - start, K)
-        return torch.cat([teacher(torch.from_numpy(x[i:min(i + bs, stop)]))
-                          for i in range(start, stop, bs)])
-
-    meta = {"teacher_fingerprint": models.fingerprint(workdir / params.paths.teacher),
-            "data_fingerprint": data.data_fingerprint(workdir / params.paths.prepared),
+    teacher_dir, prepared_dir = workdir / params.paths.teacher, workdir / params.paths.prepared
+    splits = data.read_prepared(prepared_dir)
+    n_rows = len(splits.train) + len(splits.transfer)
+    meta = {"teacher_fingerprint": models.fingerprint(teacher_dir),
+            "data_fingerprint": data.data_fingerprint(prepared_dir),
             "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
-    report = logits.build_cache(compute, len(x), len(splits.schema.classes), workdir / params.paths.logits,
-                                workdir / params.paths.work, expected_key(params, workdir),
-                                settings(params), meta)
+    compute = TeacherLogits(str(teacher_dir.resolve()), str(prepared_dir.resolve()), params.cache.batch_size)
+    report = logits.build_cache(compute, n_rows, len(splits.schema.classes), workdir / params.paths.logits,
+                                workdir / params.paths.work, expected_key(params, workdir), settings(params),
+                                meta, params.cache.runner, params.cache.dask_address)
     return CacheResult(report)

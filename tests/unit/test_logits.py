@@ -1,6 +1,5 @@
 """The soft-label cache: round trip, keys, stale refusal, resume and verification."""
 
-import json
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ def _teacher_logits(n: int = 1000, k: int = 7) -> torch.Tensor:
     return torch.randn(n, k, generator=g) * 5
 
 
-def _build(tmp_path, logits, dtype="float32", shard_rows=300, compute=None):
-    settings = CacheSettings(dtype, shard_rows)
+def _build(tmp_path, logits, dtype="float32", shard_rows=300, compute=None, top_k=None):
+    settings = CacheSettings(dtype, shard_rows, top_k)
     key = cache_key("teacher", "data", settings)
     compute = compute or (lambda a, b: logits[a:b])
     report = build_cache(compute, len(logits), logits.shape[1], tmp_path / "cache", tmp_path / "work",
@@ -79,7 +78,7 @@ def test_resume_keeps_finished_shards_and_is_byte_identical(tmp_path):
 
 def test_flipped_byte_is_caught(tmp_path):
     _, key = _build(tmp_path, _teacher_logits())
-    shard = tmp_path / "cache" / "shard-00001.npy"
+    shard = tmp_path / "cache" / "shard-00001.logits.npy"
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF
     shard.write_bytes(bytes(raw))
@@ -91,10 +90,62 @@ def test_flipped_byte_is_caught(tmp_path):
         cache.take(np.array([350]))
 
 
-def test_non_finite_logits_are_reported(tmp_path):
+def test_non_finite_teacher_logits_are_refused(tmp_path):
     logits = _teacher_logits()
     logits[5, 2] = float("inf")
+    with pytest.raises(UserError, match="non-finite"):
+        _build(tmp_path, logits)
+    assert not (tmp_path / "cache").exists()  # nothing published
+
+
+def test_flipped_byte_is_rebuilt_on_rerun(tmp_path):
+    logits = _teacher_logits()
     _build(tmp_path, logits)
-    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["rows"] == 1000
-    assert any("non-finite" in p for p in verify_cache(tmp_path / "cache"))
+    shard = tmp_path / "cache" / "shard-00002.logits.npy"
+    clean = shard.read_bytes()
+    raw = bytearray(clean)
+    raw[200] ^= 0x01
+    shard.write_bytes(bytes(raw))  # in place: the published file and the store share the inode
+    calls = []
+    report, _ = _build(tmp_path, logits, compute=lambda a, b: calls.append(a) or logits[a:b])
+    assert calls == [600] and (report.computed, report.reused) == (1, 3)
+    assert shard.read_bytes() == clean and verify_cache(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_topk_round_trip_and_tail(tmp_path, dtype):
+    logits = _teacher_logits(500, 20)
+    _, key = _build(tmp_path, logits, dtype=dtype, top_k=4)
+    cache = LogitCache(tmp_path / "cache", key)
+    idx = np.array([7, 499, 0, 301])
+    t = cache.take_topk(idx)
+    vals, ids = logits[idx].topk(4, dim=-1)
+    tol = {"float32": 1e-6, "float16": 1e-2, "bfloat16": 5e-2}[dtype]
+    np.testing.assert_allclose(t.values, vals.numpy(), rtol=tol, atol=tol * 10)
+    np.testing.assert_array_equal(t.indices, ids.numpy())
+    tail = logits[idx].scatter(-1, ids, float("-inf")).logsumexp(-1)
+    np.testing.assert_allclose(t.tail_lse, tail.numpy(), rtol=1e-5)
+    assert t.n_tail == 16
+    # the dense view keeps the total probability mass at T = 1 (equal-logit tail)
+    dense = torch.from_numpy(cache.take(idx))
+    np.testing.assert_allclose(dense.logsumexp(-1).numpy(), logits[idx].logsumexp(-1).numpy(), rtol=tol, atol=tol * 10)
+    assert verify_cache(tmp_path / "cache") == []
+
+
+def test_topk_larger_than_classes_is_refused(tmp_path):
+    with pytest.raises(UserError, match="top_k"):
+        _build(tmp_path, _teacher_logits(100, 5), top_k=6)
+
+
+def test_store_lists_and_collects(tmp_path):
+    from kd_core.logits import gc_store, list_store
+
+    logits = _teacher_logits()
+    _, key = _build(tmp_path, logits)
+    _build(tmp_path, logits, dtype="float16")
+    stored = list_store(tmp_path / "work")
+    assert len(stored) == 2 and all(c.complete for c in stored)
+    removed = gc_store(tmp_path / "work", keep={key})
+    assert [c.key for c in removed] != [key] and len(removed) == 1
+    assert [c.key for c in list_store(tmp_path / "work")] == [key]
+    assert verify_cache(tmp_path / "cache") == []  # the published cache is untouched by gc

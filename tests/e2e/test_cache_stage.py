@@ -1,0 +1,76 @@
+"""The cache_logits stage on a real project: content addressing, Dask runner, kd cache commands."""
+
+import json
+
+import pytest
+
+from tests.conftest import kd, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def stage(project, name):
+    res = kd(project, "stage", name)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def files(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_dask_runner_matches_serial_and_store_reuse(project):
+    for name in ("prepare", "teacher"):
+        stage(project, name)
+    out = stage(project, "cache_logits")
+    assert "computed" in out
+    serial = files(project / "artifacts/logits")
+
+    # same key again: nothing computed, the stored cache is published
+    out = stage(project, "cache_logits")
+    assert "the teacher did not run" in out
+
+    # Dask with two local workers writes the same bytes (a different key: shard_rows changes)
+    write_params(project, {"cache": {"runner": "dask", "shard_rows": 512}})
+    stage(project, "cache_logits")
+    dask = files(project / "artifacts/logits")
+    write_params(project, {"cache": {"runner": "serial"}})
+    res = kd(project, "cache", "gc")  # drop the store so the serial run recomputes
+    assert res.returncode == 0, res.stderr
+    assert "removed 1 cache(s)" in res.stdout
+    stage(project, "cache_logits")
+    assert files(project / "artifacts/logits") == dask
+    assert json.loads(dask["manifest.json"])["key"] != json.loads(serial["manifest.json"])["key"]
+
+    ls = kd(project, "cache", "ls")
+    assert ls.returncode == 0 and "current" in ls.stdout
+    verify = kd(project, "cache", "verify", "artifacts/logits")
+    assert verify.returncode == 0 and "ok" in verify.stdout
+
+
+def test_student_refuses_a_stale_cache(project):
+    for name in ("prepare", "teacher", "cache_logits"):
+        stage(project, name)
+    write_params(project, {"teacher": {"epochs": 2}})
+    stage(project, "teacher")  # a new teacher; the cache on disk is the old one's
+    res = kd(project, "stage", "train_student")
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith("kd: error: logit cache") and "re-run the cache_logits" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_corrupt_shard_is_caught_by_verify_and_training(project):
+    for name in ("prepare", "teacher", "cache_logits"):
+        stage(project, name)
+    shard = sorted((project / "artifacts/logits").glob("shard-*.npy"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    verify = kd(project, "cache", "verify", "artifacts/logits")
+    assert verify.returncode == 1 and "checksum mismatch" in verify.stderr
+    train = kd(project, "stage", "train_student")
+    assert train.returncode == 1 and "checksum" in train.stderr
+    assert not (project / "artifacts/student").exists()
+    out = stage(project, "cache_logits")  # the bad shard is rebuilt, the others reused
+    assert "1 computed" in out
+    assert kd(project, "cache", "verify", "artifacts/logits").returncode == 0

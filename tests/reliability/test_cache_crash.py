@@ -1,0 +1,58 @@
+"""kill -9 in the middle of caching: the re-run keeps verified shards and ends byte-identical."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kd_core.logits import CacheSettings, build_cache, cache_key
+
+SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+from kd_core.logits import CacheSettings, build_cache, cache_key
+
+root, slow = Path(sys.argv[1]), float(sys.argv[2])
+logits = torch.randn(4000, 50, generator=torch.Generator().manual_seed(1)) * 4
+
+def compute(a, b):
+    time.sleep(slow)
+    return logits[a:b]
+
+s = CacheSettings("float16", 250)
+build_cache(compute, 4000, 50, root / "out", root / "work", cache_key("t", "d", s), s, {})
+"""
+
+
+def build(root: Path, slow: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(root), str(slow)])
+
+
+def test_sigkill_mid_capture_then_resume_is_byte_identical(tmp_path):
+    proc = build(tmp_path / "crash", 0.15)
+    store = tmp_path / "crash" / "work" / "cache"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(store.glob("*/*.sha256"))) < 4:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(store.glob("*/*.sha256")))
+    assert 4 <= finished < 16, finished  # really killed mid-capture
+    assert not (tmp_path / "crash" / "out").exists()  # nothing half-published
+
+    import torch
+
+    logits = torch.randn(4000, 50, generator=torch.Generator().manual_seed(1)) * 4
+    s = CacheSettings("float16", 250)
+    calls = []
+    report = build_cache(lambda a, b: calls.append(a) or logits[a:b], 4000, 50, tmp_path / "crash" / "out",
+                         tmp_path / "crash" / "work", cache_key("t", "d", s), s, {})
+    assert report.reused >= finished - 1 and report.computed == len(calls) == 16 - report.reused
+
+    assert build(tmp_path / "clean", 0.0).wait() == 0
+    clean = sorted(p.name for p in (tmp_path / "clean" / "out").iterdir())
+    assert clean == sorted(p.name for p in (tmp_path / "crash" / "out").iterdir())
+    for name in clean:  # shards and manifest alike
+        assert (tmp_path / "clean/out" / name).read_bytes() == (tmp_path / "crash/out" / name).read_bytes(), name
