@@ -55,6 +55,18 @@ def _env(run_id: str | None) -> dict[str, str]:
     return env
 
 
+def _restore_last_good(name: str, root: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """DVC deletes a stage's outputs before running it; put the last good ones (dvc.lock) back.
+
+    The failed stage never updated dvc.lock, so `dvc checkout` restores exactly the outputs of the
+    last successful run from DVC's cache: a bad input costs no earlier artifact.
+    """
+    proc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", name], cwd=root,
+                          env=_env(None), capture_output=True, text=True)
+    logger.log(logging.DEBUG if proc.returncode == 0 else logging.WARNING,
+               f"restored the last good outputs of {name}: {(proc.stdout + proc.stderr).strip()[:500]}")
+
+
 def run_stage(name: str, root: str, run_id: str | None) -> StageOutcome:
     """Run one DVC stage; raise StageFailed with the stage's own error line when it fails."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name],
@@ -65,6 +77,7 @@ def run_stage(name: str, root: str, run_id: str | None) -> StageOutcome:
             ours = line.startswith((f"{name}: ", "kd: "))
             logger.log(logging.INFO if ours else logging.DEBUG, line)
     if proc.returncode != 0:
+        _restore_last_good(name, root, logger)
         transient = f"exited with {TransientError.exit_code}" in proc.stderr  # dvc reports the cmd's code
         raise StageFailed(f"stage {name} failed: {_error_line(proc.stderr)}", transient)
     return StageOutcome(name, ran="didn't change, skipping" not in proc.stdout)

@@ -285,7 +285,8 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
                 "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
                                                              for r in settings.roles()}}
                            for i, (s, e) in enumerate(ranges)], **meta}  # no timestamps: byte-identical reruns
-    missing = [a["file"] for sh in manifest["shards"] for a in sh["arrays"].values() if not (store / a["file"]).exists()]
+    missing = [a["file"] for sh in manifest["shards"] for a in sh["arrays"].values()
+               if not (store / a["file"]).exists()]
     if missing:  # every shard was hashed as written; the manifest comes last, once all are in place
         raise UserError(f"cache {store}: shard files vanished while caching: {missing[:3]}")
     (store / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -168,12 +168,51 @@ def load(path: Path) -> tuple[KDModel, ModelSpec]:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"{weights} does not match architecture {spec.arch!r}: "
-                        f"{str(exc).splitlines()[0]}") from None
+    _load_into(model, state, f"{weights} does not match architecture {spec.arch!r}")
     return model.eval(), spec
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file; pickles are opened with weights_only=True, so code never runs."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise UserError(f"{path}: not a valid safetensors file: {exc}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything that is not plain tensors and containers
+        raise UserError(f"{path}: refused to load: not a plain weights file "
+                        f"({type(exc).__name__}: {str(exc).split('.')[0][:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning-style
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def load_checkpoint(path: Path, spec: ModelSpec) -> KDModel:
+    """A user's weights file for architecture `spec.arch`, trained on raw (unscaled) features."""
+    model = build(spec)  # identity scaling: the checkpoint's own preprocessing is inside its net
+    state = _read_state(path)
+    target = model if any(k.startswith(("net.", "scale.")) for k in state) else model.net
+    _load_into(target, state, f"{path} does not match architecture {spec.arch!r} {spec.options}")
+    return model.eval()
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+    """load_state_dict with a one-line account of what does not fit (keys or shapes)."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise UserError(f"{problem}: {lines[0] if lines else str(exc).splitlines()[0]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{problem}: missing {result.missing_keys[:3]} ({len(result.missing_keys)} in all), "
+                        f"unexpected {result.unexpected_keys[:3]} ({len(result.unexpected_keys)} in all)")
 
 
 def fingerprint(path: Path) -> str:

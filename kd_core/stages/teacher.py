@@ -1,4 +1,4 @@
-"""teacher: train the teacher on the labelled rows, or load one (kd model directory or MLflow URI)."""
+"""teacher: train the teacher on the labelled rows, or load one (kd model directory, weights file, MLflow URI)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,16 @@ def run(params: Params, workdir: Path) -> TeacherResult:
                                              root=workdir)
         else:
             src = workdir / tp.source
+        if src.is_file():  # a bare weights file for teacher.arch
+            if src.suffix not in models.CHECKPOINT_SUFFIXES:
+                raise UserError(f"teacher.source {tp.source}: expected a kd model directory or a weights file "
+                                f"({', '.join(models.CHECKPOINT_SUFFIXES)})")
+            spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
+            model = models.load_checkpoint(src, spec)
+            models.save(model, spec, out)
+            return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
+        if not src.exists():
+            raise UserError(f"teacher.source {tp.source} not found")
         model, spec = models.load(src)
         _check_schema(spec, splits.schema, tp.source)
         for name in (models.WEIGHTS_FILE, models.META_FILE):
