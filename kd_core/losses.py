@@ -42,3 +42,29 @@ def hard_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on labelled rows only: the hard-label baseline's loss."""
     labelled = labels != UNLABELLED
     return F.cross_entropy(student[labelled].float(), labels[labelled])
+
+
+def topk_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor,
+            n_tail: int, temperature: float) -> torch.Tensor:
+    """Per-row T² · KL over K'+1 buckets — the teacher's top-K' classes and one tail bucket.  # (B,)
+
+    Teacher: bucket logits v_i/T for the cached top-K' classes and, for the tail, the log-mass of n
+    equal logits (L - log n)/T, where L is the tail's log-sum-exp at T = 1 (exact at T = 1).
+    Student: its own softmax(s/T) on the same K' classes, and the summed mass of all other classes.
+    KL = Σ_b p_t(b) (log p_t(b) - log p_s(b)); × T² as in Hinton KD. Only what the cache knows is
+    matched: unlike KL against a reconstructed dense teacher, nothing pushes the student's tail to be
+    uniform (Hinton et al. 2015; top-k soft labels as in DistillKit / Megatron KD).
+    """
+    t = temperature
+    s = student.float() / t  # (B, K)
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, 1)
+    s_top = s.gather(-1, indices) - log_z  # (B, K')
+    t_top = values.float() / t  # (B, K')
+    if n_tail > 0:
+        log_n = torch.log(torch.tensor(float(n_tail)))
+        t_tail = log_n + (tail_lse.float() - log_n) / t  # (B,)
+        s_tail = torch.logsumexp(s.scatter(-1, indices, float("-inf")), dim=-1) - log_z[:, 0]  # (B,)
+        t_top = torch.cat([t_top, t_tail[:, None]], dim=-1)  # (B, K'+1)
+        s_top = torch.cat([s_top, s_tail[:, None]], dim=-1)  # (B, K'+1)
+    log_p_t = F.log_softmax(t_top, dim=-1)
+    return (t**2) * (log_p_t.exp() * (log_p_t - s_top)).sum(dim=-1)
