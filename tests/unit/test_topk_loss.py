@@ -17,7 +17,7 @@ def test_topk_with_every_class_is_the_dense_loss():
 
 
 def test_bucket_kl_matches_hand_computation():
-    z = torch.tensor([[3.0, 1.0, 0.0, -1.0]])  # teacher: top-2 = classes 0, 1; tail = {2, 3}
+    # teacher logits [3, 1, 0, -1]: top-2 = classes 0, 1; tail = {2, 3}
     s = torch.tensor([[2.0, 0.5, 0.5, 0.0]])
     T = 2.0
     values, indices = torch.tensor([[3.0, 1.0]]), torch.tensor([[0, 1]])
