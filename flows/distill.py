@@ -2,8 +2,8 @@
 
 Each task runs `dvc repro --single-item STAGE`, so DVC decides what is stale and keeps dvc.lock
 true, and `kd run` always agrees with a manual `dvc repro`. Prefect adds retries, logs and
-schedules; it keeps no cache of its own. One MLflow run per DAG run is handed to the stages
-through MLFLOW_RUN_ID.
+schedules (flows/schedule.py, prefect.yaml); it keeps no cache of its own. The flow opens one
+MLflow run per DAG run and hands it to the stages through MLFLOW_RUN_ID.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 from prefect import State, flow, get_run_logger, task
 
+from flows.alerts import alert_on_failure
 from kd_core import registry
-from kd_core.config import Params
+from kd_core.config import load_params
 from kd_core.errors import TransientError
 from kd_core.stages import STAGES
 
@@ -94,10 +95,21 @@ stage_tasks = {name: task(run_stage, name=name, retries=RETRIED.get(name, 0), re
                for name in STAGES}
 
 
-@flow(name="kd-distill", log_prints=True)
-def distill(root: str, run_id: str | None = None) -> list[StageOutcome]:
-    """prepare → validate → teacher → cache_logits → train_student, train_baseline → evaluate → register."""
-    return [stage_tasks[name](name, root, run_id) for name in STAGES]
+@flow(name="kd-distill", log_prints=True, on_failure=[alert_on_failure], on_crashed=[alert_on_failure])
+def distill(root: str = ".") -> list[StageOutcome]:
+    """prepare → validate → teacher → cache_logits → train_student, train_baseline → evaluate → register.
+
+    One MLflow run records the DAG run; its status follows the flow's. A failed deployed run alerts.
+    """
+    path = Path(root).resolve()
+    run_id = registry.start_dag_run(path, load_params(path))
+    try:
+        outcomes = [stage_tasks[name](name, str(path), run_id) for name in STAGES]
+    except BaseException:
+        registry.end_dag_run(path, run_id, "FAILED")
+        raise
+    registry.end_dag_run(path, run_id, "FINISHED")
+    return outcomes
 
 
 class _NoStageTracebacks(logging.Filter):
@@ -109,15 +121,8 @@ class _NoStageTracebacks(logging.Filter):
         return True
 
 
-def run_dag(root: Path, params: Params) -> list[StageOutcome]:
-    """One DAG run: an MLflow run for the record, then the flow; the run's status follows the flow's."""
+def run_dag(root: Path) -> list[StageOutcome]:
+    """`kd run`: the flow in this process, its console kept to one line per failed stage."""
     for handler in logging.getLogger().handlers:
         handler.addFilter(_NoStageTracebacks())
-    run_id = registry.start_dag_run(root, params)
-    try:
-        outcomes = distill(str(root), run_id)
-    except BaseException:
-        registry.end_dag_run(root, run_id, "FAILED")
-        raise
-    registry.end_dag_run(root, run_id, "FINISHED")
-    return outcomes
+    return distill(str(root))

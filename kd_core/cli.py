@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kd_core import commands
 from kd_core.config import load_params, set_params
 from kd_core.errors import UserError
 from kd_core.stages import STAGES
@@ -43,7 +44,8 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}
     root = _root()
     params = load_params(root)
     module = importlib.import_module(f"kd_core.stages.{name}")
-    result = module.run(params, root)
+    with commands.progress_bars():  # rows/s and ETA for caching and training, on a terminal
+        result = module.run(params, root)
     print(f"{name}: {result.summary()}")
 
 
@@ -61,12 +63,15 @@ def run(
     from flows.distill import StageFailed, run_dag  # lazy: Prefect loads only for orchestration
 
     try:
-        outcomes = run_dag(root, params)
+        outcomes = run_dag(root)
     except StageFailed as exc:
         raise UserError(str(exc)) from None
     for o in outcomes:
         out.print(f"  {o.stage:<15} {'ran' if o.ran else 'up to date'}")
     _print_summary(root / params.paths.metrics)
+    card = root / params.paths.reports / "model_card.html"
+    if card.exists():
+        out.print(f"model card: {card.relative_to(root)}; more: kd status, kd compare, kd predict TABLE.parquet")
 
 
 def _print_summary(metrics: Path) -> None:
@@ -143,6 +148,46 @@ def cache_gc(
     verb = "would remove" if dry_run else "removed"
     print(f"{verb} {len(doomed)} cache(s), {sum(c.bytes for c in doomed) / 2**20:.1f} MiB: "
           + (", ".join(c.key[:12] for c in doomed) or "nothing"))
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Argument(help="the model version to make champion")],
+    reason: Annotated[str, typer.Option("--reason", help="why (goes into the audit trail)")],
+    by: Annotated[str | None, typer.Option(help="who (default: user@host)")] = None,
+) -> None:
+    """Make VERSION the champion by hand, overriding the policy; audited. Example: kd promote 3 --reason "hotfix" """
+    root = _root()
+    from kd_core import registry  # lazy: mlflow loads only for the commands that need it
+
+    print(registry.promote(root, load_params(root), version, reason, by or registry.current_user()).summary())
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", help="why (goes into the audit trail)")],
+    by: Annotated[str | None, typer.Option(help="who (default: user@host)")] = None,
+) -> None:
+    """Move champion back to the previous champion; audited. Example: kd rollback --reason "bad canary" """
+    root = _root()
+    from kd_core import registry
+
+    print(registry.rollback(root, load_params(root), reason, by or registry.current_user()).summary())
+
+
+@app.command()
+def serve() -> None:
+    """Run the DAG on schedule.cron from this machine (Prefect serve); Ctrl-C stops. Example: kd serve"""
+    root = _root()
+    params = load_params(root)
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.schedule import serve_distill  # lazy: Prefect loads only for orchestration
+
+    serve_distill(root, params)
+
+
+commands.add_to(app, _root)  # kd status, kd compare, kd predict, kd export
 
 
 def main() -> None:

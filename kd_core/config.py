@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_core.errors import UserError
 
@@ -72,9 +74,23 @@ class CacheParams(_Section):
     dask_address: str | None = None
 
 
+LOSS_NAMES = ("dkd", "hinton", "mse")  # kd_core.losses.LOSSES; a unit test keeps the two in step
+
+
 class DistillParams(_Section):
+    loss: str = "hinton"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
+    dkd_alpha: float = Field(1.0, ge=0.0)
+    dkd_beta: float = Field(8.0, ge=0.0)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        """Checked here, not when train_student starts: a typo must not cost a teacher's training first."""
+        if v in LOSS_NAMES or ":" in v:
+            return v
+        raise ValueError(f"unknown loss {v!r}; choose one of {list(LOSS_NAMES)} or give package.module:factory")
 
 
 class TrainParams(_Section):
@@ -83,14 +99,23 @@ class TrainParams(_Section):
     lr: float = Field(0.002, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    compile: bool = False
     seed: int = 0
     nproc: int = Field(1, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    patience: int | None = Field(10, ge=1)
 
 
 class PolicyParams(_Section):
+    """Thresholds of the promotion rules (kd_core.registry.decide_promotion); all must pass."""
+
     min_teacher_retention: float = Field(0.85, ge=0.0)
-    min_gain_over_baseline: float = 0.0
-    min_gain_over_champion: float = 0.0
+    min_gain_over_baseline: float = Field(0.0, ge=-1.0, le=1.0)
+    max_latency_ratio: float = Field(0.5, gt=0.0)
+    max_size_bytes: int | None = Field(1_048_576, ge=1)
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0)
+    min_gain_over_champion: float = Field(0.0, ge=-1.0, le=1.0)
+    max_p_value: float = Field(0.05, gt=0.0, le=1.0)
 
 
 class RegistryParams(_Section):
@@ -98,8 +123,38 @@ class RegistryParams(_Section):
     experiment: str = Field("kd-distill", min_length=1)
 
 
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#LW-]+")
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
 class ScheduleParams(_Section):
     cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    alert_webhook: str | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        fields = v.split()
+        if v.strip() in _CRON_MACROS or (len(fields) == 5 and all(_CRON_FIELD.fullmatch(f) for f in fields)):
+            return v
+        raise ValueError(f"{v!r} is not a cron expression (five fields: minute hour day month weekday)")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as UTC or Europe/Paris)") from None
+        return v
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
 
 
 class PathParams(_Section):
@@ -110,6 +165,8 @@ class PathParams(_Section):
     logits: str = "artifacts/logits"
     student: str = "artifacts/student"
     baseline: str = "artifacts/baseline"
+    onnx: str = "artifacts/onnx"
+    reports: str = "reports"
     metrics: str = "metrics"
     work: str = ".kd"
 

@@ -32,7 +32,10 @@ def nll(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-log_p[np.arange(len(y)), y].mean())
 
 
-def ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+ECE_BINS = 15  # Guo et al. 2017's choice; the model card's reliability diagrams use the same bins
+
+
+def ece(logits: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error: |confidence - accuracy| averaged over equal-width confidence bins
     weighted by their share of rows (Guo et al. 2017, 15 bins)."""
     p = softmax(logits)

@@ -261,8 +261,13 @@ def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list
 
 def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
                 settings: CacheSettings, meta: dict, runner: str = "serial",
-                dask_address: str | None = None) -> CacheReport:
-    """Compute (or resume) every shard in the store, then publish shards + manifest into `out`."""
+                dask_address: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> CacheReport:
+    """Compute (or resume) every shard in the store, then publish shards + manifest into `out`.
+
+    `progress(rows done, rows)` is called after each shard's forward pass (serial runner; the Dask
+    runner reports once at the end, its dashboard shows the rest).
+    """
     t0 = time.perf_counter()
     if settings.top_k and settings.top_k > n_classes:
         raise UserError(f"cache.top_k={settings.top_k} exceeds the number of classes ({n_classes})")
@@ -279,7 +284,11 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     if todo:
         run = _run_dask if runner == "dask" else _run_serial
         extra = (dask_address,) if runner == "dask" else ()
+        if progress is not None and runner != "dask":
+            compute = _counted(compute, progress, n_rows - sum(e - s for _, s, e in todo), n_rows)
         digests.update(run(compute, settings, store, todo, n_classes, *extra))
+        if progress is not None:
+            progress(n_rows, n_rows)
     manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
                 "storage_dtype": np.dtype(_STORAGE[settings.dtype]).name, "rows": n_rows, "classes": n_classes,
                 "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
@@ -293,6 +302,20 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     _publish(store, out, manifest)
     return CacheReport(key, n_rows, n_classes, len(ranges), len(todo), len(ranges) - len(todo), False,
                        time.perf_counter() - t0)
+
+
+def _counted(compute: Compute, progress: Callable[[int, int], None], done: int, total: int) -> Compute:
+    """`compute` that reports the rows it has produced (starting from `done` resumed rows)."""
+    rows = [done]
+    progress(done, total)
+
+    def counted(start: int, stop: int) -> torch.Tensor:
+        logits = compute(start, stop)
+        rows[0] += stop - start
+        progress(rows[0], total)
+        return logits
+
+    return counted
 
 
 def _complete_manifest(store: Path, key: str) -> dict | None:

@@ -1,15 +1,41 @@
-"""Knowledge-distillation losses.
+"""Knowledge-distillation losses and the registry `distill.loss` picks from.
 
-Every loss takes student logits, cached teacher logits and labels where ``-1`` marks an unlabelled
-(transfer) row, and returns the batch mean of a per-row loss.
+Every loss takes student logits (B, K), cached teacher logits (B, K) and labels (B,) where ``-1``
+marks an unlabelled (transfer) row, and returns the **per-row** loss (B,). The training loop does
+the reduction: it divides the sum by the global batch size, which keeps DistributedDataParallel
+ranks with unequal shares of a batch exact (kd_core.train).
+
+Labelled rows mix a soft term with hard-label cross-entropy, α·soft + (1-α)·CE; transfer rows have
+no label, so the teacher's signal is all they have and the soft term takes the full weight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from kd_core.config import DistillParams
+from kd_core.models import Registry
+
 UNLABELLED = -1
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # (B,K), (B,K), (B,) -> (B,)
+LOSSES = Registry("loss")  # name -> factory(DistillParams) -> LossFn
+
+
+def build(distill: DistillParams) -> LossFn:
+    """The loss `distill.loss` names, configured by the rest of `distill`."""
+    return LOSSES.get(distill.loss)(distill)
+
+
+def _mix(soft: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Labelled rows: α·soft + (1-α)·CE(s, y); transfer rows: soft alone.  # (B,) -> (B,)"""
+    labelled = labels != UNLABELLED  # (B,)
+    ce = F.cross_entropy(student.float(), labels.clamp(min=0), reduction="none")  # (B,)
+    return torch.where(labelled, alpha * soft + (1 - alpha) * ce, soft)
 
 
 def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -25,23 +51,76 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
               temperature: float, alpha: float) -> torch.Tensor:
-    """Hinton KD: labelled rows get α·T²·KL + (1-α)·CE(s, y); transfer rows get T²·KL only.
+    """Hinton KD: labelled rows get α·T²·KL + (1-α)·CE(s, y); transfer rows get T²·KL only.  # (B,)
 
-    L = mean_i [ labelled_i · (α·soft_i + (1-α)·ce_i) + (1-labelled_i) · soft_i ]
-    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015). Transfer rows have
-    no label, so the teacher's distribution is their only signal and takes the full weight.
+    L_i = labelled_i · (α·soft_i + (1-α)·ce_i) + (1-labelled_i) · soft_i,  soft_i = T²·KL_i (soft_kl).
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
     """
-    soft = soft_kl(student, teacher, temperature)  # (B,)
-    labelled = labels != UNLABELLED  # (B,)
-    ce = F.cross_entropy(student.float(), labels.clamp(min=0), reduction="none")  # (B,)
-    per_row = torch.where(labelled, alpha * soft + (1 - alpha) * ce, soft)
-    return per_row.mean()
+    return _mix(soft_kl(student, teacher, temperature), student, labels, alpha)
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-row mean over classes of (s - t)²: regress the teacher's raw logits.  # (B, K), (B, K) -> (B,)
+
+    Ba & Caruana, "Do Deep Nets Really Need to be Deep?" (2014); Hinton et al. (2015, §2.1) show it
+    is KD's high-temperature limit: for zero-mean logits T²·KL → (1/2K)·Σ(s - t)² as T → ∞. It
+    weights every logit alike, including the very negative ones a softmax at low T ignores. The mean
+    over classes (not the sum) keeps its scale independent of K, as cross-entropy's is; no T.
+    """
+    return (student.float() - teacher.float()).pow(2).mean(dim=-1)
+
+
+def mse_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Logit matching mixed with CE: labelled rows α·MSE + (1-α)·CE(s, y); transfer rows MSE.  # (B,)"""
+    return _mix(logit_mse(student, teacher), student, labels, alpha)
+
+
+def dkd_terms(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (TCKD, NCKD) of Decoupled KD at temperature T, without the T² factor.  # (B,), (B,)
+
+    With p = softmax(z/T) and target class c, Hinton's KL splits exactly (Zhao et al. 2022, eq. 7):
+        KL(p_t ‖ p_s) = TCKD + (1 - p_t[c]) · NCKD
+    TCKD = KL(b_t ‖ b_s) on the binary split b = [p[c], 1 - p[c]]: how sure of the target class.
+    NCKD = KL(p̂_t ‖ p̂_s) on the non-target classes renormalised, p̂_k = p_k / (1 - p[c]): the
+    "dark knowledge" of how the other classes relate. Computed in log space: log(1 - p[c]) is the
+    log-sum-exp of the non-target log-probabilities, which never cancels catastrophically.
+    """
+    log_p_s = F.log_softmax(student.float() / temperature, dim=-1)  # (B, K)
+    log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)  # (B, K)
+    is_target = F.one_hot(target, log_p_s.shape[-1]).bool()  # (B, K)
+    log_rest_s = log_p_s.masked_fill(is_target, float("-inf")).logsumexp(dim=-1)  # (B,) log(1 - p_s[c])
+    log_rest_t = log_p_t.masked_fill(is_target, float("-inf")).logsumexp(dim=-1)  # (B,)
+    log_b_s = torch.stack([log_p_s.gather(-1, target[:, None])[:, 0], log_rest_s], dim=-1)  # (B, 2)
+    log_b_t = torch.stack([log_p_t.gather(-1, target[:, None])[:, 0], log_rest_t], dim=-1)  # (B, 2)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(dim=-1)  # (B,)
+    log_hat_s = log_p_s - log_rest_s[:, None]  # (B, K) log p̂_s; the target column is not used
+    log_hat_t = log_p_t - log_rest_t[:, None]  # (B, K)
+    nckd = (log_hat_t.exp() * (log_hat_t - log_hat_s)).masked_fill(is_target, 0.0).sum(dim=-1)  # (B,)
+    return tckd, nckd
+
+
+def dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float,
+        tckd_weight: float, nckd_weight: float) -> torch.Tensor:
+    """Decoupled KD mixed with CE: soft_i = T²·(a·TCKD_i + b·NCKD_i), then α-mixed as Hinton KD.  # (B,)
+
+    Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation" (CVPR 2022). In plain KD the
+    factor (1 - p_t[c]) shrinks NCKD exactly on the rows the teacher is sure of, whose dark knowledge
+    is the most reliable; DKD drops it and weights the two terms freely (a = `distill.dkd_alpha`,
+    b = `distill.dkd_beta`; the paper's a = 1, b = 8 on CIFAR-100). T² as in Hinton KD keeps the
+    gradient scale independent of T. The target c is the label on labelled rows and, on transfer
+    rows (no label), the teacher's argmax: the class the teacher would have labelled the row with.
+    """
+    target = torch.where(labels != UNLABELLED, labels, teacher.argmax(dim=-1))  # (B,)
+    tckd, nckd = dkd_terms(student, teacher, target, temperature)
+    return _mix(temperature**2 * (tckd_weight * tckd + nckd_weight * nckd), student, labels, alpha)
 
 
 def hard_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on labelled rows only: the hard-label baseline's loss."""
-    labelled = labels != UNLABELLED
-    return F.cross_entropy(student[labelled].float(), labels[labelled])
+    """Per-row cross-entropy on labelled rows, 0 on unlabelled ones: the hard-label baseline's loss.  # (B,)"""
+    labelled = labels != UNLABELLED  # (B,)
+    ce = F.cross_entropy(student.float(), labels.clamp(min=0), reduction="none")  # (B,)
+    return torch.where(labelled, ce, torch.zeros_like(ce))
 
 
 def topk_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor,
@@ -68,3 +147,20 @@ def topk_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
         s_top = torch.cat([s_top, s_tail[:, None]], dim=-1)  # (B, K'+1)
     log_p_t = F.log_softmax(t_top, dim=-1)
     return (t**2) * (log_p_t.exp() * (log_p_t - s_top)).sum(dim=-1)
+
+
+# --- the registry: `distill.loss` -> a configured LossFn ------------------------------------------
+
+@LOSSES.register("hinton")
+def _hinton(d: DistillParams) -> LossFn:
+    return partial(hinton_kd, temperature=d.temperature, alpha=d.alpha)
+
+
+@LOSSES.register("mse")
+def _mse(d: DistillParams) -> LossFn:
+    return partial(mse_kd, alpha=d.alpha)
+
+
+@LOSSES.register("dkd")
+def _dkd(d: DistillParams) -> LossFn:
+    return partial(dkd, temperature=d.temperature, alpha=d.alpha, tckd_weight=d.dkd_alpha, nckd_weight=d.dkd_beta)

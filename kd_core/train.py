@@ -1,22 +1,53 @@
-"""The training loop shared by teacher, student and baseline.
+"""The training loop shared by teacher, student and baseline: device, AMP, DDP, checkpoints.
 
-Rows stay in memory as one tensor; the teacher's logits come from the cache by row number, so the
-student never runs the teacher. The loop knows nothing of KD: the loss function decides.
+Rows stay in host memory as one array; each step gathers its batch by row number, and the
+teacher's logits come from the cache by the same row numbers, so the student never runs the
+teacher. The loop knows nothing of KD: the loss function decides.
+
+- Devices: `auto` picks CUDA, then MPS, then CPU. On CUDA the forward pass runs under bf16 autocast
+  and batches travel from pinned memory with non-blocking copies; elsewhere the same code runs with
+  those switched off. `compile` wraps the model in torch.compile.
+- Distributed: inside a process group (set up by `process_group` under torchrun) the model is
+  wrapped in DistributedDataParallel and every rank takes its share of each global batch, so N
+  ranks follow the same optimisation as one process; only rank 0 writes checkpoints.
+- Checkpoints: after every epoch one safetensors file (weights, best weights, optimizer tensors;
+  the rest as JSON in its header, nothing pickled) replaces the last one atomically; a killed run
+  restarts from it and ends with the same weights as an uninterrupted one.
+- Early stopping: held-out labelled rows are scored each epoch; training stops after `patience`
+  epochs below the best validation accuracy and the model keeps the best epoch's weights.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+from kd_core.errors import UserError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> per-row loss (B,)
 SoftLabels = Callable[[np.ndarray], np.ndarray]  # row numbers (B,) -> teacher logits (B, K)
 EpochHook = Callable[[dict[str, float]], None]
+Progress = Callable[[int, int], None]  # (rows done, rows in all epochs)
+History = list[dict[str, float]]
+
+CHECKPOINT_META = "kd_checkpoint"  # safetensors header key of the JSON part of a checkpoint
+VAL_BATCH = 4096  # validation rows per forward pass: no gradients, so bigger than a training batch
 
 
 @dataclass(frozen=True)
@@ -27,63 +58,324 @@ class FitConfig:
     weight_decay: float
     seed: int
     device: str = "auto"
+    compile: bool = False
+    patience: int | None = None  # epochs below the best validation accuracy before stopping; None: never
 
+
+# --- devices and processes ------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
-    """`auto` prefers CUDA, then Apple MPS, then CPU, so one config runs on any machine."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """`auto` prefers CUDA, then Apple MPS, then CPU, so one config runs on any machine.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    if name == "auto":
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device(name)
+
+
+def launched() -> bool:
+    """True in a process that torchrun started: it sets LOCAL_RANK in each, so they never relaunch."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch(nproc: int, args: list[str], cwd: Path) -> None:
+    """Run `python -m torch.distributed.run --standalone --nproc-per-node N ARGS` in `cwd` and wait.
+
+    The ranks' stdout (each would print the stage summary) is dropped; their stderr, with any
+    error, reaches the user. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    rc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, check=False).returncode
+    if rc != 0:
+        raise UserError(f"training on {nproc} processes (torch.distributed.run) failed with exit code {rc}; "
+                        "the ranks' errors are above")
+
+
+@contextmanager
+def process_group(device_name: str) -> Iterator[tuple[int, int]]:
+    """Join the process group torchrun described in the environment; yields (rank, world size).
+
+    NCCL on GPUs, gloo on CPU. Outside torchrun (WORLD_SIZE unset or 1) it does nothing: (0, 1).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield _ranks()
+        return
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield _ranks()
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host batch -> device. On CUDA from pinned memory, non-blocking: the copy overlaps queued kernels."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+# --- early stopping: pure functions of the history ------------------------------------------------
+
+def best_epoch(history: History) -> int:
+    """The epoch whose weights to keep: best validation accuracy, the latest of equals (it trained on
+    a smaller learning rate); the last epoch when nothing was validated."""
+    if not history:
+        return 0
+    if "val_accuracy" not in history[-1]:
+        return int(history[-1]["epoch"])
+    best = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], i))
+    return int(history[best]["epoch"])
+
+
+def should_stop(history: History, patience: int | None) -> bool:
+    """`patience` epochs have passed since the best one."""
+    return patience is not None and bool(history) and history[-1]["epoch"] - best_epoch(history) >= patience
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly where the killed one stopped."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator
+    history: History
+    best: dict[str, torch.Tensor] | None = None  # weights of best_epoch(history), when validating
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared storage
+
+
+def save_checkpoint(path: Path, s: TrainState) -> None:
+    """One safetensors file: weights, best weights and optimizer tensors; the scalars (optimizer
+    hyper-parameters, scheduler, numpy RNG, history) as JSON in its header. Nothing is pickled, so
+    loading runs no code. Written under a temporary name and renamed: a kill leaves the old file or
+    the new one, never half of one."""
+    opt_state = s.opt.state_dict()
+    tensors = {f"model/{k}": _cpu(v) for k, v in s.net.state_dict().items()}
+    tensors |= {f"best/{k}": _cpu(v) for k, v in (s.best or {}).items()}
+    scalars: dict[str, object] = {}
+    for i, per_param in opt_state["state"].items():
+        for name, v in per_param.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{i}/{name}"] = _cpu(v)
+            else:
+                scalars[f"{i}/{name}"] = v
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {"history": s.history, "param_groups": opt_state["param_groups"], "optim_scalars": scalars,
+            "scheduler": s.sched.state_dict(), "numpy_rng": s.rng.bit_generator.state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={CHECKPOINT_META: json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(JSON part, tensors) of a checkpoint, or None when there is none or it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()[CHECKPOINT_META])
+            return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        warnings.warn(f"{path}: unreadable checkpoint ({exc}); training from the start", stacklevel=3)
+        return None
+
+
+def checkpoint_epochs(path: Path) -> int:
+    """How many epochs the checkpoint at `path` holds: 0 when there is none or it cannot be read."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return len(json.loads(f.metadata()[CHECKPOINT_META])["history"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return 0
+
+
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def restore_checkpoint(path: Path, s: TrainState) -> bool:
+    """Load `path` into `s` (weights, optimizer, scheduler, RNGs, history); False if there is none."""
+    read = _read_checkpoint(path)
+    if read is None:
+        return False
+    meta, tensors = read
+    s.net.load_state_dict(_part(tensors, "model/"))
+    s.best = _part(tensors, "best/") or None
+    state: dict[int, dict] = {}
+    for key, v in [*_part(tensors, "optim/").items(), *meta["optim_scalars"].items()]:
+        i, name = key.split("/", 1)
+        state.setdefault(int(i), {})[name] = v
+    s.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    s.sched.load_state_dict(meta["scheduler"])
+    s.rng.bit_generator.state = meta["numpy_rng"]
+    torch.set_rng_state(tensors["rng/torch"])
+    s.history = meta["history"]
+    return True
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows and labels on the training device, indexed there per batch (on the host: labels, for tallies)."""
+
+    x: torch.Tensor  # (N, F)
+    y: torch.Tensor  # (N,)
+    y_host: np.ndarray  # (N,)
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, device: torch.device) -> _Rows:
+        """On CPU the tensors share the arrays' memory; on a GPU they are copied there once."""
+        return cls(torch.from_numpy(np.ascontiguousarray(x)).to(device),
+                   torch.from_numpy(np.ascontiguousarray(y)).to(device), y)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """How one process runs a step: its rank among `world`, where, and what to call forward."""
+
+    model: nn.Module  # the network, DDP-wrapped and/or compiled
+    device: torch.device
+    amp: bool
+    rank: int
+    world: int
+
+
+def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, order: np.ndarray,
+                 loss_fn: LossFn, batch_size: int, tick: Callable[[int], None] | None) -> dict[str, float]:
+    """One pass over `order` (row numbers) in global batches; returns the epoch's metrics (all ranks)."""
+    loss_sum = torch.zeros((), device=st.device)
+    hits = torch.zeros(2, dtype=torch.int64, device=st.device)  # [label right, teacher's class]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]  # (B,) the global batch
+        mine = batch[st.rank::st.world]  # (b,) this rank's share
+        idx = _to_device(mine, st.device)  # (b,)
+        xb, yb = r.x[idx], r.y[idx]  # (b, F), (b,)
+        tb = _to_device(soft(mine), st.device) if soft is not None else None  # (b, K)
+        with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
+            out = st.model(xb)  # (b, K)
+            per_row = loss_fn(out, tb, yb)  # (b,)
+        if per_row.shape != (len(mine),):
+            raise UserError(f"the loss must return one value per row, shape ({len(mine)},); "
+                            f"it returned {tuple(per_row.shape)}")
+        # Sum over my rows / global batch rows, × world because DDP averages gradients over ranks:
+        # the update is the mean over the global batch, whatever each rank's share of it.
+        loss = per_row.sum() * (st.world / len(batch))
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s.opt.step()
+        s.sched.step()
+        with torch.no_grad():  # tallies stay on the device, read once per epoch: no sync per step
+            pred = out.argmax(dim=-1)  # (b,); never equals the -1 of an unlabelled row
+            hits += torch.stack([pred == yb, pred == (tb.argmax(dim=-1) if tb is not None else yb)]).sum(dim=1)
+            loss_sum += per_row.sum()
+        if tick is not None:
+            tick(start + len(batch))
+    sums = torch.cat([loss_sum[None], hits.to(loss_sum.dtype)])  # (3,)
+    if st.world > 1:
+        dist.all_reduce(sums)
+    total, correct, agree = sums.tolist()
+    labelled = int((r.y_host[order] >= 0).sum())
+    metrics = {"loss": total / len(order), "accuracy": correct / max(labelled, 1)}
+    if soft is not None:
+        metrics["agreement_with_teacher"] = agree / len(order)
+    return metrics
+
+
+@torch.no_grad()
+def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val: np.ndarray) -> dict[str, float]:
+    """Accuracy (and agreement with the teacher) on the held-out rows, as rank 0 measured it."""
+    net.eval()
+    correct = agree = 0
+    for start in range(0, len(val), VAL_BATCH):
+        idx = val[start:start + VAL_BATCH]  # (b,)
+        with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
+            pred = net(r.x[_to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,)
+        correct += int((pred == r.y_host[idx]).sum())
+        if soft is not None:
+            agree += int((pred == soft(idx).argmax(axis=-1)).sum())
+    net.train()
+    scores = torch.tensor([correct / len(val), agree / len(val)], dtype=torch.float64)
+    if st.world > 1:  # ranks hold equal weights; rank 0's word keeps their stopping decisions equal
+        dist.broadcast(scores, src=0)
+    out = {"val_accuracy": scores[0].item()}
+    if soft is not None:
+        out["val_agreement_with_teacher"] = scores[1].item()
+    return out
+
+
+def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -> nn.Module:
+    """The module the steps call: `net` wrapped in DDP in a process group, then compiled if asked."""
+    model = net
+    if world > 1:  # buffers (the standardisation) are constants: no need to broadcast them every step
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    return torch.compile(model) if cfg.compile else model
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: FitConfig,
-        soft: SoftLabels | None = None, on_epoch: EpochHook | None = None) -> list[dict[str, float]]:
+        soft: SoftLabels | None = None, val: np.ndarray | None = None, on_epoch: EpochHook | None = None,
+        progress: Progress | None = None, checkpoint: Path | None = None) -> History:
     """Train `model` in place on rows `x` (N, F) with labels `y` (N,), -1 marking unlabelled rows.
 
-    Returns one dict of metrics per epoch (also passed to `on_epoch`): mean loss, accuracy on the
-    labelled rows seen, and agreement with the teacher when soft labels are given.
+    `val` (row numbers of labelled rows) are held out: never trained on, scored every epoch for
+    early stopping; the model ends with the best epoch's weights. With `checkpoint`, training
+    resumes from that file if it exists and rank 0 rewrites it after every epoch. Returns one dict
+    of metrics per epoch (also passed to `on_epoch`): mean loss, accuracy on the labelled rows
+    trained on, agreement with the teacher when soft labels are given, and the validation scores.
     """
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rank, world = _ranks()
     device = pick_device(cfg.device)
-    model.to(device).train()
-    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)  # (N, F)
-    yt = torch.from_numpy(np.ascontiguousarray(y)).to(device)  # (N,)
-    steps_per_epoch = -(-len(x) // cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        t0, perm = time.perf_counter(), rng.permutation(len(x))
-        total = correct = labelled = agree = 0.0
-        for start in range(0, len(x), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]  # (B,)
-            tb = torch.from_numpy(soft(idx)).to(device) if soft is not None else None  # (B, K)
-            xb, yb = xt[idx], yt[idx]
-            out = model(xb)  # (B, K)
-            loss = loss_fn(out, tb, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                pred = out.argmax(-1)
-                mask = yb >= 0
-                total += loss.item() * len(idx)
-                correct += (pred[mask] == yb[mask]).sum().item()
-                labelled += mask.sum().item()
-                if tb is not None:
-                    agree += (pred == tb.argmax(-1)).sum().item()
-        row = {"epoch": float(epoch), "loss": total / len(x),
-               "accuracy": correct / max(labelled, 1), "seconds": time.perf_counter() - t0}
-        if soft is not None:
-            row["agreement_with_teacher"] = agree / len(x)
-        history.append(row)
+    val = np.sort(val) if val is not None and len(val) else None
+    rows = np.setdiff1d(np.arange(len(x)), val) if val is not None else np.arange(len(x))  # (N_train,)
+    torch.manual_seed(cfg.seed)
+    net = model.to(device).train()
+    steps = -(-len(rows) // cfg.batch_size) * cfg.epochs
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    s = TrainState(net, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+                   np.random.default_rng(cfg.seed), [])
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, s)
+    st = _Step(_prepare(net, cfg, device, world), device, device.type == "cuda", rank, world)
+    r = _Rows.of(x, y, device)
+    while len(s.history) < cfg.epochs and not should_stop(s.history, cfg.patience):
+        epoch, t0 = len(s.history) + 1, time.perf_counter()
+        order = rows[s.rng.permutation(len(rows))]  # (N_train,) the same on every rank
+        tick = None if progress is None else (
+            lambda done, e=epoch: progress((e - 1) * len(rows) + done, cfg.epochs * len(rows)))
+        row = {"epoch": float(epoch), **_train_epoch(st, s, r, soft, order, loss_fn, cfg.batch_size, tick)}
+        if val is not None:
+            row |= _validate(st, net, r, soft, val)
+        row["seconds"] = time.perf_counter() - t0
+        s.history.append(row)
+        if val is not None and best_epoch(s.history) == epoch:
+            s.best = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if checkpoint is not None and rank == 0:
+            save_checkpoint(checkpoint, s)
         if on_epoch is not None:
             on_epoch(row)
-    model.cpu().eval()
-    return history
+    if s.best is not None:
+        net.load_state_dict(s.best)
+    net.cpu().eval()
+    return s.history

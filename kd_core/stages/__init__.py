@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STAGES = ("prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
-          "evaluate", "register")
+          "evaluate", "register", "export", "report")
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core import data, logits, models
+from kd_core import data, logits, models, progress
 from kd_core.config import Params
 
 
@@ -73,5 +73,6 @@ def run(params: Params, workdir: Path) -> CacheResult:
     compute = TeacherLogits(str(teacher_dir.resolve()), str(prepared_dir.resolve()), params.cache.batch_size)
     report = logits.build_cache(compute, n_rows, len(splits.schema.classes), workdir / params.paths.logits,
                                 workdir / params.paths.work, expected_key(params, workdir), settings(params),
-                                meta, params.cache.runner, params.cache.dask_address)
+                                meta, params.cache.runner, params.cache.dask_address,
+                                progress=progress.bar("caching teacher logits"))
     return CacheResult(report)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from kd_core import data, models
+from kd_core import data, models, progress
 from kd_core.config import Params
 from kd_core.errors import UserError
 from kd_core.stages import atomic_dir
@@ -52,8 +52,8 @@ def run(params: Params, workdir: Path) -> TeacherResult:
             model = models.build(spec, x, params.train.seed)
             cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, params.train.seed,
                             params.train.device)
-            history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb), cfg,
-                          on_epoch=epoch_logger(workdir, "teacher"))
+            history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
+                          on_epoch=epoch_logger(workdir, "teacher"), progress=progress.bar("training teacher"))
             models.save(model, spec, out)
             return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(
                 p.numel() for p in model.parameters()))

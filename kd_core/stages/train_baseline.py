@@ -4,31 +4,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kd_core import data, losses, models
+from kd_core import data, losses, models, progress, train
 from kd_core.config import Params
 from kd_core.stages import atomic_dir
-from kd_core.stages._common import epoch_logger, fit_config, labelled_arrays, write_curve
+from kd_core.stages._common import (
+    checkpoint_path,
+    discard_checkpoints,
+    epoch_logger,
+    fit_config,
+    labelled_arrays,
+    validation_rows,
+    write_curve,
+)
 from kd_core.stages.train_student import StudentResult
 from kd_core.train import fit
 
 
 def run(params: Params, workdir: Path) -> StudentResult:
-    """Same architecture, optimiser and number of optimiser steps as the student, hard labels only.
+    """Same architecture, optimiser, validation rows and number of optimiser steps as the student,
+    hard labels only.
 
     The student sees labelled + transfer rows per epoch; giving the baseline as many steps over the
-    labelled rows keeps the comparison about the labels, not about the training budget.
+    labelled rows (and a patience of as many steps) keeps the comparison about the labels, not about
+    the training budget.
     """
     splits = data.read_prepared(workdir / params.paths.prepared)
     x, y = labelled_arrays(splits)
-    rows_student = len(splits.train) + len(splits.transfer)
-    epochs = max(1, round(params.train.epochs * rows_student / max(len(x), 1)))
-    cfg = fit_config(params.train.model_copy(update={"epochs": epochs}))
+    tp = params.train
+    val = validation_rows(len(x), tp.val_fraction, tp.seed)  # (V,)
+    steps_ratio = (len(splits.train) + len(splits.transfer) - len(val)) / max(len(x) - len(val), 1)
+    scaled = {"epochs": max(1, round(tp.epochs * steps_ratio))}
+    if tp.patience is not None:
+        scaled["patience"] = max(1, round(tp.patience * steps_ratio))
+    cfg = fit_config(tp.model_copy(update=scaled))
     spec = models.ModelSpec(params.student.arch, dict(params.student.options), splits.schema)
-    model = models.build(spec, x, params.train.seed)
-    history = fit(model, x, y, lambda s, _t, yb: losses.hard_ce(s, yb), cfg,
-                  on_epoch=epoch_logger(workdir, "baseline"))
+    model = models.build(spec, x, tp.seed)
+    inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
+              "data": data.data_fingerprint(workdir / params.paths.prepared)}
+    ckpt = checkpoint_path(workdir, params, "train_baseline", inputs, 1)
+    resumed = train.checkpoint_epochs(ckpt)
+    history = fit(model, x, y, lambda s, _t, yb: losses.hard_ce(s, yb), cfg, val=val,
+                  on_epoch=epoch_logger(workdir, "baseline"), progress=progress.bar("training baseline"),
+                  checkpoint=ckpt)
     with atomic_dir(workdir / params.paths.baseline) as out:
         models.save(model, spec, out)
     write_curve(history, workdir / params.paths.metrics / "train_baseline.csv")
-    return StudentResult("baseline", spec.arch, len(x), len(history), history[-1]["loss"],
-                         sum(h["seconds"] for h in history))
+    discard_checkpoints(workdir, params, "train_baseline")
+    return StudentResult.from_history("baseline", spec.arch, history, resumed, 1)

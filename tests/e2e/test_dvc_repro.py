@@ -10,7 +10,7 @@ from tests.conftest import dvc, write_params
 
 pytestmark = pytest.mark.slow
 ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
-       "evaluate", "register"}
+       "evaluate", "register", "export", "report"}
 
 
 def ran(out: str) -> set[str]:
@@ -35,4 +35,4 @@ def test_repro_noop_and_temperature_rerun(project):
     write_params(project, {"distill": {"temperature": 3.5}})
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stdout + third.stderr
-    assert ran(third.stdout) == {"train_student", "evaluate", "register"}
+    assert ran(third.stdout) == {"train_student", "evaluate", "register", "export", "report"}

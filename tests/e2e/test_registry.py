@@ -42,23 +42,33 @@ def rows(n: int, seed: int) -> pd.DataFrame:
     return df
 
 
-def save_student(root: Path) -> None:
-    """A linear student (mlp without hidden layers) whose logit k is feature k."""
+def save_student(root: Path, cat_bias: float = 0.0) -> None:
+    """A linear student (mlp without hidden layers) whose logit k is feature k: perfect on rows().
+    `cat_bias` pushes it towards 'cat'; 10 makes it answer 'cat' always (accuracy 1/3)."""
     spec = models.ModelSpec("mlp", {"hidden": []}, SCHEMA)
     model = models.build(spec)
     with torch.no_grad():
         model.net[0].weight.copy_(torch.eye(3, 4))  # (K, F)
-        model.net[0].bias.zero_()
+        model.net[0].bias.copy_(torch.tensor([cat_bias, 0.0, 0.0]))
     models.save(model, spec, root / PARAMS.paths.student)
 
 
-def write_eval(root: Path, student: float, teacher: float = 0.95, baseline: float = 0.9) -> None:
+def write_eval(root: Path, teacher: float = 1.0, baseline: float = 0.3, student: float | None = None) -> float:
+    """eval.json as the evaluate stage writes it; the student's accuracy is the saved student's own
+    on the test split (register refuses a stale eval.json), unless `student` overrides it."""
+    model, spec = models.load(root / PARAMS.paths.student)
+    test = pd.read_parquet(root / PARAMS.paths.prepared / "test.parquet")
+    ok = registry.predict_frame(model, spec.schema, test) == test["label"].to_numpy(dtype=object)
+    per_class = {c: float(ok[test["label"].to_numpy() == c].mean()) for c in SCHEMA.classes}
     extra = {"ece": 0.02, "nll": 0.2, "agreement_with_teacher": 0.95, "params": 15, "macs": 12,
              "latency_ms_p50": 0.05, "size_bytes": 400}
-    ev = {r: {"accuracy": a, **extra} for r, a in (("teacher", teacher), ("student", student),
-                                                    ("baseline", baseline))}
+    ev = {r: {"accuracy": a, **extra, "per_class_accuracy": per_class}
+          for r, a in (("teacher", teacher), ("student", float(ok.mean()) if student is None else student),
+                       ("baseline", baseline))}
+    ev["teacher"]["latency_ms_p50"] = 0.5
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics/eval.json").write_text(json.dumps(ev))
+    return ev["student"]["accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +79,13 @@ def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
+def evaluated_project(tmp_path: Path) -> Path:
     """A project after `evaluate`: prepared splits, a student, eval.json, cache manifest, dvc.lock."""
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
     train, test = rows(60, 0), rows(30, 1)
     data.write_prepared(data.Splits(train, test, train[list(FEATURES)].head(10), SCHEMA),
                         tmp_path / PARAMS.paths.prepared)
     save_student(tmp_path)
-    write_eval(tmp_path, student=0.93)
+    write_eval(tmp_path)
     (tmp_path / PARAMS.paths.logits).mkdir(parents=True)
     (tmp_path / PARAMS.paths.logits / "manifest.json").write_text(
         json.dumps({"key": "cache-1", "teacher_fingerprint": "teacher-1"}))
@@ -88,7 +93,17 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> 
                                        "    outs:\n    - path: data/prepared\n      md5: abc.dir\n")
     (tmp_path / PARAMS.paths.validation).mkdir(parents=True)
     (tmp_path / PARAMS.paths.validation / "train.json").write_text('{"success": true}')
+    (tmp_path / "params.yaml").write_text("{}\n")  # the defaults: PARAMS
     return tmp_path
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return evaluated_project(tmp_path)
 
 
 def register_json(root: Path) -> dict:
@@ -106,6 +121,8 @@ def test_first_candidate_is_promoted_and_recorded(root: Path):
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["decision"] == "promoted"
     assert mv.tags["reason.gain_over_champion"] == "gain_over_champion n/a (no champion): pass"
+    assert mv.tags["reason.latency_ratio"] == "latency_ratio 0.1000 <= 0.5000: pass"
+    assert mv.tags["champion_version"] == "none" and mv.tags["promotion"] == "policy"
     assert mv.tags["cache_key"] == "cache-1" and mv.tags["teacher_fingerprint"] == "teacher-1"
     assert mv.tags["params_hash"] == PARAMS.digest() and mv.tags["git_commit"] == "unknown"
     assert mv.tags["data_fingerprint"] == data.data_fingerprint(root / PARAMS.paths.prepared)
@@ -114,10 +131,10 @@ def test_first_candidate_is_promoted_and_recorded(root: Path):
     assert mv.run_id == run.info.run_id
     assert run.data.params["train.lr"] == "0.002" and run.data.params["registry.model_name"] == NAME
     assert run.data.params["data.feature_columns"] == "null"
-    assert run.data.metrics["student.accuracy"] == 0.93 and "baseline.latency_ms_p50" in run.data.metrics
+    assert run.data.metrics["student.accuracy"] == 1.0 and "baseline.latency_ms_p50" in run.data.metrics
     assert run.data.tags["dvc.prepare"] and run.data.tags["git_commit"] == "unknown"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"dvc.lock", "metrics", "reports"} <= artifacts
+    assert {"dvc.lock", "params.yaml", "metrics", "reports"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reports/validation")] == [
         "reports/validation/train.json"]
     assert (root / "mlruns" / PARAMS.registry.experiment).is_dir()  # artifacts sit by the store
@@ -136,13 +153,15 @@ def test_identical_candidate_registers_nothing(root: Path):
 
 def test_worse_candidate_is_rejected_and_champion_stays(root: Path):
     register.run(PARAMS, root)
-    write_eval(root, student=0.9)  # the champion re-scores 1.0 on today's test rows
+    save_student(root, cat_bias=10.0)  # answers 'cat' always; the champion re-scores 1.0 on today's rows
+    write_eval(root)
 
     result = register.run(CHANGED, root)
 
     reg = register_json(root)
     assert (reg["decision"], reg["version"], reg["aliases"]) == ("rejected", 2, ["challenger"])
-    assert "gain_over_champion -0.1000 >= 0.0000: fail" in reg["reasons"]
+    assert "gain_over_champion -0.6667 vs version 1 >= 0.0000: fail" in reg["reasons"]
+    assert "class_drop 1.0000 (class dog vs version 1) <= 0.0500: fail" in reg["reasons"]
     client = MlflowClient()
     assert client.get_model_version_by_alias(NAME, "champion").version == 1
     assert client.get_model_version_by_alias(NAME, "challenger").version == 2
@@ -150,8 +169,11 @@ def test_worse_candidate_is_rejected_and_champion_stays(root: Path):
 
 
 def test_better_candidate_replaces_champion(root: Path):
-    register.run(PARAMS, root)
-    write_eval(root, student=1.0)
+    save_student(root, cat_bias=10.0)
+    write_eval(root, teacher=0.34, baseline=0.0)
+    register.run(PARAMS, root)  # no champion yet: the first candidate that passes the rest is champion
+    save_student(root)
+    write_eval(root)
 
     register.run(CHANGED, root)
 
@@ -160,6 +182,118 @@ def test_better_candidate_replaces_champion(root: Path):
     assert client.get_model_version_by_alias(NAME, "champion").version == 2
     assert client.get_model_version(NAME, "1").tags["successor"] == "2"
     assert client.get_model_version(NAME, "1").aliases == []
+    reasons = register_json(root)["reasons"]  # 20 rows the old champion got wrong, none it got right
+    assert "champion_p_value 0.0000 (20 wins, 0 losses vs version 1) <= 0.0500: pass" in reasons
+
+
+def test_stale_eval_json_is_refused(root: Path):
+    """eval.json must describe the model being registered: the policy's numbers are its numbers."""
+    write_eval(root, student=0.5)  # the saved student scores 1.0
+
+    with pytest.raises(UserError, match=r"eval.json is stale: student accuracy 0.5000, but .* scores 1.0000"):
+        register.run(PARAMS, root)
+
+    assert MlflowClient().search_model_versions(f"name='{NAME}'") == []
+
+
+def audit_trail(client: MlflowClient) -> list[dict]:
+    tags = client.get_registered_model(NAME).tags
+    return [json.loads(tags[k]) for k in sorted(tags) if k.startswith("audit.")]
+
+
+def test_manual_promote_and_rollback_leave_an_audit_trail(root: Path):
+    save_student(root, cat_bias=10.0)
+    write_eval(root, teacher=0.34, baseline=0.0)
+    register.run(PARAMS, root)  # v1: champion by policy (first)
+    save_student(root)
+    write_eval(root)
+    register.run(CHANGED, root)  # v2: beats v1 significantly: champion by policy
+    save_student(root, cat_bias=10.0)
+    write_eval(root, teacher=0.34, baseline=0.0)
+    assert register.run(parse_params({"train": {"lr": 0.02}}), root).outcome.decision == "rejected"  # v3
+
+    client = MlflowClient()
+    move = registry.promote(root, PARAMS, 3, "  canary   needs the cat model ", "alice@ops")
+    assert move.summary().startswith("kd-student version 3 is champion (was version 2): manual by alice@ops at ")
+    assert move.summary().endswith(": canary needs the cat model")
+    v3 = client.get_model_version(NAME, "3")
+    assert sorted(v3.aliases) == ["challenger", "champion"] and v3.tags["decision"] == "rejected"  # verdict stays
+    assert (v3.tags["promotion"], v3.tags["promoted_by"], v3.tags["promotion_reason"]) == (
+        "manual", "alice@ops", "canary needs the cat model")
+    assert client.get_model_version(NAME, "2").tags["successor"] == "3"
+
+    assert registry.rollback(root, PARAMS, "cat model misfires", "bob@ops").champion == 2
+    assert client.get_model_version(NAME, "3").tags["rolled_back_by"] == "bob@ops"
+    assert client.get_model_version(NAME, "2").tags["promotion"] == "rollback"
+    assert registry.rollback(root, PARAMS, "further back", "bob@ops").champion == 1
+    with pytest.raises(UserError, match="version 1 has no previous champion to roll back to"):
+        registry.rollback(root, PARAMS, "again", "bob@ops")
+
+    trail = [(e["action"], e["champion"], e["previous"], e["by"]) for e in audit_trail(client)]
+    assert [t[:3] for t in trail] == [("policy", 1, None), ("policy", 2, 1), ("manual", 3, 2),
+                                      ("rollback", 2, 3), ("rollback", 1, 2)]
+    assert trail[2][3] == "alice@ops" and trail[3][3] == "bob@ops"
+    assert all(e["reason"] and e["at"] for e in audit_trail(client))
+    assert int(client.get_model_version_by_alias(NAME, "challenger").version) == 3  # challengers stay
+
+
+def test_promote_refuses_what_it_cannot_do(root: Path):
+    with pytest.raises(UserError, match="kd-student has no version 1"):
+        registry.promote(root, PARAMS, 1, "why", "me")
+    with pytest.raises(UserError, match="has no champion"):
+        registry.rollback(root, PARAMS, "why", "me")
+    register.run(PARAMS, root)
+    with pytest.raises(UserError, match="version 1 is already the champion"):
+        registry.promote(root, PARAMS, 1, "why", "me")
+    with pytest.raises(UserError, match="--reason is empty"):
+        registry.promote(root, PARAMS, 1, "   ", "me")
+
+
+def test_kd_promote_and_rollback_commands(root: Path):
+    register.run(PARAMS, root)
+    save_student(root, cat_bias=10.0)
+    write_eval(root)
+    register.run(CHANGED, root)  # rejected: version 2
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    kd = str(Path(sys.executable).parent / "kd")
+
+    promoted = subprocess.run([kd, "promote", "2", "--reason", "hotfix", "--by", "carol"], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+    assert promoted.returncode == 0, promoted.stderr
+    assert "kd-student version 2 is champion (was version 1): manual by carol" in promoted.stdout
+    missing = subprocess.run([kd, "promote", "9", "--reason", "x"], cwd=root, capture_output=True, text=True,
+                             timeout=120)
+    assert (missing.returncode, missing.stderr.strip().splitlines()) == (
+        1, [f"kd: error: kd-student has no version 9 in {os.environ['MLFLOW_TRACKING_URI']}"])
+    back = subprocess.run([kd, "rollback", "--reason", "hotfix reverted"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert back.returncode == 0, back.stderr
+    assert "kd-student version 1 is champion (was version 2): rollback by " in back.stdout
+    assert int(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == 1
+
+
+def test_registry_lock_excludes_and_breaks_a_dead_holders_lock(root: Path):
+    """The lock for shared stores, on the sqlite store here: at most one holder, stale ones broken."""
+    client = MlflowClient()
+    first = registry._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
+    first.acquire()
+    waiter = registry._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
+    with pytest.raises(UserError, match=rf"registry lock {NAME}.lock is held by .* pid {os.getpid()}; gave up"):
+        waiter.acquire()
+    first.release()
+    waiter.acquire()  # free again
+    waiter.release()
+
+    dead = registry._RegistryLock(client, NAME, lease_s=0.0, timeout_s=1.0)
+    dead.acquire()  # and never released: its holder died
+    survivor = registry._RegistryLock(client, NAME, lease_s=60, timeout_s=5.0)
+    survivor.acquire()
+    assert client.get_registered_model(f"{NAME}.lock").tags["token"] == survivor.token
+    assert client.get_registered_model(f"{NAME}.lock.broken.{dead.token}")  # the record of the break
+    dead.release()  # a late release must not free the survivor's lock
+    assert client.get_registered_model(f"{NAME}.lock").tags["token"] == survivor.token
+    survivor.release()
+    assert [m.name for m in client.search_registered_models() if m.name == f"{NAME}.lock"] == []
 
 
 def test_bad_evidence_fails_before_anything_is_recorded(root: Path):
@@ -249,7 +383,7 @@ def test_dag_run_holds_epoch_metrics_and_the_registration(root: Path, monkeypatc
     assert outcome.run_id == run_id
     assert [m.value for m in client.get_metric_history(run_id, "student.loss")] == [0.9, 0.5]
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["student.accuracy"] == 0.93
+    assert run.info.status == "FINISHED" and run.data.metrics["student.accuracy"] == 1.0
     assert client.get_experiment(run.info.experiment_id).name == PARAMS.registry.experiment
     assert len(client.search_runs([run.info.experiment_id])) == 1  # register made no second run
 

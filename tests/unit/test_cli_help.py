@@ -1,0 +1,32 @@
+"""Every `kd` command's --help shows at least one example, so new commands cannot ship without one."""
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kd_core.cli import app
+
+
+def _leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out += _leaf_commands(cmd, (*prefix, name))
+        else:
+            out.append((*prefix, name))
+    return out
+
+
+COMMANDS = _leaf_commands(typer.main.get_command(app))
+
+
+def test_the_user_facing_commands_exist():
+    assert {("status",), ("compare",), ("predict",), ("export",), ("run",), ("stage",)} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_has_an_example(command: tuple[str, ...]):
+    res = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+    assert res.exit_code == 0, res.output
+    assert "example" in res.output.lower() and f"kd {' '.join(command)}" in res.output, res.output

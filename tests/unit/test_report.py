@@ -1,0 +1,118 @@
+"""The model card: every figure referenced and a valid PNG, numbers as in eval.json, calibration bins as ECE."""
+
+import base64
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kd_core import report
+from kd_core.evaluate import ece
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(blob: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk; fails on anything that is not a PNG."""
+    assert blob[:8] == PNG_SIGNATURE, "not a PNG"
+    length, kind = struct.unpack(">I4s", blob[8:16])
+    assert kind == b"IHDR" and length == 13
+    return struct.unpack(">II", blob[16:24])
+
+
+def _evals(rng: np.random.Generator, classes: tuple) -> dict:
+    def role(acc: float, params: int, latency: float) -> dict:
+        return {"accuracy": acc, "ece": float(rng.uniform(0, 0.2)), "nll": float(rng.uniform(0.2, 2)),
+                "agreement_with_teacher": float(rng.uniform(0.5, 1)), "params": params, "macs": params,
+                "latency_ms_p50": latency, "size_bytes": params * 4,
+                "per_class_accuracy": {str(c): float(rng.uniform(0.3, 1)) for c in classes}}
+
+    return {"teacher": role(0.9123, 100_000, 0.15), "baseline": role(0.6049, 40_000, 0.03),
+            "student": role(0.8631, 40_000, 0.031)}
+
+
+def card_inputs(classes: tuple = ("cat", "dog", "eel"), n: int = 300, with_extras: bool = True) -> report.CardInputs:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, len(classes), n)
+    logits = {r: rng.normal(size=(n, len(classes))).astype(np.float32) * s for r, s in
+              (("teacher", 4), ("baseline", 1), ("student", 3))}
+    curve = [{"epoch": float(e), "loss": 2.0 / e, "accuracy": 1 - 1 / (e + 1), "agreement_with_teacher": 0.9}
+             for e in range(1, 6)]
+    export = {"student": {k: {"size_bytes": s, "latency_ms_p50": 0.01, "accuracy": 0.86, "max_abs_logit_diff": d,
+                              "agreement_with_pytorch": 0.99, "accuracy_drop": 0.001}
+                          for k, s, d in (("pytorch", 160_000, 0.0), ("onnx", 170_000, 1e-5),
+                                          ("onnx_int8", 50_000, 0.9))}, "teacher": {}}
+    register = {"decision": "promoted", "reasons": ["teacher_retention 0.9461 >= 0.8500: pass"],
+                "model_name": "kd-student", "version": 3, "aliases": ["challenger", "champion"]}
+    return report.CardInputs(
+        evals=_evals(rng, classes), curves={"student": curve, "baseline": [dict(r) for r in curve]},
+        logits=logits, labels=y, classes=classes, features=("f0", "f1", "f2"),
+        split_rows={"train": 400, "test": n, "transfer": 1000},
+        validation={"splits": {"train": {"rows": 400, "expectations": 12, "failed_expectations": 0}}},
+        register=register if with_extras else None, export=export if with_extras else None,
+        facts={"git_commit": "abc123", "generated": "today"})
+
+
+@pytest.mark.parametrize("with_extras", [True, False])
+def test_html_card_references_every_figure_and_each_is_a_valid_png(tmp_path: Path, with_extras: bool):
+    written = report.write_card(card_inputs(with_extras=with_extras), tmp_path, data_docs="data_docs/index.html")
+    figures = sorted((tmp_path / report.FIGURES).glob("*.png"))
+    assert len(figures) == 5
+    for f in figures:
+        width, height = png_size(f.read_bytes())
+        assert width > 200 and height > 200 and f.stat().st_size > 5_000, f.name  # a drawn chart, not a stub
+
+    page = (tmp_path / report.HTML_FILE).read_text()
+    embedded = {name: blob for blob, name in re.findall(r'<img src="data:image/png;base64,([^"]+)" '
+                                                        r'data-file="([^"]+)"', page)}
+    assert sorted(embedded) == [f"{report.FIGURES}/{f.name}" for f in figures]
+    for name, blob in embedded.items():  # the HTML carries exactly the PNG files' bytes
+        assert base64.b64decode(blob) == (tmp_path / name).read_bytes()
+
+    markdown = (tmp_path / report.MD_FILE).read_text()
+    for f in figures:
+        assert f"]({report.FIGURES}/{f.name})" in markdown
+    assert "data_docs/index.html" in markdown and 'href="data_docs/index.html"' in page
+    assert set(written) >= {"markdown", "html"}
+
+
+def test_card_numbers_are_eval_json_numbers(tmp_path: Path):
+    inp = card_inputs()
+    report.write_card(inp, tmp_path)
+    markdown = (tmp_path / report.MD_FILE).read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in markdown.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in report.ROLES}
+    for role in report.ROLES:
+        m = inp.evals[role]
+        assert rows[role][:3] == [f"{m['accuracy']:.3f}", f"{m['ece']:.3f}", f"{m['nll']:.3f}"]
+        assert f"{m['params']:,}" in rows[role] and f"{m['latency_ms_p50']:.3f} ms" in rows[role]
+    assert "version 3" in markdown and "**promoted**" in markdown
+    assert "| student, ONNX Runtime (int8) | 49 KiB |" in markdown
+
+
+def test_reliability_bins_reproduce_ece():
+    rng = np.random.default_rng(1)
+    logits, y = rng.normal(size=(500, 4)) * 3, rng.integers(0, 4, 500)
+    _, conf, acc, counts = report.reliability_bins(logits, y)
+    shown = counts > 0
+    from_bins = float(np.sum(counts[shown] / len(y) * np.abs(conf[shown] - acc[shown])))
+    assert from_bins == pytest.approx(ece(logits, y), abs=1e-12)
+
+
+def test_confusion_counts():
+    cm = report.confusion(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_markdown_table_numbers_right_aligned():
+    text = report.to_markdown([report.Table(["a", "b"], [["1", "2"]])])
+    assert text.splitlines()[1] == "| --- | ---: |"
+
+
+def test_many_classes_show_the_students_worst():
+    classes = tuple(range(100))
+    evals = {r: {"per_class_accuracy": {str(c): c / 100 for c in classes}} for r in report.ROLES}
+    note, table = report.per_class_blocks(evals, classes, limit=5)
+    assert "5 least accurate of 100" in note.text and [row[0] for row in table.rows] == ["0", "1", "2", "3", "4"]
