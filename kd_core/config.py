@@ -103,7 +103,7 @@ class TrainParams(_Section):
     seed: int = 0
     nproc: int = Field(1, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, le=0.5)
-    patience: int | None = Field(10, ge=1)
+    patience: int | None = Field(20, ge=1)
 
 
 class PolicyParams(_Section):

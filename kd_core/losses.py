@@ -26,8 +26,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tenso
 LOSSES = Registry("loss")  # name -> factory(DistillParams) -> LossFn
 
 
-def build(distill: DistillParams) -> LossFn:
-    """The loss `distill.loss` names, configured by the rest of `distill`."""
+def build(distill: DistillParams, top_k: int | None = None) -> LossFn:
+    """The loss `distill.loss` names, configured by the rest of `distill`.
+
+    With a top-k cache (`top_k`), `hinton` becomes its top-k-aware form (`topk_kd`); the other losses
+    see the cache's dense view, whose tail is the equal-logit approximation (kd_core/logits.py).
+    """
+    if top_k and distill.loss == "hinton":
+        return partial(topk_kd, k=top_k, temperature=distill.temperature, alpha=distill.alpha)
     return LOSSES.get(distill.loss)(distill)
 
 
@@ -164,3 +170,18 @@ def _mse(d: DistillParams) -> LossFn:
 @LOSSES.register("dkd")
 def _dkd(d: DistillParams) -> LossFn:
     return partial(dkd, temperature=d.temperature, alpha=d.alpha, tckd_weight=d.dkd_alpha, nckd_weight=d.dkd_beta)
+
+
+def topk_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, k: int, temperature: float,
+            alpha: float) -> torch.Tensor:
+    """Hinton KD from a top-k cache: the soft term is `topk_kl`, mixed with CE as in `hinton_kd`.  # (B,)
+
+    `teacher` is the cache's dense view (LogitCache.take): its k largest entries are the cached
+    logits and the other n hold L - log n, so values, indices and the tail's log-sum-exp L are
+    recovered exactly (the equal tail entries never exceed the smallest cached logit).
+    """
+    values, indices = teacher.float().topk(k, dim=-1)  # (B, k)
+    n_tail = teacher.shape[1] - k
+    tail = torch.logsumexp(teacher.float().scatter(-1, indices, float("-inf")), dim=-1) if n_tail \
+        else torch.full(teacher.shape[:1], float("-inf"))  # (B,)
+    return _mix(topk_kl(student, values, indices, tail, n_tail, temperature), student, labels, alpha)

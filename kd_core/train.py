@@ -1,12 +1,14 @@
 """The training loop shared by teacher, student and baseline: device, AMP, DDP, checkpoints.
 
-Rows stay in host memory as one array; each step gathers its batch by row number, and the
-teacher's logits come from the cache by the same row numbers, so the student never runs the
-teacher. The loop knows nothing of KD: the loss function decides.
+Rows and labels sit on the training device as one tensor each (on CPU sharing the arrays' memory,
+on a GPU copied there once) and each step indexes its batch by row number; the teacher's logits
+for the same row numbers come from the memory-mapped cache, so the student never runs the teacher.
+The loop knows nothing of KD: the loss function decides.
 
 - Devices: `auto` picks CUDA, then MPS, then CPU. On CUDA the forward pass runs under bf16 autocast
-  and batches travel from pinned memory with non-blocking copies; elsewhere the same code runs with
-  those switched off. `compile` wraps the model in torch.compile.
+  and each batch's row numbers and cached logits travel from pinned memory with non-blocking
+  copies; elsewhere the same code runs with those switched off. `compile` wraps the model in
+  torch.compile.
 - Distributed: inside a process group (set up by `process_group` under torchrun) the model is
   wrapped in DistributedDataParallel and every rank takes its share of each global batch, so N
   ranks follow the same optimisation as one process; only rank 0 writes checkpoints.
@@ -180,6 +182,8 @@ def save_checkpoint(path: Path, s: TrainState) -> None:
             else:
                 scalars[f"{i}/{name}"] = v
     tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():  # dropout on a GPU draws from the device's generator
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"history": s.history, "param_groups": opt_state["param_groups"], "optim_scalars": scalars,
             "scheduler": s.sched.state_dict(), "numpy_rng": s.rng.bit_generator.state}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +199,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()[CHECKPOINT_META])
-            return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         warnings.warn(f"{path}: unreadable checkpoint ({exc}); training from the start", stacklevel=3)
         return None
@@ -230,6 +234,8 @@ def restore_checkpoint(path: Path, s: TrainState) -> bool:
     s.sched.load_state_dict(meta["scheduler"])
     s.rng.bit_generator.state = meta["numpy_rng"]
     torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     s.history = meta["history"]
     return True
 
@@ -328,9 +334,9 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
 def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -> nn.Module:
     """The module the steps call: `net` wrapped in DDP in a process group, then compiled if asked."""
     model = net
-    if world > 1:  # buffers (the standardisation) are constants: no need to broadcast them every step
+    if world > 1:  # buffers (the standardisation) are constants: synced once at init, not every step
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        forward_sync_buffers=False)
     return torch.compile(model) if cfg.compile else model
 
 

@@ -83,7 +83,8 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     inputs = {"params": params.model_dump(mode="json", include={"student", "distill", "train"}), "cache": key}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed, lead = train.checkpoint_epochs(ckpt), rank == 0
-    history = fit(model, x, y, losses.build(params.distill), fit_config(params.train), soft=cache.take, val=val,
+    loss = losses.build(params.distill, cache.top_k)  # a top-k cache gets the top-k-aware KL
+    history = fit(model, x, y, loss, fit_config(params.train), soft=cache.take, val=val,
                   on_epoch=epoch_logger(workdir, "student") if lead else None,
                   progress=progress.bar("training student") if lead else None, checkpoint=ckpt)
     if lead:

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -310,7 +309,6 @@ def test_policy_promote_and_rollback_over_http(sqlite_mlflow: str, tmp_path: Pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_mlflow)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(sqlite_mlflow)
     root = evaluated_project(tmp_path)
     client = MlflowClient(tracking_uri=sqlite_mlflow)
 

@@ -23,9 +23,15 @@ DEMO = deep_update(dict(TINY), {"data": {"transfer_size": 20000}, "teacher": {"e
 WEIGHTS = Path("artifacts/student") / models.WEIGHTS_FILE
 
 
-def _kd(project: Path, *args: str) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
+    """No DAG run to log to; one thread per process: on a busy 2-core machine torch's default of two
+    threads per process makes each step wait for a descheduled thread, and the test's time balloons."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    proc = subprocess.run([str(BIN / "kd"), *args], cwd=project, capture_output=True, text=True, env=env,
+    return env | {"OMP_NUM_THREADS": "1"}
+
+
+def _kd(project: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "kd"), *args], cwd=project, capture_output=True, text=True, env=_env(),
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -75,8 +81,7 @@ def test_seeded_runs_give_byte_identical_weights(ready, uninterrupted, tmp_path)
 
 def test_sigkill_mid_training_resumes_from_the_checkpoint_to_the_same_weights(ready, uninterrupted, tmp_path):
     proj = _copy(ready, tmp_path / "killed")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    proc = subprocess.Popen([str(BIN / "kd"), "stage", "train_student"], cwd=proj, env=env,
+    proc = subprocess.Popen([str(BIN / "kd"), "stage", "train_student"], cwd=proj, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = proj / ".kd/train/train_student"
     deadline = time.time() + 300

@@ -39,3 +39,24 @@ def test_bucket_kl_never_exceeds_dense_kl_at_t1():
     values, indices = z.topk(5, dim=-1)
     tail = z.scatter(-1, indices, float("-inf")).logsumexp(-1)
     assert (topk_kl(s, values, indices, tail, 35, 1.0) <= soft_kl(s, z, 1.0) + 1e-5).all()
+
+
+def test_topk_kd_recovers_the_cache_from_its_dense_view(tmp_path):
+    """Training sees LogitCache.take(); topk_kd must equal topk_kl on the cached arrays themselves."""
+    import numpy as np
+
+    from kd_core.logits import CacheSettings, LogitCache, build_cache, cache_key
+    from kd_core.losses import UNLABELLED, topk_kd
+
+    torch.manual_seed(2)
+    z = torch.randn(64, 30) * 3
+    settings = CacheSettings("float32", 32, 5)
+    key = cache_key("t", "d", settings)
+    build_cache(lambda a, b: z[a:b], 64, 30, tmp_path / "c", tmp_path / "w", key, settings, {})
+    cache, idx = LogitCache(tmp_path / "c", key), np.arange(64)
+    t = cache.take_topk(idx)
+    s, labels = torch.randn(64, 30), torch.full((64,), UNLABELLED)
+    expected = topk_kl(s, torch.from_numpy(t.values), torch.from_numpy(t.indices), torch.from_numpy(t.tail_lse),
+                       t.n_tail, 2.0)
+    got = topk_kd(s, torch.from_numpy(cache.take(idx)), labels, 5, 2.0, 0.9)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
