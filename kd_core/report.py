@@ -223,8 +223,11 @@ def fig_accuracy_vs(evals: dict, export: dict | None, x_key: str, xlabel: str, s
                    marker="D" if "int8" in name else "o")
         ax.annotate(f"{name}\n{acc:.3f}", (x * scale, acc), textcoords="offset points", xytext=(8, -4), fontsize=8)
     ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy", title=f"accuracy vs {xlabel.split(' (')[0]}")
-    ticks = {f"{x * scale:.3g}": x * scale for _, x, _ in _points(evals, export, x_key)}  # the models, not decades
-    ax.set_xticks(list(ticks.values()), list(ticks), fontsize=8)
+    ticks: list[float] = []  # label the models, not decades; one label for models within 15 %
+    for x in sorted(x * scale for _, x, _ in _points(evals, export, x_key)):
+        if not ticks or x > ticks[-1] * 1.15:
+            ticks.append(x)
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=8)
     ax.xaxis.set_minor_formatter(NullFormatter())
     lo = min(acc for _, _, acc in _points(evals, export, x_key))
     ax.set_ylim(max(0.0, lo - 0.08), 1.0)
@@ -401,8 +404,9 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
     if inp.export:
         blocks += [Heading("Edge export (ONNX)"),
                    Para("The student exported to ONNX (fp32) and quantized to int8 (ONNX Runtime dynamic "
-                        "quantization, per-channel weights), each checked against PyTorch on the test rows; "
-                        "latencies measured in one process, interleaved, so machine noise hits all alike."),
+                        "quantization, per-channel weights), each checked against PyTorch on the test rows. "
+                        "Latencies are measured in one process, interleaved, so machine noise hits all alike; "
+                        "the PyTorch rows are re-measured here and can differ from the table above by noise."),
                    export_table(inp.export)]
     if reg:
         blocks += [Heading("Promotion decision"),

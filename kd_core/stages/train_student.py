@@ -60,7 +60,10 @@ class StudentResult:
 
 
 def run(params: Params, workdir: Path) -> StudentResult:
-    """Distil the student; with `train.nproc > 1` on that many processes (DDP), reporting rank 0's curve."""
+    """Distil the student; with `train.nproc > 1` on that many processes (DDP), reporting rank 0's curve.
+
+    The relaunched ranks are `kd stage train_student` processes: they read params.yaml in `workdir`.
+    """
     if params.train.nproc > 1 and not train.launched():
         train.launch(params.train.nproc, ["-m", "kd_core.cli", "stage", "train_student"], workdir)
         history = read_curve(workdir / params.paths.metrics / CURVE)
