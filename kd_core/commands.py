@@ -223,6 +223,16 @@ def _read_table(path: Path) -> pd.DataFrame:
                         f"{str(exc).splitlines()[0][:200]}); hint: pandas' df.to_parquet(path) writes one") from None
 
 
+def default_predictions_path(root: Path, params: Params, table_path: Path) -> Path:
+    """Next to the table, unless that folder is one the pipeline reads or writes (data/raw,
+    data/prepared, artifacts/, …): a new file there changes a DVC dependency or output, and the
+    next `kd run` would redo the whole DAG. Those tables' predictions go to `predictions/`."""
+    table = table_path.resolve()
+    pipeline_dirs = [(root / p).resolve() for k, p in params.paths.model_dump().items() if k != "work"]
+    inside = any(table.is_relative_to(d) for d in pipeline_dirs)
+    return (root / "predictions" if inside else table_path.parent) / f"{table_path.stem}.predictions.parquet"
+
+
 def predict(root: Path, table_path: Path, version: int | None, dest: Path | None) -> None:
     import pandas as pd
 
@@ -237,7 +247,7 @@ def predict(root: Path, table_path: Path, version: int | None, dest: Path | None
     result = pd.DataFrame({"prediction": classes, "probability": probs.to_numpy().max(axis=1) if len(probs)
                            else []})
     result = pd.concat([result, probs.add_prefix("prob_").reset_index(drop=True)], axis=1)
-    dest = dest or table_path.with_name(f"{table_path.stem}.predictions.parquet")
+    dest = dest or default_predictions_path(root, params, table_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     result.to_parquet(dest, index=False)
     extra = ""
@@ -325,8 +335,9 @@ def add_to(app: typer.Typer, project_root: Callable[[], Path]) -> None:
                                                    "extra columns are ignored)")],
         version: Annotated[int | None, typer.Option("--version", "-v", help="model version (default: the champion)",
                                                     min=1)] = None,
-        dest: Annotated[Path | None, typer.Option("--out", "-o", help="where to write the predictions "
-                                                  "(default: TABLE.predictions.parquet)")] = None,
+        dest: Annotated[Path | None, typer.Option("--out", "-o", help="where to write the predictions (default: "
+                                                  "TABLE.predictions.parquet next to TABLE, or in predictions/ "
+                                                  "for a table inside the pipeline's own folders)")] = None,
     ) -> None:
         predict(project_root(), table, version, dest)
 

@@ -19,8 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.transforms import Bbox
 
 from kd_core import data, models
 from kd_core.evaluate import ECE_BINS, ece, softmax
@@ -61,6 +64,7 @@ class Table:
 class Image:
     file: str  # relative to the card, e.g. figures/reliability.png
     caption: str
+    half: bool = False  # HTML: two half-width figures share a row instead of leaving half the page blank
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,11 @@ body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-widt
 padding:0 1.2em;color:#222}
 h1{font-size:1.7em;border-bottom:2px solid #dd8452;padding-bottom:.2em}h2{margin-top:1.8em;font-size:1.3em}
 table{border-collapse:collapse;margin:.6em 0}th,td{padding:.3em .7em;border-bottom:1px solid #ddd}
-th{background:#f4f4f4;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:#f4f4f4;text-align:left;vertical-align:bottom}th.n{text-align:right}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td:first-child{white-space:nowrap}
 code{background:#f4f4f4;padding:0 .25em;border-radius:3px}pre{background:#f4f4f4;padding:.8em;overflow:auto}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+figure.half{display:inline-block;width:48.5%;margin:1em 0;vertical-align:top}figure.half+figure.half{margin-left:2%}
 """
 
 
@@ -126,14 +132,16 @@ def to_html(blocks: Sequence[Block], title: str, base: Path) -> str:
         elif isinstance(b, Bullets):
             out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Table):
-            head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
+            head = "".join(f'<th{" class=n" if b.align_right and j else ""}>{_inline(h)}</th>'
+                           for j, h in enumerate(b.header))
             body = "".join("<tr>" + "".join(
                 f'<td{" class=n" if b.align_right and j else ""}>{_inline(c)}</td>' for j, c in enumerate(row))
                 + "</tr>" for row in b.rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif isinstance(b, Image):
             png = base64.b64encode((base / b.file).read_bytes()).decode()
-            out.append(f'<figure><img src="data:image/png;base64,{png}" data-file="{html.escape(b.file)}" '
+            out.append(f'<figure{" class=half" if b.half else ""}><img src="data:image/png;base64,{png}" '
+                       f'data-file="{html.escape(b.file)}" '
                        f'alt="{html.escape(b.caption)}"><figcaption>{_inline(b.caption)}</figcaption></figure>')
         elif isinstance(b, Code):
             out.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
@@ -184,26 +192,46 @@ def _save(fig: MplFigure, path: Path) -> str:
 
 
 def fig_training_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> str:
-    """Loss and training accuracy per epoch, x = share of training done (the baseline runs more,
-    shorter epochs for the same number of optimiser steps)."""
+    """Loss and accuracy per epoch, x = share of training done (the baseline runs more, shorter epochs
+    for the same number of optimiser steps). Held-out validation accuracy is drawn next to training
+    accuracy because it is what picks the kept epoch, and the gap between them shows overfitting."""
     fig = MplFigure(figsize=(11, 3.8))
     ax_loss, ax_acc = fig.subplots(1, 2)
     labels = {"student": "student (KD loss: KL·T² + CE)", "baseline": "baseline (cross-entropy)"}
+    drawn = False
     for role, rows in curves.items():
         if not rows:
             continue
+        drawn = True
         t = np.array([r["epoch"] for r in rows]) / len(rows) * 100
         ax_loss.plot(t, [r["loss"] for r in rows], color=COLORS[role], label=labels.get(role, role))
-        ax_acc.plot(t, [r["accuracy"] for r in rows], color=COLORS[role], label=f"{role}: accuracy (labelled rows)")
+        ax_acc.plot(t, [r["accuracy"] for r in rows], color=COLORS[role], label=f"{role}: train (labelled rows)")
+        if "val_accuracy" in rows[0]:
+            ax_acc.plot(t, [r["val_accuracy"] for r in rows], color=COLORS[role], linestyle=":", linewidth=2,
+                        label=f"{role}: held-out validation")
         if "agreement_with_teacher" in rows[0]:
             ax_acc.plot(t, [r["agreement_with_teacher"] for r in rows], color=COLORS[role], linestyle="--",
                         label=f"{role}: agreement with teacher (all rows)")
-    ax_loss.set(title="training loss", xlabel="training done (%)", ylabel="loss", yscale="log")
-    ax_acc.set(title="training accuracy", xlabel="training done (%)", ylabel="fraction", ylim=(0, 1.02))
+    ax_loss.set(title="training loss", xlabel="training done (%)", ylabel="loss (log scale)", yscale="log")
+    _plain_log_ticks(ax_loss)
+    ax_acc.set(title="accuracy during training", xlabel="training done (%)", ylabel="fraction", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if drawn:
+            ax.legend(fontsize=7.5, loc="lower right" if ax is ax_acc else "upper right")
+        else:  # an empty chart would look like a bug; say why it is empty
+            ax.text(0.5, 0.5, "no training curves (metrics/train_*.csv missing)", ha="center", transform=ax.transAxes)
     return _save(fig, path)
+
+
+def _plain_log_ticks(ax: Axes) -> None:
+    """Log-axis labels as plain numbers (0.01, 2, 3) instead of 10⁻² and 2×10⁰; on an axis spanning
+    less than about a decade, 2, 3 and 5 times each power of ten are labelled too."""
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    few_decades = lo > 0 and hi / lo < 12
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if few_decades and f"{v:e}"[0] in "235" else ""))
 
 
 def _points(evals: dict, export: dict | None, x_key: str) -> list[tuple[str, float, float]]:
@@ -214,25 +242,51 @@ def _points(evals: dict, export: dict | None, x_key: str) -> list[tuple[str, flo
     return pts
 
 
+# label positions tried in order, as (dx, dy) in points and alignment: right, above, below, left
+_LABEL_SPOTS = [(8, 0, "left", "center"), (6, 6, "left", "bottom"), (6, -6, "left", "top"),
+                (-8, 0, "right", "center"), (-6, 6, "right", "bottom"), (-6, -6, "right", "top")]
+
+
+def _label_points(fig: MplFigure, ax: Axes, points: list[tuple[float, float, str]]) -> None:
+    """Write each point's label at the first spot (right of it, above, below, left) that stays inside
+    the axes and covers no marker and no earlier label: models often share a size or a latency (the
+    student and the baseline are one architecture), and fixed offsets would print over each other."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # settles autoscaling and margins: data -> pixel is final
+    renderer = canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pad = 7 * fig.dpi / 72  # a marker's radius (s=90 is ~9.5 pt across), in pixels
+    taken = [Bbox.from_extents(px - pad, py - pad, px + pad, py + pad)
+             for px, py in ax.transData.transform([(x, y) for x, y, _ in points])]
+    for x, y, text in points:
+        for i, (dx, dy, ha, va) in enumerate(_LABEL_SPOTS):
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=8)
+            box = label.get_window_extent(renderer)
+            fits = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if (fits and not any(box.overlaps(t) for t in taken)) or i == len(_LABEL_SPOTS) - 1:
+                taken.append(box)
+                break
+            label.remove()
+
+
 def fig_accuracy_vs(evals: dict, export: dict | None, x_key: str, xlabel: str, scale: float, path: Path) -> str:
     """Accuracy against a cost (size or latency), one point per model; lower-right is worse."""
     fig = MplFigure(figsize=(5.5, 4))
     ax = fig.subplots()
-    for name, x, acc in _points(evals, export, x_key):
-        ax.scatter(x * scale, acc, s=90, color=COLORS[name], zorder=3,
-                   marker="D" if "int8" in name else "o")
-        ax.annotate(f"{name}\n{acc:.3f}", (x * scale, acc), textcoords="offset points", xytext=(8, -4), fontsize=8)
+    points = [(name, x * scale, acc) for name, x, acc in _points(evals, export, x_key)]
+    for name, x, acc in points:
+        ax.scatter(x, acc, s=90, color=COLORS[name], zorder=3, marker="D" if "int8" in name else "o")
     ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy", title=f"accuracy vs {xlabel.split(' (')[0]}")
     ticks: list[float] = []  # label the models, not decades; one label for models within 15 %
-    for x in sorted(x * scale for _, x, _ in _points(evals, export, x_key)):
+    for x in sorted(x for _, x, _ in points):
         if not ticks or x > ticks[-1] * 1.15:
             ticks.append(x)
     ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=8)
     ax.xaxis.set_minor_formatter(NullFormatter())
-    lo = min(acc for _, _, acc in _points(evals, export, x_key))
-    ax.set_ylim(max(0.0, lo - 0.08), 1.0)
+    ax.set_ylim(max(0.0, min(acc for _, _, acc in points) - 0.08), 1.0)
     ax.margins(x=0.35)
     ax.grid(alpha=0.3, which="both")
+    _label_points(fig, ax, [(x, acc, f"{name} {acc:.3f}") for name, x, acc in points])  # after the limits are set
     return _save(fig, path)
 
 
@@ -264,7 +318,8 @@ def fig_reliability(logits: dict[str, np.ndarray], y: np.ndarray, path: Path) ->
         ax.set(title=f"{role}: ECE {ece(lg, y):.3f}", xlabel="confidence (max probability)", xlim=(0, 1), ylim=(0, 1))
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("accuracy in bin")
-    np.atleast_1d(axes)[0].legend(fontsize=8, loc="upper left")
+    handles, names = np.atleast_1d(axes)[0].get_legend_handles_labels()  # below the panels: never over a bar
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.1), frameon=False)
     return _save(fig, path)
 
 
@@ -372,8 +427,10 @@ def _summary(inp: CardInputs) -> list[str]:
     return items
 
 
-def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None) -> list[Block]:
-    """The card, top to bottom. `figures` maps a figure's role to its file relative to the card."""
+def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None,
+                 docs_pages: dict[str, str] | None = None) -> list[Block]:
+    """The card, top to bottom. `figures` maps a figure's role to its file relative to the card;
+    `docs_pages` a validated table's name to its Data Docs page."""
     reg = inp.register
     title = (f"Model card: {reg['model_name']} version {reg['version']}" if reg else "Model card: kd student")
     f = inp.facts
@@ -413,32 +470,61 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
                    Para(f"**{reg['decision']}**: one line per rule of `policy` in `params.yaml`."),
                    Bullets([f"`{r}`" for r in reg["reasons"]])]
     blocks += [
-        Heading("Training curves"), Image(figures["training"], "Loss and accuracy per epoch: student (KD) "
-                                            "against the hard-label baseline (metrics/train_*.csv)."),
+        Heading("Training curves"),
+        Image(figures["training"], "Loss and accuracy per epoch: student (KD) against the hard-label baseline "
+                                   "(`metrics/train_*.csv`); dotted: held-out validation rows."),
         Heading("Accuracy against cost"),
-        Image(figures["size"], "Test accuracy against weights file size (log scale)."),
-        Image(figures["latency"], "Test accuracy against batch-1 CPU latency (log scale; int8 on ONNX Runtime)."),
+        Image(figures["size"], "Test accuracy against weights file size (log scale).", half=True),
+        Image(figures["latency"], "Test accuracy against batch-1 CPU latency (log scale; int8 on ONNX Runtime).",
+              half=True),
         Heading("Calibration"),
         Image(figures["reliability"], f"Reliability diagrams ({ECE_BINS} equal-width confidence bins): bars "
                                         "on the diagonal are perfectly calibrated; ECE as in eval.json."),
         Heading("Errors by class"),
-        Image(figures["confusion"], "Confusion matrices on the test set (rows: true class, normalised per row)."),
+        Image(figures["confusion"], "Confusion matrices on the test set (rows: true class, normalised per row; "
+                                    "numbers: rows)."),
+        Heading("Per-class accuracy", 3),
         *per_class_blocks(inp.evals, inp.classes),
         Heading("Data and validation"),
-        Table(["split", "rows", "expectations", "failed"],
-              [[s, f"{v.get('rows', 0):,}", str(v.get("expectations", "")), str(v.get("failed_expectations", ""))]
-               for s, v in inp.validation.get("splits", {}).items()]),
+        validation_table(inp.validation, docs_pages or {}),
         Para(("Great Expectations Data Docs for these results: "
-              f"[{data_docs}]({data_docs}); raw results in `reports/validation/`.") if data_docs else
+              f"[{data_docs}]({data_docs}) (its index draws the list with scripts from public CDNs; the pages "
+              "linked in the table read offline too); raw results in `reports/validation/`.") if data_docs else
              "Raw Great Expectations results are in `reports/validation/`."),
         Heading("Configuration"),
         Bullets([f"`{k}`: {v}" for k, v in f.items() if k.startswith(("teacher", "student", "distill", "train",
                                                                          "cache", "data"))]),
-        Heading("Reproduce"),
-        Code(f"git checkout {f.get('git_commit', '<commit>').split('-dirty')[0]}\n"
-             "dvc pull      # if a DVC remote holds the outputs; else:\n"
-             "dvc repro     # re-runs exactly what this commit's dvc.lock describes"),
+        Heading("Reproduce"), *reproduce_blocks(f.get("git_commit", "<commit>"), reg),
     ]
+    return blocks
+
+
+def validation_table(summary: dict, docs_pages: dict[str, str]) -> Table:
+    """Rows and expectations per validated table, each linked to its Data Docs page;
+    `<split>_class_counts` is the check of rows per class."""
+    rows = []
+    for name, v in summary.get("splits", {}).items():
+        base, per_class = name.removesuffix("_class_counts"), name.endswith("_class_counts")
+        rows.append([f"{base}: rows per class" if per_class else name,
+                     f"{v.get('rows', 0):,} {'classes' if per_class else ''}".strip(),
+                     str(v.get("expectations", "")), str(v.get("failed_expectations", "")),
+                     f"[results]({docs_pages[name]})" if name in docs_pages else "–"])
+    return Table(["table", "rows", "expectations", "failed", "Data Docs"], rows)
+
+
+def reproduce_blocks(commit: str, reg: dict | None) -> list[Block]:
+    """The commands that bring back this run's exact outputs: code from git, hashes from the version's
+    dvc.lock (logged to its MLflow run, since dvc.lock records outputs git does not hold)."""
+    clean = commit.split("-dirty")[0]
+    run = f"version {reg['version']}'s run" if reg else "the run"
+    blocks: list[Block] = [Code(
+        f"git checkout {clean}   # code and params\n"
+        f"mlflow artifacts download -r <run_id> -a dvc.lock -d .   # <run_id>: {run} in MLflow\n"
+        "dvc checkout        # data, soft labels and models from the DVC cache (or `dvc pull` from a remote)\n"
+        "dvc repro --force   # or rebuild them: CPU training is seeded")]
+    if "-dirty" in commit:
+        blocks.insert(0, Para(f"Built from uncommitted changes (`-dirty{commit.split('-dirty')[1]}`) on top of "
+                              "this commit: the checkout gives the commit, not the exact code."))
     return blocks
 
 
@@ -456,7 +542,9 @@ def write_card(inp: CardInputs, out: Path, data_docs: str | None = None) -> dict
         "confusion": fig_confusion({r: inp.logits[r] for r in ROLES}, inp.labels, inp.classes,
                                    fig_dir / "confusion_matrices.png"),
     }
-    blocks = build_blocks(inp, {k: f"{FIGURES}/{v}" for k, v in figures.items()}, data_docs)
+    docs = out / Path(data_docs).parent if data_docs else None  # GX writes validations/<suite>/…/<table>.html
+    pages = {p.stem: p.relative_to(out).as_posix() for p in sorted(docs.glob("validations/**/*.html"))} if docs else {}
+    blocks = build_blocks(inp, {k: f"{FIGURES}/{v}" for k, v in figures.items()}, data_docs, pages)
     title = blocks[0].text if isinstance(blocks[0], Heading) else "Model card"
     (out / MD_FILE).write_text(to_markdown(blocks))
     (out / HTML_FILE).write_text(to_html(blocks, title, out))

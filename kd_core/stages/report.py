@@ -52,11 +52,14 @@ def inputs(params: Params, workdir: Path) -> report.CardInputs:
 
     facts = {"generated": report.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
              "source": params.data.source,
-             "teacher": f"{params.teacher.arch} {dict(params.teacher.options)} (source: {params.teacher.source})",
+             "teacher": f"{params.teacher.arch} {dict(params.teacher.options)} (source: {params.teacher.source}, "
+                        f"{params.teacher.epochs} epochs)",
              "student": f"{params.student.arch} {dict(params.student.options)}",
-             "distill": f"temperature {params.distill.temperature}, alpha {params.distill.alpha}",
+             "distill": f"loss {params.distill.loss}, temperature {params.distill.temperature}, "
+                        f"alpha {params.distill.alpha}",
              "train": f"{params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr}",
-             "cache": f"{params.cache.dtype}, top_k {params.cache.top_k}",
+             "cache": f"{params.cache.dtype}, " + (f"top {params.cache.top_k} logits per row" if params.cache.top_k
+                                                   else "dense (every logit)"),
              "data": f"source {params.data.source}"}
     return report.CardInputs(
         evals=evals,

@@ -82,6 +82,14 @@ def test_card_and_user_commands_after_a_run(project):
     if "champion" not in reg["aliases"]:
         assert "has no champion yet (hint:" in one_line_error(kd(project, "predict", "rows.parquet"))
 
+    # by default predictions go next to the table, but never into a folder the DAG owns: a new file in
+    # data/prepared would change a DVC output and make the next run redo every stage
+    scored = kd(project, "predict", "data/prepared/test.parquet", "--version", str(reg["version"]))
+    assert scored.returncode == 0, scored.stderr
+    assert (project / "predictions/test.predictions.parquet").is_file()
+    assert not (project / "data/prepared/test.predictions.parquet").exists()
+    assert "data/prepared" not in dvc(project, "status").stdout
+
     # kd export --version: a registered version exported on its own, results attached to it
     export = kd(project, "export", "--version", str(reg["version"]), "--out", "edge")
     assert export.returncode == 0, export.stderr

@@ -116,3 +116,34 @@ def test_many_classes_show_the_students_worst():
     evals = {r: {"per_class_accuracy": {str(c): c / 100 for c in classes}} for r in report.ROLES}
     note, table = report.per_class_blocks(evals, classes, limit=5)
     assert "5 least accurate of 100" in note.text and [row[0] for row in table.rows] == ["0", "1", "2", "3", "4"]
+
+
+def test_point_labels_never_overlap_when_models_share_a_cost():
+    """The student and the baseline are one architecture: same size, near-equal accuracy. Fixed label
+    offsets printed their labels over each other; every label must now have its own spot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    points = [(414.0, 0.85, "teacher 0.850"), (175.0, 0.584, "student 0.584"), (175.0, 0.555, "baseline 0.555"),
+              (56.0, 0.581, "student int8 0.581"), (60.0, 0.579, "other 0.579")]
+    ax.scatter([x for x, _, _ in points], [y for _, y, _ in points])
+    ax.set(xscale="log", ylim=(0.5, 1.0))
+    ax.margins(x=0.35)
+    report._label_points(fig, ax, points)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == len(points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_validation_table_links_each_tables_data_docs_page(tmp_path: Path):
+    """The Data Docs index needs scripts from CDNs; each split's own page is linked so it reads offline."""
+    page = tmp_path / "data_docs/validations/kd.train/kd-validate/20260101T000000Z/train.html"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html></html>")
+    report.write_card(card_inputs(), tmp_path, data_docs="data_docs/index.html")
+    rel = page.relative_to(tmp_path).as_posix()
+    assert f"| train | 400 | 12 | 0 | [results]({rel}) |" in (tmp_path / report.MD_FILE).read_text()
+    assert f'<a href="{rel}">results</a>' in (tmp_path / report.HTML_FILE).read_text()
