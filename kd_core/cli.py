@@ -6,6 +6,7 @@ imported lazily, inside the commands that orchestrate, so `kd stage` stays light
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -23,22 +24,30 @@ from kd_core.errors import UserError
 from kd_core.stages import STAGES
 
 app = typer.Typer(help="Knowledge-distillation pipeline: validated data, cached teacher logits, "
-                       "students promoted by policy.", no_args_is_help=True, add_completion=False)
-cache_app = typer.Typer(help="Inspect the soft-label cache.", no_args_is_help=True)
+                       "students promoted by policy.", no_args_is_help=True, add_completion=False,
+                  epilog=commands.examples("kd run   (the whole DAG; then open reports/model_card.html)",
+                                           "kd status", "kd compare", "kd predict new_rows.parquet"))
+cache_app = typer.Typer(help="Inspect the soft-label cache.", no_args_is_help=True,
+                        epilog=commands.examples("kd cache verify artifacts/logits", "kd cache ls"))
 app.add_typer(cache_app, name="cache")
 out = Console()
 
 
 def _root() -> Path:
-    root = Path.cwd()
-    if not (root / "dvc.yaml").exists() or not (root / "params.yaml").exists():
-        raise UserError(f"{root} is not a kd project (no dvc.yaml / params.yaml here)")
-    return root
+    """The project: the working directory or the nearest parent with dvc.yaml and params.yaml, like
+    git and dvc, so `kd predict scored.parquet` works from a subfolder too."""
+    cwd = Path.cwd()
+    for root in (cwd, *cwd.parents):
+        if (root / "dvc.yaml").exists() and (root / "params.yaml").exists():
+            return root
+    raise UserError(f"{cwd} is not a kd project (no dvc.yaml / params.yaml here or above; "
+                    "hint: cd to the project, or `git clone` one)")
 
 
-@app.command()
+@app.command(epilog=commands.examples("kd stage prepare", "kd stage train_student",
+                                     "dvc repro   (runs every stale stage this way, in DAG order)"))
 def stage(name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")]) -> None:
-    """Run one DAG stage in this project (what dvc.yaml calls). Example: kd stage prepare"""
+    """Run one DAG stage in this project: what dvc.yaml calls, with progress bars on a terminal."""
     if name not in STAGES:
         raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     root = _root()
@@ -49,12 +58,14 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}
     print(f"{name}: {result.summary()}")
 
 
-@app.command()
+@app.command(epilog=commands.examples("kd run", "kd run --set distill.temperature=2 --set train.epochs=60",
+                                     "kd run -S data.source=parquet -S data.train=data/raw/train.parquet "
+                                     "-S data.test=data/raw/test.parquet"))
 def run(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-S", help="edit params.yaml before running, e.g. --set distill.temperature=2")] = None,
 ) -> None:
-    """Run the whole DAG as a Prefect flow (DVC skips what is up to date). Example: kd run -S train.epochs=5"""
+    """Run the whole DAG as a Prefect flow (DVC skips what is up to date); --set edits params.yaml first."""
     root = _root()
     params = set_params(root, set_) if set_ else load_params(root)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
@@ -78,7 +89,7 @@ def _print_summary(metrics: Path) -> None:
     ev = json.loads((metrics / "eval.json").read_text())
     table = Table(title="teacher / baseline / student (test set)")
     for col in ("model", "accuracy", "params", "MACs", "size (KiB)", "latency p50 (ms)", "ECE"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="left" if col == "model" else "right")
     for role in ("teacher", "baseline", "student"):
         m = ev[role]
         table.add_row(role, f"{m['accuracy']:.3f}", f"{m['params']:,}", f"{m['macs']:,}",
@@ -93,9 +104,9 @@ def _print_summary(metrics: Path) -> None:
             out.print(f"  {reason}")
 
 
-@cache_app.command("verify")
+@cache_app.command("verify", epilog=commands.examples("kd cache verify artifacts/logits"))
 def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g. artifacts/logits")]) -> None:
-    """Check a cache's checksums, shapes, dtypes and finite values. Example: kd cache verify artifacts/logits"""
+    """Check a cache's checksums, row coverage, shapes, dtypes and finite values."""
     from kd_core.logits import read_manifest, verify_cache
 
     problems = verify_cache(path)
@@ -106,78 +117,81 @@ def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g
           f"key {m['key'][:12]}")
 
 
-def _current_key(root: Path) -> str | None:
+def _current_keys(root: Path) -> set[str]:
+    """The keys of the caches the current params use (one per teacher)."""
     from kd_core.logits import read_manifest
 
-    try:
-        return read_manifest(root / load_params(root).paths.logits)["key"]
-    except UserError:
-        return None
+    keys = set()
+    for d in load_params(root).logit_dirs():
+        with contextlib.suppress(UserError):
+            keys.add(read_manifest(root / d)["key"])
+    return keys
 
 
-@cache_app.command("ls")
+@cache_app.command("ls", epilog=commands.examples("kd cache ls"))
 def cache_ls() -> None:
-    """List the caches in the content-addressed store (.kd/cache). Example: kd cache ls"""
+    """List the caches in the content-addressed store (.kd/cache): current, complete or resumable."""
     from kd_core.logits import list_store
 
     root = _root()
-    current = _current_key(root)
+    current = _current_keys(root)
     table = Table(title=f"logit caches in {load_params(root).paths.work}/cache")
     for col in ("key", "state", "rows", "MiB", "teacher"):
         table.add_column(col)
     for c in list_store(root / load_params(root).paths.work):
-        state = "current" if c.key == current else ("complete" if c.complete else "partial (resumable)")
+        state = "current" if c.key in current else ("complete" if c.complete else "partial (resumable)")
         table.add_row(c.key[:12], state, str(c.rows or "?"), f"{c.bytes / 2**20:.1f}",
                       (c.teacher_fingerprint or "?")[:12])
     out.print(table)
 
 
-@cache_app.command("gc")
+@cache_app.command("gc", epilog=commands.examples("kd cache gc --dry-run", "kd cache gc --keep 1"))
 def cache_gc(
     keep: Annotated[int, typer.Option(help="also keep this many most recent caches")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would be removed")] = False,
 ) -> None:
-    """Delete stored caches other than the current one. Example: kd cache gc --keep 1"""
+    """Delete stored caches other than the current one (and the --keep most recent)."""
     from kd_core.logits import gc_store, list_store
 
     root = _root()
     work = root / load_params(root).paths.work
-    others = [c.key for c in list_store(work) if c.key != _current_key(root)]
-    protected = set(others[:keep]) | {_current_key(root)}
+    current = _current_keys(root)
+    others = [c.key for c in list_store(work) if c.key not in current]
+    protected = set(others[:keep]) | current
     doomed = [c for c in list_store(work) if c.key not in protected] if dry_run else gc_store(work, protected)
     verb = "would remove" if dry_run else "removed"
     print(f"{verb} {len(doomed)} cache(s), {sum(c.bytes for c in doomed) / 2**20:.1f} MiB: "
           + (", ".join(c.key[:12] for c in doomed) or "nothing"))
 
 
-@app.command()
+@app.command(epilog=commands.examples('kd promote 3 --reason "needed for the partner demo"'))
 def promote(
     version: Annotated[int, typer.Argument(help="the model version to make champion")],
     reason: Annotated[str, typer.Option("--reason", help="why (goes into the audit trail)")],
     by: Annotated[str | None, typer.Option(help="who (default: user@host)")] = None,
 ) -> None:
-    """Make VERSION the champion by hand, overriding the policy; audited. Example: kd promote 3 --reason "hotfix" """
+    """Make VERSION the champion by hand, overriding the promotion policy; audited in the registry."""
     root = _root()
     from kd_core import registry  # lazy: mlflow loads only for the commands that need it
 
     print(registry.promote(root, load_params(root), version, reason, by or registry.current_user()).summary())
 
 
-@app.command()
+@app.command(epilog=commands.examples('kd rollback --reason "canary error rate"'))
 def rollback(
     reason: Annotated[str, typer.Option("--reason", help="why (goes into the audit trail)")],
     by: Annotated[str | None, typer.Option(help="who (default: user@host)")] = None,
 ) -> None:
-    """Move champion back to the previous champion; audited. Example: kd rollback --reason "bad canary" """
+    """Move champion back to the previous champion; audited in the registry."""
     root = _root()
     from kd_core import registry
 
     print(registry.rollback(root, load_params(root), reason, by or registry.current_user()).summary())
 
 
-@app.command()
+@app.command(epilog=commands.examples("kd serve"))
 def serve() -> None:
-    """Run the DAG on schedule.cron from this machine (Prefect serve); Ctrl-C stops. Example: kd serve"""
+    """Run the DAG on schedule.cron from this machine (Prefect serve); Ctrl-C stops."""
     root = _root()
     params = load_params(root)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))

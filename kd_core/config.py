@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kd_core.errors import UserError
 
 PARAMS_FILE = "params.yaml"
+MEMBERS = "members"  # several teachers: their model directories under paths.teacher/members/<i>
 
 
 class _Section(BaseModel):
@@ -83,6 +84,7 @@ class DistillParams(_Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     dkd_alpha: float = Field(1.0, ge=0.0)
     dkd_beta: float = Field(8.0, ge=0.0)
+    ensemble: Literal["logits", "probs"] = "logits"  # several teachers: average their logits or their probabilities
 
     @field_validator("loss")
     @classmethod
@@ -175,6 +177,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
     teacher: TeacherParams = TeacherParams()
+    teachers: tuple[TeacherParams, ...] | None = None
     student: StudentParams = StudentParams()
     cache: CacheParams = CacheParams()
     distill: DistillParams = DistillParams()
@@ -183,6 +186,33 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
     paths: PathParams = PathParams()
+
+    @model_validator(mode="after")
+    def _teachers(self) -> Params:
+        """An ensemble is averaged from dense logits: a top-k cache keeps different classes per teacher."""
+        if self.teachers is not None and len(self.teachers) < 2:
+            raise ValueError("teachers: list two or more teachers, or use null and the teacher section")
+        if self.teachers and self.cache.top_k:
+            raise ValueError("teachers: an ensemble of teachers needs a dense cache; set cache.top_k to null")
+        return self
+
+    @property
+    def teacher_list(self) -> tuple[TeacherParams, ...]:
+        """Every teacher, in order: the `teachers` list, else the single `teacher`."""
+        return self.teachers or (self.teacher,)
+
+    def teacher_dirs(self) -> list[str]:
+        """Each teacher's model directory: `paths.teacher` itself, or `paths.teacher/members/<i>` per
+        member of a `teachers` list (then `paths.teacher` holds their ensemble)."""
+        if not self.teachers:
+            return [self.paths.teacher]
+        return [f"{self.paths.teacher}/{MEMBERS}/{i}" for i in range(len(self.teachers))]
+
+    def logit_dirs(self) -> list[str]:
+        """Each teacher's own logit cache, so one changed member re-runs only its own teacher pass."""
+        if not self.teachers:
+            return [self.paths.logits]
+        return [f"{self.paths.logits}/{i}" for i in range(len(self.teachers))]
 
     def digest(self) -> str:
         """sha256 of the canonical JSON form: the 'params hash' that identifies a configuration."""

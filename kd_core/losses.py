@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +36,25 @@ def build(distill: DistillParams, top_k: int | None = None) -> LossFn:
     if top_k and distill.loss == "hinton":
         return partial(topk_kd, k=top_k, temperature=distill.temperature, alpha=distill.alpha)
     return LOSSES.get(distill.loss)(distill)
+
+
+def ensemble_targets(takes: list[Callable[[np.ndarray], np.ndarray]], mode: str, temperature: float,
+                     idx: np.ndarray) -> np.ndarray:
+    """Several teachers' cached logits for rows `idx` combined into one target.  # (B,) -> (B, K)
+
+    `logits`: their mean. `probs`: T·log(mean_i softmax(z_i / T)), the logits whose softened
+    distribution is exactly the mean of the teachers' softened distributions (the usual ensemble of
+    soft labels), so every loss applies T to it unchanged.
+    """
+    z = np.stack([take(idx) for take in takes]).astype(np.float64)  # (M, B, K)
+    if mode == "logits":
+        return z.mean(0).astype(np.float32)
+    a = z / temperature
+    log_p = a - a.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))  # log softmax, (M, B, K)
+    top = log_p.max(0)
+    mean_log_p = top + np.log(np.exp(log_p - top).mean(0))  # log of the mean probability, (B, K)
+    return (temperature * mean_log_p).astype(np.float32)
 
 
 def _mix(soft: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:

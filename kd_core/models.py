@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,33 @@ class KDModel(nn.Module):
         return self.net(self.scale(x))
 
 
+class Ensemble(nn.Module):
+    """Several teachers as one model: their mean logits, or the log of their mean probabilities.
+
+    Each member keeps its own standardisation (members may come from different sources), so the
+    ensemble's outer KDModel scaling stays the identity.
+    """
+
+    def __init__(self, n_features: int, n_classes: int, members: list[dict[str, Any]],
+                 combine: str = "logits") -> None:
+        super().__init__()
+        if combine not in ("logits", "probs"):
+            raise TypeError(f"combine must be 'logits' or 'probs', not {combine!r}")
+        self.combine = combine
+        self.members = nn.ModuleList(
+            KDModel(ARCHS.get(m["arch"])(n_features, n_classes, **m.get("options", {})), n_features)
+            for m in members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, K)
+        z = torch.stack([m(x) for m in self.members])  # (M, B, K)
+        if self.combine == "logits":
+            return z.mean(0)
+        return torch.logsumexp(torch.log_softmax(z, -1), 0) - math.log(len(self.members))
+
+
+ARCHS.register("ensemble")(Ensemble)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str
@@ -222,6 +250,17 @@ def fingerprint(path: Path) -> str:
     meta = json.loads((path / META_FILE).read_text())
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def ensemble(members: list[tuple[KDModel, ModelSpec]], combine: str) -> tuple[KDModel, ModelSpec]:
+    """One model from several loaded ones (same features and classes), weights copied in."""
+    schema = members[0][1].schema
+    spec = ModelSpec("ensemble", {"members": [{"arch": s.arch, "options": s.options} for _, s in members],
+                                  "combine": combine}, schema)
+    model = build(spec)
+    for slot, (member, _) in zip(model.net.members, members, strict=True):
+        slot.load_state_dict(member.state_dict())
+    return model.eval(), spec
 
 
 @torch.inference_mode()

@@ -483,10 +483,18 @@ class Fingerprints:
 
 
 def fingerprints(root: Path, params: Params) -> Fingerprints:
-    manifest_path = root / params.paths.logits / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    return Fingerprints(data.data_fingerprint(root / params.paths.prepared), str(manifest.get("key", "none")),
-                        params.digest(), git_commit(root), manifest.get("teacher_fingerprint"))
+    """With several teachers the cache key and teacher fingerprint join each member's, in order."""
+    paths = [root / d / "manifest.json" for d in params.logit_dirs()]
+    manifests = [json.loads(p.read_text()) if p.exists() else {} for p in paths]
+    keys = [str(m.get("key", "none")) for m in manifests]
+    teachers = [m.get("teacher_fingerprint") for m in manifests]
+    if len(manifests) == 1:
+        key, teacher = keys[0], teachers[0]
+    else:
+        key = hashlib.sha256("+".join(keys).encode()).hexdigest()
+        teacher = hashlib.sha256("+".join(map(str, teachers)).encode()).hexdigest() if all(teachers) else None
+    return Fingerprints(data.data_fingerprint(root / params.paths.prepared), key, params.digest(), git_commit(root),
+                        teacher)
 
 
 def dvc_stage_hashes(root: Path) -> dict[str, str]:

@@ -15,15 +15,18 @@ from kd_core.config import Params
 
 @dataclass(frozen=True)
 class CacheResult:
-    report: logits.CacheReport
+    reports: tuple[logits.CacheReport, ...]  # one per teacher
 
     def summary(self) -> str:
-        r = self.report
-        if r.unchanged:
-            return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes): "
-                    "published it, the teacher did not run")
-        return (f"cached {r.rows} rows × {r.classes} classes as {r.shards} shard(s) in {r.seconds:.1f} s, "
-                f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed)")
+        return "; ".join(_describe(r) for r in self.reports)
+
+
+def _describe(r: logits.CacheReport) -> str:
+    if r.unchanged:
+        return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes): "
+                "published it, the teacher did not run")
+    return (f"cached {r.rows} rows × {r.classes} classes as {r.shards} shard(s) in {r.seconds:.1f} s, "
+            f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed)")
 
 
 def cache_rows(splits: data.Splits) -> np.ndarray:
@@ -36,10 +39,11 @@ def settings(params: Params) -> logits.CacheSettings:
     return logits.CacheSettings(params.cache.dtype, params.cache.shard_rows, params.cache.top_k)
 
 
-def expected_key(params: Params, workdir: Path) -> str:
-    """The key a cache must carry to be used with the current teacher, data and cache settings."""
-    return logits.cache_key(models.fingerprint(workdir / params.paths.teacher),
-                            data.data_fingerprint(workdir / params.paths.prepared), settings(params))
+def expected_keys(params: Params, workdir: Path) -> list[str]:
+    """The key each teacher's cache must carry to be used with that teacher, the data and the settings."""
+    data_fp = data.data_fingerprint(workdir / params.paths.prepared)
+    return [logits.cache_key(models.fingerprint(workdir / d), data_fp, settings(params))
+            for d in params.teacher_dirs()]
 
 
 @functools.lru_cache(maxsize=2)
@@ -64,15 +68,21 @@ class TeacherLogits:
 
 
 def run(params: Params, workdir: Path) -> CacheResult:
-    teacher_dir, prepared_dir = workdir / params.paths.teacher, workdir / params.paths.prepared
+    """Cache each teacher's logits in its own cache: an unchanged member's cache is reused from the store."""
+    prepared_dir = workdir / params.paths.prepared
     splits = data.read_prepared(prepared_dir)
     n_rows = len(splits.train) + len(splits.transfer)
-    meta = {"teacher_fingerprint": models.fingerprint(teacher_dir),
-            "data_fingerprint": data.data_fingerprint(prepared_dir),
-            "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
-    compute = TeacherLogits(str(teacher_dir.resolve()), str(prepared_dir.resolve()), params.cache.batch_size)
-    report = logits.build_cache(compute, n_rows, len(splits.schema.classes), workdir / params.paths.logits,
-                                workdir / params.paths.work, expected_key(params, workdir), settings(params),
-                                meta, params.cache.runner, params.cache.dask_address,
-                                progress=progress.bar("caching teacher logits"))
-    return CacheResult(report)
+    reports = []
+    for i, (t_dir, l_dir, key) in enumerate(zip(params.teacher_dirs(), params.logit_dirs(),
+                                                expected_keys(params, workdir), strict=True)):
+        teacher_dir = workdir / t_dir
+        meta = {"teacher_fingerprint": models.fingerprint(teacher_dir),
+                "data_fingerprint": data.data_fingerprint(prepared_dir),
+                "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
+        compute = TeacherLogits(str(teacher_dir.resolve()), str(prepared_dir.resolve()), params.cache.batch_size)
+        label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
+        reports.append(logits.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
+                                          workdir / params.paths.work, key, settings(params), meta,
+                                          params.cache.runner, params.cache.dask_address,
+                                          progress=progress.bar(label)))
+    return CacheResult(tuple(reports))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from kd_core import data, models, progress
-from kd_core.config import Params
+from kd_core.config import MEMBERS, Params, TeacherParams
 from kd_core.errors import UserError
 from kd_core.stages import atomic_dir
 from kd_core.stages._common import epoch_logger, labelled_arrays
@@ -43,39 +43,54 @@ def _check_schema(spec: models.ModelSpec, schema: data.Schema, source: str) -> N
 
 
 def run(params: Params, workdir: Path) -> TeacherResult:
-    tp = params.teacher
+    """The teacher; with a `teachers` list each member in its own directory, plus their ensemble as
+    the teacher directory's model, so evaluation and export treat it as one teacher."""
     splits = data.read_prepared(workdir / params.paths.prepared)
     with atomic_dir(workdir / params.paths.teacher) as out:
-        if tp.source == "train":
-            x, y = labelled_arrays(splits)
-            spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
-            model = models.build(spec, x, params.train.seed)
-            cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, params.train.seed,
-                            params.train.device)
-            history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
-                          on_epoch=epoch_logger(workdir, "teacher"), progress=progress.bar("training teacher"))
-            models.save(model, spec, out)
-            return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(
-                p.numel() for p in model.parameters()))
-        if _is_mlflow_uri(tp.source):
-            from kd_core import registry
+        if not params.teachers:
+            return _one(params.teacher, params.train.seed, "teacher", params, splits, workdir, out)
+        results, members = [], []
+        for i, tp in enumerate(params.teachers):  # seed + i: two members of one architecture still differ
+            results.append(_one(tp, params.train.seed + i, f"teachers.{i}", params, splits, workdir,
+                                out / MEMBERS / str(i)))
+            members.append(models.load(out / MEMBERS / str(i)))
+        model, spec = models.ensemble(members, params.distill.ensemble)
+        models.save(model, spec, out)
+        return TeacherResult(f"ensemble of {' + '.join(r.arch for r in results)} ({params.distill.ensemble})",
+                             ", ".join(r.source for r in results), None, sum(r.params for r in results))
 
-            src = registry.download_model_dir(tp.source, workdir / params.paths.work / "teacher-download",
-                                             root=workdir)
-        else:
-            src = workdir / tp.source
-        if src.is_file():  # a bare weights file for teacher.arch
-            if src.suffix not in models.CHECKPOINT_SUFFIXES:
-                raise UserError(f"teacher.source {tp.source}: expected a kd model directory or a weights file "
-                                f"({', '.join(models.CHECKPOINT_SUFFIXES)})")
-            spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
-            model = models.load_checkpoint(src, spec)
-            models.save(model, spec, out)
-            return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
-        if not src.exists():
-            raise UserError(f"teacher.source {tp.source} not found")
-        model, spec = models.load(src)
-        _check_schema(spec, splits.schema, tp.source)
-        for name in (models.WEIGHTS_FILE, models.META_FILE):
-            shutil.copy2(src / name, out / name)
-        return TeacherResult(spec.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
+
+def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.Splits, workdir: Path,
+         out: Path) -> TeacherResult:
+    """Train one teacher on the labelled rows, or load it from a directory, weights file or MLflow URI."""
+    out.mkdir(parents=True, exist_ok=True)
+    if tp.source == "train":
+        x, y = labelled_arrays(splits)
+        spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
+        model = models.build(spec, x, seed)
+        cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
+        history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
+                      on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"))
+        models.save(model, spec, out)
+        return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(p.numel() for p in model.parameters()))
+    if _is_mlflow_uri(tp.source):
+        from kd_core import registry
+
+        src = registry.download_model_dir(tp.source, workdir / params.paths.work / f"{name}-download", root=workdir)
+    else:
+        src = workdir / tp.source
+    if src.is_file():  # a bare weights file for teacher.arch
+        if src.suffix not in models.CHECKPOINT_SUFFIXES:
+            raise UserError(f"{name}.source {tp.source}: expected a kd model directory or a weights file "
+                            f"({', '.join(models.CHECKPOINT_SUFFIXES)})")
+        spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
+        model = models.load_checkpoint(src, spec)
+        models.save(model, spec, out)
+        return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
+    if not src.exists():
+        raise UserError(f"{name}.source {tp.source} not found")
+    model, spec = models.load(src)
+    _check_schema(spec, splits.schema, tp.source)
+    for file in (models.WEIGHTS_FILE, models.META_FILE):
+        shutil.copy2(src / file, out / file)
+    return TeacherResult(spec.arch, tp.source, None, sum(p.numel() for p in model.parameters()))

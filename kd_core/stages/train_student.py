@@ -6,6 +6,7 @@ torch.distributed.run; started by torchrun (that relaunch or a user's own), it t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kd_core.stages._common import (
     validation_rows,
     write_curve,
 )
-from kd_core.stages.cache_logits import cache_rows, expected_key
+from kd_core.stages.cache_logits import cache_rows, expected_keys
 from kd_core.train import History, fit
 
 CURVE = "train_student.csv"
@@ -75,19 +76,21 @@ def run(params: Params, workdir: Path) -> StudentResult:
 def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResult:
     """One rank's training; rank 0 alone logs, checkpoints and writes the outputs."""
     splits = data.read_prepared(workdir / params.paths.prepared)
-    key = expected_key(params, workdir)
-    cache = LogitCache(workdir / params.paths.logits, key)
+    keys = expected_keys(params, workdir)
+    caches = [LogitCache(workdir / d, k) for d, k in zip(params.logit_dirs(), keys, strict=True)]
     _, y_lab = labelled_arrays(splits)
     x = cache_rows(splits)  # (N, F): labelled rows first, then transfer rows, as cached
     y = np.concatenate([y_lab, np.full(len(splits.transfer), losses.UNLABELLED)])  # (N,)
     val = validation_rows(len(y_lab), params.train.val_fraction, params.train.seed)  # (V,)
     spec = models.ModelSpec(params.student.arch, dict(params.student.options), splits.schema)
     model = models.build(spec, x, params.train.seed)
-    inputs = {"params": params.model_dump(mode="json", include={"student", "distill", "train"}), "cache": key}
+    inputs = {"params": params.model_dump(mode="json", include={"student", "distill", "train"}), "cache": keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed, lead = train.checkpoint_epochs(ckpt), rank == 0
-    loss = losses.build(params.distill, cache.top_k)  # a top-k cache gets the top-k-aware KL
-    history = fit(model, x, y, loss, fit_config(params.train), soft=cache.take, val=val,
+    loss = losses.build(params.distill, caches[0].top_k)  # a top-k cache gets the top-k-aware KL
+    soft = caches[0].take if len(caches) == 1 else functools.partial(
+        losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble, params.distill.temperature)
+    history = fit(model, x, y, loss, fit_config(params.train), soft=soft, val=val,
                   on_epoch=epoch_logger(workdir, "student") if lead else None,
                   progress=progress.bar("training student") if lead else None, checkpoint=ckpt)
     if lead:

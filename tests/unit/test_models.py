@@ -67,5 +67,5 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
 
 
 def test_unknown_architecture_lists_choices():
-    with pytest.raises(UserError, match=r"choose one of \['cnn1d', 'mlp'\]"):
+    with pytest.raises(UserError, match=r"choose one of \['cnn1d', 'ensemble', 'mlp'\]"):
         build(ModelSpec("resnet", {}, SCHEMA))
