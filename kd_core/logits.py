@@ -447,10 +447,12 @@ class LogitCache:
         return self._arrays[(i, role)]
 
     def _gather(self, idx: np.ndarray, role: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(mask into idx, rows of that shard's array) for every shard `idx` touches."""
+        """(positions in idx, rows of that shard's array) for every shard `idx` touches."""
         which = np.searchsorted(self._starts, idx, side="right") - 1  # (B,)
-        return [(sel, self._array(int(i), role)[idx[sel] - self._starts[i]])
-                for i in np.unique(which) for sel in [which == i]]
+        order = np.argsort(which, kind="stable")  # one sort instead of a mask per shard: a random batch
+        groups = np.split(order, np.flatnonzero(np.diff(which[order])) + 1)  # touches every shard
+        return [(sel, self._array(int(which[sel[0]]), role)[idx[sel] - self._starts[which[sel[0]]]])
+                for sel in groups if len(sel)]
 
     def take_topk(self, idx: np.ndarray) -> TopK:
         """Top-k view of rows `idx` (a dense cache is cut to its own top-k on the fly)."""

@@ -97,8 +97,23 @@ def tracking_uri(root: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _client(uri: str) -> MlflowClient:
-    """One client per URI: opening a sqlite store checks its schema, too slow to do every epoch."""
-    return MlflowClient(tracking_uri=uri)
+    """One client per URI: opening a sqlite store checks its schema, too slow to do every epoch.
+
+    MLflow creates a new sqlite store's schema on first use, and two processes doing it at once fail
+    (`duplicate column name`); so the first use of a sqlite store happens under a file lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with filelock.FileLock(_lock_path(uri, "#schema-init"), timeout=LOCK_TIMEOUT_S):
+        client = MlflowClient(tracking_uri=uri)  # opens (creates, migrates) the tracking store
+        client.search_registered_models(max_results=1)  # the registry store opens the same file
+    return client
+
+
+def _lock_path(uri: str, name: str) -> Path:
+    """A lock file for `name` on a sqlite store, in the temp dir: beside the store git would see it."""
+    store = f"{Path(uri.removeprefix('sqlite:///')).resolve()}:{name}"
+    return Path(tempfile.gettempdir()) / f"kd-register-{hashlib.sha256(store.encode()).hexdigest()[:16]}.lock"
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -599,8 +614,7 @@ def registry_lock(uri: str, name: str, lease_s: float = LOCK_LEASE_S,
     by machines: _RegistryLock.
     """
     if uri.startswith("sqlite:///"):
-        store = f"{Path(uri.removeprefix('sqlite:///')).resolve()}:{name}"
-        path = Path(tempfile.gettempdir()) / f"kd-register-{hashlib.sha256(store.encode()).hexdigest()[:16]}.lock"
+        path = _lock_path(uri, name)
         try:
             with filelock.FileLock(path, timeout=timeout_s):
                 yield

@@ -21,6 +21,7 @@ The loop knows nothing of KD: the loss function decides.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -331,12 +332,20 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
     return out
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for 'do not re-broadcast buffers every forward': `forward_sync_buffers` where this
+    torch has it, else the older `broadcast_buffers` (which also skips the one sync at start-up; every
+    rank builds the same buffers from the same rows, so nothing is lost)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -> nn.Module:
     """The module the steps call: `net` wrapped in DDP in a process group, then compiled if asked."""
     model = net
     if world > 1:  # buffers (the standardisation) are constants: synced once at init, not every step
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                        forward_sync_buffers=False)
+                                        **_no_buffer_sync())
     return torch.compile(model) if cfg.compile else model
 
 
@@ -358,7 +367,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     torch.manual_seed(cfg.seed)
     net = model.to(device).train()
     steps = -(-len(rows) // cfg.batch_size) * cfg.epochs
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update on CUDA, where a small student's step is launch-bound
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
     s = TrainState(net, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
                    np.random.default_rng(cfg.seed), [])
     if checkpoint is not None:

@@ -6,7 +6,6 @@ leave every earlier artifact byte-for-byte as it was.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -21,6 +20,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import BIN, ROOT, TINY, deep_update, git, run_cmd
+from tests.reliability.conftest import Snapshot, Tally, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "eel"]
@@ -65,14 +65,8 @@ class Project:
             os.environ.clear()
             os.environ.update(old)
 
-    def snapshot(self) -> dict[str, str]:
-        out = {}
-        for rel in GUARDED:
-            p = self.root / rel
-            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-            for f in files:
-                out[str(f.relative_to(self.root))] = hashlib.sha256(f.read_bytes()).hexdigest()
-        return out
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.root, GUARDED)
 
     def registry(self) -> tuple[int, int]:
         client = MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"])
@@ -194,8 +188,10 @@ CASES = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_rejected_and_loses_nothing(good: Project, case: str) -> None:
+def test_bad_input_is_rejected_and_loses_nothing(good: Project, case: str, tally: Tally,
+                                                 record_property: Callable[[str, object], None]) -> None:
     break_it, needles = CASES[case]
     before_files, before_registry = good.snapshot(), good.registry()
     try:
@@ -203,14 +199,18 @@ def test_bad_input_is_rejected_and_loses_nothing(good: Project, case: str) -> No
         res = good.kd_run()
     finally:
         good.restore()
+    after_files, after_registry = good.snapshot(), good.registry()
+    tally.lost(lost_bytes(before_files, after_files))  # measured before the asserts: damage always shows
+    tally.wrongly_registered(after_registry[0] - before_registry[0])
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kd: error:")]
     assert res.returncode != 0, res.stdout[-2000:]
     assert len(errors) == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
     for needle in needles:
         assert needle in errors[0], errors[0]
-    assert good.registry() == before_registry  # no version registered, champion unchanged
-    assert good.snapshot() == before_files  # every earlier artifact byte-for-byte intact
+    assert after_registry == before_registry  # no version registered, champion unchanged
+    assert after_files == before_files  # every earlier artifact byte-for-byte intact
     assert not (good.root / "PWNED").exists()
     OUTCOMES[case] = errors[0].replace(str(good.root) + "/", "")  # counted only when every check passed
+    record_property("outcome", OUTCOMES[case])
 

@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kd_core.logits import CacheSettings, build_cache, cache_key
+from tests.reliability.conftest import Tally, lost_bytes, snapshot
 
 SCRIPT = """
 import sys, time, torch
@@ -30,7 +33,8 @@ def build(root: Path, slow: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(root), str(slow)])
 
 
-def test_sigkill_mid_capture_then_resume_is_byte_identical(tmp_path):
+@pytest.mark.fault("kill -9 mid logit capture")
+def test_sigkill_mid_capture_then_resume_is_byte_identical(tmp_path: Path, tally: Tally) -> None:
     proc = build(tmp_path / "crash", 0.15)
     store = tmp_path / "crash" / "work" / "cache"
     deadline = time.time() + 60
@@ -52,6 +56,7 @@ def test_sigkill_mid_capture_then_resume_is_byte_identical(tmp_path):
     assert report.reused >= finished - 1 and report.computed == len(calls) == 16 - report.reused
 
     assert build(tmp_path / "clean", 0.0).wait() == 0
+    tally.lost(lost_bytes(snapshot(tmp_path / "clean", ["out"]), snapshot(tmp_path / "crash", ["out"])))
     clean = sorted(p.name for p in (tmp_path / "clean" / "out").iterdir())
     assert clean == sorted(p.name for p in (tmp_path / "crash" / "out").iterdir())
     for name in clean:  # shards and manifest alike

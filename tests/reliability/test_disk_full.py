@@ -2,10 +2,12 @@
 
 import resource
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import BIN, kd, run_cmd
+from tests.reliability.conftest import Tally, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -14,11 +16,14 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # bytes: a 1024-row shard is 41,088
 
 
-def test_file_size_limit_gives_clear_error_and_no_trusted_partial_shard(project):
+@pytest.mark.fault("disk full while caching")
+def test_file_size_limit_gives_clear_error_and_no_trusted_partial_shard(project: Path, tally: Tally) -> None:
     for name in ("prepare", "teacher"):
         assert kd(project, "stage", name).returncode == 0
+    earlier = snapshot(project, ["data/prepared", "artifacts/teacher"])
     res = subprocess.run([str(BIN / "kd"), "stage", "cache_logits"], cwd=project, capture_output=True,
                          text=True, preexec_fn=_limit_file_size)
+    tally.lost(lost_bytes(earlier, snapshot(project, ["data/prepared", "artifacts/teacher"])))
     assert res.returncode == 1, res.stdout + res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("kd: error: cannot write cache shard"), res.stderr

@@ -14,6 +14,7 @@ import pytest
 from kd_core import data, models
 from kd_core.train import checkpoint_epochs
 from tests.conftest import BIN, PROJECT_DIRS, PROJECT_FILES, ROOT, TINY, deep_update, write_params
+from tests.reliability.conftest import Tally, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slow
 DEMO = deep_update(dict(TINY), {"data": {"transfer_size": 20000}, "teacher": {"epochs": 20},
                                 "train": {"epochs": 20}})
 WEIGHTS = Path("artifacts/student") / models.WEIGHTS_FILE
+EARLIER = ("data/prepared", "artifacts/teacher", "artifacts/logits")  # what training must not touch
 
 
 def _env() -> dict[str, str]:
@@ -79,8 +81,11 @@ def test_seeded_runs_give_byte_identical_weights(ready, uninterrupted, tmp_path)
     assert (again / WEIGHTS).read_bytes() == (uninterrupted / WEIGHTS).read_bytes()
 
 
-def test_sigkill_mid_training_resumes_from_the_checkpoint_to_the_same_weights(ready, uninterrupted, tmp_path):
+@pytest.mark.fault("kill -9 mid training")
+def test_sigkill_mid_training_resumes_from_the_checkpoint_to_the_same_weights(ready: Path, uninterrupted: Path,
+                                                                              tmp_path: Path, tally: Tally) -> None:
     proj = _copy(ready, tmp_path / "killed")
+    earlier = snapshot(proj, EARLIER)
     proc = subprocess.Popen([str(BIN / "kd"), "stage", "train_student"], cwd=proj, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = proj / ".kd/train/train_student"
@@ -96,6 +101,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint_to_the_same_weights(re
     assert not (proj / "artifacts/student").exists()  # nothing half-published
 
     out = _kd(proj, "stage", "train_student").stdout
+    tally.lost(lost_bytes(earlier, snapshot(proj, EARLIER)))
     assert f"resumed after epoch {done}" in out, out
     assert (proj / WEIGHTS).read_bytes() == (uninterrupted / WEIGHTS).read_bytes()
     assert not store.exists()  # a finished run leaves no checkpoint behind
