@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from kd_core import data, models, progress
+from kd_core import data, features, models, progress
 from kd_core.config import Params
 from kd_core.errors import UserError
 from kd_core.stages import atomic_dir
@@ -50,6 +50,7 @@ def run(params: Params, workdir: Path) -> TeacherResult:
             x, y = labelled_arrays(splits)
             spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
             model = models.build(spec, x, params.train.seed)
+            features.check(params, model, splits.schema)  # a bad feature name must not cost a teacher's training
             cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, params.train.seed,
                             params.train.device)
             history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
