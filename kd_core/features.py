@@ -121,6 +121,8 @@ def plan(distill: DistillParams, cached: Sequence[dict], student: nn.Module, n_f
     `cached` holds the cache manifest's feature entries (module, pool, shape). Raises a UserError
     naming the valid modules, or the shapes that cannot be projected.
     """
+    if not distill.features:
+        return []
     check_modules(student, [h.student for h in distill.features], "distill.features")
     teacher = {f["module"]: f for f in cached}
     if missing := [h.teacher for h in distill.features if h.teacher not in teacher]:
