@@ -1,6 +1,7 @@
 """Does distilling teacher features (hints) help? Logits-only vs logits + features, MLP and small-CNN students.
 
     .venv/bin/python bench/feature_hints.py [--transfer 50000] [--epochs 60] [--teacher-epochs 60] [--seeds 0]
+                                            [--teacher artifacts/teacher]
 
 MNIST-1D (the demo's built-in data, `data.seed: 42`), the demo teacher (CNN, 128 channels) trained once,
 then for each row: `cache_logits` with that row's `cache.features` and `train_student` with its
@@ -48,8 +49,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--teacher-epochs", type=int, default=60)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--teacher", help="a trained kd teacher directory to use instead of training one")
     args = ap.parse_args()
-    base = {"data": {"transfer_size": args.transfer}, "teacher": {"epochs": args.teacher_epochs},
+    base = {"data": {"transfer_size": args.transfer},
+            "teacher": {"epochs": args.teacher_epochs, "source": str(Path(args.teacher).resolve()) if args.teacher
+                        else "train"},
             "train": {"epochs": args.epochs, "device": "cpu"}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

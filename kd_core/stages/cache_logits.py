@@ -23,8 +23,8 @@ class CacheResult:
     def summary(self) -> str:
         r = self.report
         if r.unchanged:
-            return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes): "
-                    "published it, the teacher did not run")
+            return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes, "
+                    f"{r.bytes_per_row} bytes/row): published it, the teacher did not run")
         return (f"cached {r.rows} rows × {r.classes} classes as {r.shards} shard(s) in {r.seconds:.1f} s, "
                 f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed), {r.bytes_per_row} bytes/row")
 
