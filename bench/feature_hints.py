@@ -32,6 +32,8 @@ ROWS = [  # (label, student, cache.features, distill.features)
     ("CNN 32 ch, logits only", CNN, [], []),
     ("CNN 32 ch, logits + features", CNN, [{"module": "net.convs.5", "pool": "none"}],
      [{"teacher": "net.convs.5", "student": "net.convs.5", "loss": "mse", "weight": 1.0}]),  # 1x1 conv 32 -> 128
+    ("CNN 32 ch, logits + attention", CNN, [{"module": "net.convs.5", "pool": "none"}],  # the same cache
+     [{"teacher": "net.convs.5", "student": "net.convs.5", "loss": "attention", "weight": 1.0}]),
 ]
 
 
@@ -80,7 +82,8 @@ def main() -> None:
                 agrees.append(float((logits.argmax(1) == t_logits.argmax(1)).mean()))
             size = (work / p.paths.student / models.WEIGHTS_FILE).stat().st_size
             spread = f" ± {np.std(accs):.3f}" if len(accs) > 1 else ""
-            print(f"| {label} | {'logits + ' + hints[0]['teacher'] if hints else 'logits'} | "
+            hint = f"logits + {hints[0]['teacher']} ({hints[0]['loss']})" if hints else "logits"
+            print(f"| {label} | {hint} | "
                   f"{np.mean(accs):.3f}{spread} | {np.mean(agrees):.3f} | {cached.bytes_per_row:,} | "
                   f"{size / 1024:.1f} KiB | {time.perf_counter() - t0:.0f} |", flush=True)
 

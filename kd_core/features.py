@@ -51,9 +51,11 @@ def check_modules(model: nn.Module, names: Sequence[str], where: str) -> None:
 
 
 def _keep(store: dict[str, torch.Tensor], name: str, _module: nn.Module, _inputs: tuple, output: object) -> None:
+    """Forward hook: keep a copy of `output` (differentiable), since a later in-place op such as
+    ReLU(inplace=True) would otherwise change what was captured."""
     if not isinstance(output, torch.Tensor):
         raise UserError(f"module {name!r} returns a {type(output).__name__}, not a tensor; hint another module")
-    store[name] = output
+    store[name] = output.clone()
 
 
 @contextmanager

@@ -58,6 +58,15 @@ def test_hook_capture_is_exactly_the_module_output():
     assert not model.net.convs[1]._forward_hooks  # the hooks are gone once the block closes
 
 
+def test_capture_survives_a_later_in_place_op():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(inplace=True))
+    x = torch.randn(5, 3)
+    with torch.no_grad(), features.captured(net, ["0"]) as acts:
+        net(x)
+        assert torch.equal(acts["0"], net[0](x))  # pre-activation, negatives included
+    assert (acts["0"] < 0).any()
+
+
 def test_pooling():
     x = torch.arange(12.0).reshape(1, 2, 6)  # (B, C, L)
     assert torch.equal(features.pool(x, "mean"), torch.tensor([[2.5, 8.5]]))
