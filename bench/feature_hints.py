@@ -81,7 +81,7 @@ def main() -> None:
                 accs.append(evaluate.accuracy(logits, y_test))
                 agrees.append(float((logits.argmax(1) == t_logits.argmax(1)).mean()))
             size = (work / p.paths.student / models.WEIGHTS_FILE).stat().st_size
-            spread = f" ± {np.std(accs):.3f}" if len(accs) > 1 else ""
+            spread = f" ± {np.std(accs):.3f} ({', '.join(f'{a:.3f}' for a in accs)})" if len(accs) > 1 else ""
             hint = f"logits + {hints[0]['teacher']} ({hints[0]['loss']})" if hints else "logits"
             print(f"| {label} | {hint} | "
                   f"{np.mean(accs):.3f}{spread} | {np.mean(agrees):.3f} | {cached.bytes_per_row:,} | "

@@ -1,11 +1,13 @@
 """Feature distillation: hook capture, cached features, hint losses, projections, config-time errors."""
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from kd_core import features, models
 from kd_core.config import DistillParams, parse_params
@@ -317,3 +319,40 @@ def test_check_passes_and_returns_the_teacher_shapes():
 def test_bad_feature_params_are_one_line_errors(raw, needle):
     with pytest.raises(UserError, match=needle):
         parse_params(raw)
+
+
+# --- DistributedDataParallel: the projections are averaged over ranks like the student ------------
+
+def _ddp_data():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(400, 8)).astype(np.float32)
+    return x, (x @ g.normal(size=(8, 3))).astype(np.float32), np.tanh(x @ g.normal(size=(8, 6))).astype(np.float32)
+
+
+def _ddp_fit() -> features.HintedStudent:
+    x, teacher, feats = _ddp_data()
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    net = features.HintedStudent(student, [features.Hint("t", "1", "mse", 1.0, "none", (16,), (6,))], l2=1e-3)
+    y = np.full(len(x), -1)
+    fit(net, x, y, lambda s, t, yb: hint_mse(s, t), FitConfig(2, 100, 0.01, 0.0, 3, device="cpu"),
+        soft=lambda idx: teacher[idx], extra=features.extra_loss(net, lambda idx, _name: feats[idx]))
+    return net
+
+
+def _ddp_rank(rank: int, world: int, store: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    net = _ddp_fit()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_trains_hints_as_one_process_does(tmp_path):
+    out = tmp_path / "rank0.safetensors"
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    ddp, single = load_file(str(out)), _ddp_fit().state_dict()
+    assert any(k.startswith("projections.") for k in single)
+    for k, v in single.items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
