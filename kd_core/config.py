@@ -66,6 +66,13 @@ class StudentParams(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class FeatureCapture(_Section):
+    """A teacher module (a name from `named_modules()`) whose output cache_logits stores beside the logits."""
+
+    module: str = Field(min_length=1)
+    pool: Literal["mean", "max", "none"] = "none"  # over the axes after the channels: (B, C, *S) -> (B, C)
+
+
 class CacheParams(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     top_k: int | None = Field(None, ge=1)
@@ -73,9 +80,27 @@ class CacheParams(_Section):
     batch_size: int = Field(2048, ge=1)
     runner: Literal["serial", "dask"] = "serial"
     dask_address: str | None = None
+    features: tuple[FeatureCapture, ...] = ()  # part of the cache key; empty: logits only
+
+    @field_validator("features")
+    @classmethod
+    def _unique_modules(cls, v: tuple[FeatureCapture, ...]) -> tuple[FeatureCapture, ...]:
+        names = [f.module for f in v]
+        if dups := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"module(s) {dups} captured more than once")
+        return v
 
 
-LOSS_NAMES = ("dkd", "hinton", "mse")  # kd_core.losses.LOSSES; a unit test keeps the two in step
+LOSS_NAMES = ("dkd", "hinton", "mse", "mse_l2")  # kd_core.losses.LOSSES; a unit test keeps the two in step
+
+
+class FeatureHint(_Section):
+    """One hint: a cached teacher feature, the student module matched to it, the loss and its weight."""
+
+    teacher: str = Field(min_length=1)  # a module listed in cache.features
+    student: str = Field(min_length=1)  # a name from the student's `named_modules()`
+    loss: Literal["mse", "cosine", "attention"] = "mse"  # kd_core.losses.HINTS
+    weight: float = Field(1.0, ge=0.0)
 
 
 class DistillParams(_Section):
@@ -85,6 +110,8 @@ class DistillParams(_Section):
     dkd_alpha: float = Field(1.0, ge=0.0)
     dkd_beta: float = Field(8.0, ge=0.0)
     ensemble: Literal["logits", "probs"] = "logits"  # several teachers: average their logits or their probabilities
+    l2: float = Field(1e-4, ge=0.0)  # mse_l2: λ of λ‖W_student‖²
+    features: tuple[FeatureHint, ...] = ()  # not in the cache key: tuning hints never re-runs the teacher
 
     @field_validator("loss")
     @classmethod
@@ -194,6 +221,8 @@ class Params(_Section):
             raise ValueError("teachers: list two or more teachers, or use null and the teacher section")
         if self.teachers and self.cache.top_k:
             raise ValueError("teachers: an ensemble of teachers needs a dense cache; set cache.top_k to null")
+        if self.teachers and self.cache.features:
+            raise ValueError("teachers: feature hints (cache.features) need a single teacher")
         return self
 
     @property
@@ -213,6 +242,16 @@ class Params(_Section):
         if not self.teachers:
             return [self.paths.logits]
         return [f"{self.paths.logits}/{i}" for i in range(len(self.teachers))]
+
+    @model_validator(mode="after")
+    def _hints_use_captured_features(self) -> Params:
+        """A hint can only use what the cache holds; checked here, before any compute."""
+        captured = [f.module for f in self.cache.features]
+        for h in self.distill.features:
+            if h.teacher not in captured:
+                raise ValueError(f"distill.features: teacher module {h.teacher!r} is not in cache.features "
+                                 f"(captured: {captured})")
+        return self
 
     def digest(self) -> str:
         """sha256 of the canonical JSON form: the 'params hash' that identifies a configuration."""

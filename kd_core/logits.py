@@ -7,6 +7,11 @@ A cache is a directory::
     shard-00000.values.npy        top-k: the K' largest raw logits per row           (B, K')
     shard-00000.indices.npy       top-k: their class indices (int32)                 (B, K')
     shard-00000.tail_lse.npy      top-k: log-sum-exp of the other logits at T = 1    (B,)
+    shard-00000.feature0.npy      cache.features[0]: the teacher module's output      (B, *shape)
+
+Teacher features (intermediate activations, optionally pooled) are captured in the same forward
+pass as the logits and live in the same shards: same key, manifest, checksums, resume and verify.
+The manifest records each one's module, pooling and per-row shape, and `bytes_per_row`.
 
 Raw logits (not probabilities) are stored so any temperature can be applied later. The **key**
 hashes the teacher fingerprint, the data fingerprint and the cache settings: a changed teacher or
@@ -48,7 +53,8 @@ MANIFEST = "manifest.json"
 STORE = "cache"  # under params.paths.work
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 kept as its bits
 
-Compute = Callable[[int, int], torch.Tensor]  # (start, stop) -> raw logits (stop - start, K)
+Features = list[torch.Tensor]  # one (B, *shape) tensor per CacheSettings.features entry
+Compute = Callable[[int, int], torch.Tensor | tuple[torch.Tensor, Features]]  # (start, stop) -> logits (B, K)
 
 
 @dataclass(frozen=True)
@@ -56,12 +62,27 @@ class CacheSettings:
     dtype: str
     shard_rows: int
     top_k: int | None = None  # None: dense
+    features: tuple[tuple[str, str], ...] = ()  # (teacher module, pooling) per captured feature
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shard_rows": self.shard_rows, "top_k": self.top_k}
+        """Features only when there are some: a logits-only cache keeps the key it always had."""
+        extra = {"features": [list(f) for f in self.features]} if self.features else {}
+        return {"dtype": self.dtype, "shard_rows": self.shard_rows, "top_k": self.top_k, **extra}
 
     def roles(self) -> tuple[str, ...]:
-        return ("values", "indices", "tail_lse") if self.top_k else ("logits",)
+        logit_roles = ("values", "indices", "tail_lse") if self.top_k else ("logits",)
+        return logit_roles + tuple(feature_role(j) for j in range(len(self.features)))
+
+
+def feature_role(j: int) -> str:
+    return f"feature{j}"
+
+
+def bytes_per_row(settings: CacheSettings, n_classes: int, feature_shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Bytes one cached row costs on disk (npy headers aside): logits or top-k arrays plus every feature."""
+    item = np.dtype(_STORAGE[settings.dtype]).itemsize
+    logits = settings.top_k * (item + 4) + 4 if settings.top_k else n_classes * item  # + int32 indices, tail
+    return logits + sum(int(np.prod(shape)) * item for shape in feature_shapes)
 
 
 def cache_key(teacher_fingerprint: str, data_fingerprint: str, settings: CacheSettings) -> str:
@@ -105,8 +126,21 @@ def encode(logits: torch.Tensor, settings: CacheSettings) -> dict[str, np.ndarra
             "tail_lse": tail_lse.numpy().astype(np.float32)}
 
 
+def encode_features(feats: Features, settings: CacheSettings) -> dict[str, np.ndarray]:
+    """Teacher features -> the arrays of one shard, stored in the cache's dtype like the logits."""
+    return {feature_role(j): _store(f.float(), settings.dtype) for j, f in enumerate(feats)}
+
+
+def _split(out: torch.Tensor | tuple[torch.Tensor, Features]) -> tuple[torch.Tensor, Features]:
+    """A compute's result as (logits, features); a bare tensor is logits without features."""
+    return (out, []) if isinstance(out, torch.Tensor) else out
+
+
 def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
     storage = np.dtype(_STORAGE[manifest["dtype"]])
+    features = {f["role"]: f["shape"] for f in manifest.get("features", [])}
+    if role in features:
+        return (rows, *features[role]), storage
     k = manifest.get("top_k")
     return {"logits": ((rows, manifest["classes"]), storage), "values": ((rows, k), storage),
             "indices": ((rows, k), np.dtype(np.int32)), "tail_lse": ((rows,), np.dtype(np.float32))}[role]
@@ -190,14 +224,16 @@ class CacheReport:
     reused: int  # shards kept from an interrupted or earlier call
     unchanged: bool = False  # a complete cache with this key existed: the teacher did not run
     seconds: float = 0.0
+    bytes_per_row: int = 0
 
 
 def _compute_and_write(compute: Compute, settings: CacheSettings, store: Path, i: int, start: int,
-                       stop: int, n_classes: int) -> dict[str, str]:
+                       stop: int, n_classes: int, shapes: tuple[tuple[int, ...], ...] = ()) -> dict[str, str]:
     """Teacher forward for one shard, then encode and write it (used by the Dask runner)."""
-    logits = compute(start, stop)
+    logits, feats = _split(compute(start, stop))
     _check_shape(logits, start, stop, n_classes)
-    return write_shard(store, i, encode(logits, settings))
+    _check_features(feats, start, stop, shapes)
+    return write_shard(store, i, encode(logits, settings) | encode_features(feats, settings))
 
 
 def _check_shape(logits: torch.Tensor, start: int, stop: int, n_classes: int) -> None:
@@ -210,8 +246,19 @@ def _check_shape(logits: torch.Tensor, start: int, stop: int, n_classes: int) ->
         raise UserError(f"teacher returned {bad} non-finite logit(s) for rows {start}:{stop}; nothing cached")
 
 
+def _check_features(feats: Features, start: int, stop: int, shapes: tuple[tuple[int, ...], ...]) -> None:
+    """Features obey the same rule as logits: the announced shapes, finite values."""
+    got = tuple(tuple(f.shape) for f in feats)
+    want = tuple((stop - start, *s) for s in shapes)
+    if got != want:
+        raise UserError(f"teacher features for rows {start}:{stop} have shapes {got}, expected {want}")
+    for j, f in enumerate(feats):
+        if not torch.isfinite(f).all():
+            raise UserError(f"teacher feature {j} has non-finite value(s) for rows {start}:{stop}; nothing cached")
+
+
 def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
-                n_classes: int) -> dict[int, dict[str, str]]:
+                n_classes: int, shapes: tuple[tuple[int, ...], ...] = ()) -> dict[int, dict[str, str]]:
     """The teacher computes shard i+1 while a writer thread encodes, writes and hashes shard i.
 
     numpy writes and hashlib release the GIL, so disk and hashing overlap the forward passes.
@@ -220,9 +267,11 @@ def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: li
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[int, Future]] = []
         for i, start, stop in todo:
-            logits = compute(start, stop)  # (B, K)
+            logits, feats = _split(compute(start, stop))  # (B, K), [(B, *shape)]
             _check_shape(logits, start, stop, n_classes)
-            pending.append((i, writer.submit(lambda i=i, lg=logits: write_shard(store, i, encode(lg, settings)))))
+            _check_features(feats, start, stop, shapes)
+            pending.append((i, writer.submit(lambda i=i, lg=logits, fs=feats: write_shard(
+                store, i, encode(lg, settings) | encode_features(fs, settings)))))
             while len(pending) > 1:  # at most one shard in flight: memory stays bounded
                 j, fut = pending.pop(0)
                 done[j] = fut.result()
@@ -232,7 +281,7 @@ def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: li
 
 
 def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
-              n_classes: int, address: str | None) -> dict[int, dict[str, str]]:
+              n_classes: int, shapes: tuple[tuple[int, ...], ...], address: str | None) -> dict[int, dict[str, str]]:
     """Map shards over a Dask cluster: `address` of an existing one, else a temporary local cluster.
 
     Workers write shards straight into the store (a shared filesystem for remote clusters).
@@ -251,7 +300,7 @@ def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list
         raise TransientError(f"cannot reach the Dask cluster {address}: {exc}") from None
     try:
         futures = {i: client.submit(_compute_and_write, compute, settings, store, i, start, stop, n_classes,
-                                    pure=False) for i, start, stop in todo}
+                                    shapes, pure=False) for i, start, stop in todo}
         return {i: f.result() for i, f in futures.items()}
     finally:
         client.close()
@@ -262,8 +311,12 @@ def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list
 def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
                 settings: CacheSettings, meta: dict, runner: str = "serial",
                 dask_address: str | None = None,
-                progress: Callable[[int, int], None] | None = None) -> CacheReport:
+                progress: Callable[[int, int], None] | None = None,
+                feature_shapes: tuple[tuple[int, ...], ...] = ()) -> CacheReport:
     """Compute (or resume) every shard in the store, then publish shards + manifest into `out`.
+
+    `feature_shapes` are the per-row shapes of `settings.features`, known before any shard is computed
+    (a probe of the teacher), so a resumed cache whose shards all exist still gets its manifest.
 
     `progress(rows done, rows)` is called after each shard's forward pass (serial runner; the Dask
     runner reports once at the end, its dashboard shows the rest).
@@ -271,19 +324,22 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     t0 = time.perf_counter()
     if settings.top_k and settings.top_k > n_classes:
         raise UserError(f"cache.top_k={settings.top_k} exceeds the number of classes ({n_classes})")
+    if len(feature_shapes) != len(settings.features):
+        raise ValueError(f"{len(settings.features)} feature(s) to cache, {len(feature_shapes)} shape(s) given")
     store = work / STORE / key
     store.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(n_rows, settings.shard_rows)
+    row_bytes = bytes_per_row(settings, n_classes, feature_shapes)
     complete = _complete_manifest(store, key)
     if complete is not None:
         _publish(store, out, complete)
         return CacheReport(key, n_rows, n_classes, len(ranges), 0, len(ranges), True,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, row_bytes)
     digests = {i: d for i in range(len(ranges)) if (d := _verified_shard(store, i, settings.roles()))}
     todo = [(i, s, e) for i, (s, e) in enumerate(ranges) if i not in digests]
     if todo:
         run = _run_dask if runner == "dask" else _run_serial
-        extra = (dask_address,) if runner == "dask" else ()
+        extra = (feature_shapes, dask_address) if runner == "dask" else (feature_shapes,)
         if progress is not None and runner != "dask":
             compute = _counted(compute, progress, n_rows - sum(e - s for _, s, e in todo), n_rows)
         digests.update(run(compute, settings, store, todo, n_classes, *extra))
@@ -291,6 +347,7 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
             progress(n_rows, n_rows)
     manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
                 "storage_dtype": np.dtype(_STORAGE[settings.dtype]).name, "rows": n_rows, "classes": n_classes,
+                **_feature_manifest(settings, feature_shapes), "bytes_per_row": row_bytes,
                 "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
                                                              for r in settings.roles()}}
                            for i, (s, e) in enumerate(ranges)], **meta}  # no timestamps: byte-identical reruns
@@ -301,7 +358,15 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     (store / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _publish(store, out, manifest)
     return CacheReport(key, n_rows, n_classes, len(ranges), len(todo), len(ranges) - len(todo), False,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, row_bytes)
+
+
+def _feature_manifest(settings: CacheSettings, shapes: tuple[tuple[int, ...], ...]) -> dict:
+    """The manifest's `features` entry: module, pooling, per-row shape and file role of each feature."""
+    if not settings.features:
+        return {}
+    return {"features": [{"module": m, "pool": p, "shape": list(shape), "role": feature_role(j)}
+                         for j, ((m, p), shape) in enumerate(zip(settings.features, shapes, strict=True))]}
 
 
 def _counted(compute: Compute, progress: Callable[[int, int], None], done: int, total: int) -> Compute:
@@ -309,7 +374,7 @@ def _counted(compute: Compute, progress: Callable[[int, int], None], done: int, 
     rows = [done]
     progress(done, total)
 
-    def counted(start: int, stop: int) -> torch.Tensor:
+    def counted(start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, Features]:
         logits = compute(start, stop)
         rows[0] += stop - start
         progress(rows[0], total)
@@ -387,7 +452,8 @@ def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:
     if role == "indices":
         bad = int(((arr < 0) | (arr >= manifest["classes"])).sum())
         return [f"{f}: {bad} class index(es) out of range"] if bad else []
-    values = decode(arr, manifest["dtype"]) if role in ("logits", "values") else np.asarray(arr)
+    floats = role in ("logits", "values") or role.startswith("feature")
+    values = decode(arr, manifest["dtype"]) if floats else np.asarray(arr)
     finite = np.isfinite(values) | ((values == -np.inf) & (role == "tail_lse"))  # empty tail: -inf
     bad = int((~finite).sum())
     return [f"{f}: {bad} non-finite value(s)"] if bad else []
@@ -453,6 +519,22 @@ class LogitCache:
         groups = np.split(order, np.flatnonzero(np.diff(which[order])) + 1)  # touches every shard
         return [(sel, self._array(int(which[sel[0]]), role)[idx[sel] - self._starts[which[sel[0]]]])
                 for sel in groups if len(sel)]
+
+    @property
+    def features(self) -> list[dict]:
+        """The manifest's feature entries (module, pool, shape, role), in cache.features order."""
+        return self.manifest.get("features", [])
+
+    def take_feature(self, idx: np.ndarray, module: str) -> np.ndarray:
+        """Rows `idx` of the teacher feature captured from `module`, as float32.  # (B,) -> (B, *shape)"""
+        entry = next((f for f in self.features if f["module"] == module), None)
+        if entry is None:
+            raise UserError(f"{self.path} holds no feature of teacher module {module!r} "
+                            f"(it holds {[f['module'] for f in self.features]}): re-run the cache_logits stage")
+        out = np.empty((len(idx), *entry["shape"]), dtype=np.float32)
+        for sel, rows in self._gather(idx, entry["role"]):
+            out[sel] = decode(rows, self.manifest["dtype"])
+        return out
 
     def take_topk(self, idx: np.ndarray) -> TopK:
         """Top-k view of rows `idx` (a dense cache is cut to its own top-k on the fly)."""

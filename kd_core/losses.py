@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kd_core.config import DistillParams
 from kd_core.models import Registry
@@ -190,6 +191,77 @@ def _mse(d: DistillParams) -> LossFn:
 @LOSSES.register("dkd")
 def _dkd(d: DistillParams) -> LossFn:
     return partial(dkd, temperature=d.temperature, alpha=d.alpha, tckd_weight=d.dkd_alpha, nckd_weight=d.dkd_beta)
+
+
+@LOSSES.register("mse_l2")
+def _mse_l2(_d: DistillParams) -> LossFn:
+    return output_mse
+
+
+def output_mse(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The `mse_l2` preset's data term: logit MSE on every row, no hard labels.  # (B,)
+
+    The preset minimises (1/B)·Σ_i mean_k (s_ik - t_ik)² + λ‖W_student‖², regression on the teacher's
+    outputs with an explicit L2 penalty (Ba & Caruana 2014's objective; λ = `distill.l2`). The penalty
+    needs the weights, which a loss never sees: train_student adds it (`l2_weight`, `l2_penalty`).
+    """
+    return logit_mse(student, teacher)
+
+
+def l2_weight(distill: DistillParams) -> float:
+    """λ of the λ‖W_student‖² term: only the `mse_l2` preset puts it in the objective."""
+    return distill.l2 if distill.loss == "mse_l2" else 0.0
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor:
+    """‖W‖² = Σ w² over weight matrices and kernels (dim ≥ 2): biases are not decayed, as is usual.  # ()"""
+    return sum((w.float().pow(2).sum() for w in model.parameters() if w.dim() >= 2), torch.zeros(()))
+
+
+# --- hint losses: a student feature, projected to the teacher's shape, against a cached teacher feature
+
+HintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, *S), (B, *S) -> (B,)
+HINTS = Registry("hint loss")  # `distill.features[].loss` -> HintFn
+
+
+@HINTS.register("mse")
+def hint_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FitNets hint: per-row mean over the feature's n elements of (r(s) - t)².  # (B, *S), (B, *S) -> (B,)
+
+    L_i = (1/n)·Σ_j (r(s)_ij - t_ij)², r the learned projection (kd_core.features). Romero et al.,
+    "FitNets: Hints for Thin Deep Nets" (ICLR 2015, eq. 3) write ½‖·‖²; the mean over elements instead
+    keeps the term's scale independent of the layer's size, so one weight suits any layer.
+    """
+    return (student.float() - teacher.float()).pow(2).flatten(1).mean(dim=1)
+
+
+@HINTS.register("cosine")
+def hint_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-row 1 - cos(r(s), t) over the flattened feature.  # (B, *S), (B, *S) -> (B,)
+
+    L_i = 1 - ⟨s_i, t_i⟩ / (‖s_i‖·‖t_i‖): aligns the direction of the representation and ignores its
+    scale, so a teacher with large activations does not swamp the other terms. Sanh, Debut, Chaumond &
+    Wolf, "DistilBERT" (2019): the cosine embedding loss on hidden states.
+    """
+    return 1 - F.cosine_similarity(student.float().flatten(1), teacher.float().flatten(1), dim=1, eps=1e-8)
+
+
+def attention_map(a: torch.Tensor) -> torch.Tensor:
+    """q = Q / ‖Q‖₂ with Q = Σ_c a_c²: where a channels-first map is active.  # (B, C, *S) -> (B, prod S)"""
+    return F.normalize(a.float().pow(2).sum(dim=1).flatten(1), dim=1)
+
+
+@HINTS.register("attention")
+def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Attention transfer: per-row mean over the n positions of (q_s - q_t)².  # (B, C_s, *S), (B, C_t, *S) -> (B,)
+
+    q = attention_map(a) = Q/‖Q‖₂, Q = Σ_c a_c² (p = 2); L_i = (1/n)·Σ_j (q_s,ij - q_t,ij)². Zagoruyko &
+    Komodakis, "Paying More Attention to Attention" (ICLR 2017, eq. 2), as the authors' `at_loss`
+    computes it (the mean of squared differences; their β/2 is the hint's weight). Summing over
+    channels makes the map channel-free: the student may be narrower than the teacher without a
+    projection, but both must have the same positions (length of a sequence, size of a map).
+    """
+    return (attention_map(student) - attention_map(teacher)).pow(2).mean(dim=1)
 
 
 def topk_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, k: int, temperature: float,

@@ -45,6 +45,7 @@ from kd_core.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> per-row loss (B,)
 SoftLabels = Callable[[np.ndarray], np.ndarray]  # row numbers (B,) -> teacher logits (B, K)
+Extra = Callable[[np.ndarray], torch.Tensor]  # row numbers (B,) -> per-row loss (B,) from the forward just run
 EpochHook = Callable[[dict[str, float]], None]
 Progress = Callable[[int, int], None]  # (rows done, rows in all epochs)
 History = list[dict[str, float]]
@@ -270,7 +271,8 @@ class _Step:
 
 
 def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, order: np.ndarray,
-                 loss_fn: LossFn, batch_size: int, tick: Callable[[int], None] | None) -> dict[str, float]:
+                 loss_fn: LossFn, batch_size: int, tick: Callable[[int], None] | None,
+                 extra: Extra | None = None) -> dict[str, float]:
     """One pass over `order` (row numbers) in global batches; returns the epoch's metrics (all ranks)."""
     loss_sum = torch.zeros((), device=st.device)
     hits = torch.zeros(2, dtype=torch.int64, device=st.device)  # [label right, teacher's class]
@@ -283,6 +285,8 @@ def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, or
         with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
             out = st.model(xb)  # (b, K)
             per_row = loss_fn(out, tb, yb)  # (b,)
+            if extra is not None:  # terms that need the model's insides (feature hints, weight penalty)
+                per_row = per_row + extra(mine)  # (b,)
         if per_row.shape != (len(mine),):
             raise UserError(f"the loss must return one value per row, shape ({len(mine)},); "
                             f"it returned {tuple(per_row.shape)}")
@@ -351,7 +355,7 @@ def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: FitConfig,
         soft: SoftLabels | None = None, val: np.ndarray | None = None, on_epoch: EpochHook | None = None,
-        progress: Progress | None = None, checkpoint: Path | None = None) -> History:
+        progress: Progress | None = None, checkpoint: Path | None = None, extra: Extra | None = None) -> History:
     """Train `model` in place on rows `x` (N, F) with labels `y` (N,), -1 marking unlabelled rows.
 
     `val` (row numbers of labelled rows) are held out: never trained on, scored every epoch for
@@ -359,6 +363,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     resumes from that file if it exists and rank 0 rewrites it after every epoch. Returns one dict
     of metrics per epoch (also passed to `on_epoch`): mean loss, accuracy on the labelled rows
     trained on, agreement with the teacher when soft labels are given, and the validation scores.
+    `extra(rows)` adds a per-row term computed after each forward (kd_core.features.extra_loss).
     """
     rank, world = _ranks()
     device = pick_device(cfg.device)
@@ -381,7 +386,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
         order = rows[s.rng.permutation(len(rows))]  # (N_train,) the same on every rank
         tick = None if progress is None else (
             lambda done, e=epoch: progress((e - 1) * len(rows) + done, cfg.epochs * len(rows)))
-        row = {"epoch": float(epoch), **_train_epoch(st, s, r, soft, order, loss_fn, cfg.batch_size, tick)}
+        row = {"epoch": float(epoch), **_train_epoch(st, s, r, soft, order, loss_fn, cfg.batch_size, tick, extra)}
         if val is not None:
             row |= _validate(st, net, r, soft, val)
         row["seconds"] = time.perf_counter() - t0

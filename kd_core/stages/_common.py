@@ -16,7 +16,8 @@ from kd_core.config import Params, TrainParams
 from kd_core.train import FitConfig, History
 
 CHECKPOINTS = "train"  # under params.paths.work: one folder per training stage
-CODE = ("train.py", "losses.py", "models.py", "stages/_common.py")  # kd_core files every training run executes
+# kd_core files every training run executes
+CODE = ("train.py", "losses.py", "models.py", "features.py", "stages/_common.py")
 
 
 def labelled_arrays(splits: data.Splits) -> tuple[np.ndarray, np.ndarray]:

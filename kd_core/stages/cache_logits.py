@@ -1,4 +1,7 @@
-"""cache_logits: run the teacher once over train + transfer rows and cache its raw logits."""
+"""cache_logits: run the teacher once over train + transfer rows and cache its raw logits.
+
+With `cache.features`, the listed teacher activations are captured in the same pass and cached with them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core import data, logits, models, progress
+from kd_core import data, features, logits, models, progress
 from kd_core.config import Params
 
 
@@ -23,10 +26,10 @@ class CacheResult:
 
 def _describe(r: logits.CacheReport) -> str:
     if r.unchanged:
-        return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes): "
-                "published it, the teacher did not run")
+        return (f"logit cache {r.key[:12]} already complete ({r.rows} rows × {r.classes} classes, "
+                f"{r.bytes_per_row} bytes/row): published it, the teacher did not run")
     return (f"cached {r.rows} rows × {r.classes} classes as {r.shards} shard(s) in {r.seconds:.1f} s, "
-            f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed)")
+            f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed), {r.bytes_per_row} bytes/row")
 
 
 def cache_rows(splits: data.Splits) -> np.ndarray:
@@ -36,7 +39,8 @@ def cache_rows(splits: data.Splits) -> np.ndarray:
 
 
 def settings(params: Params) -> logits.CacheSettings:
-    return logits.CacheSettings(params.cache.dtype, params.cache.shard_rows, params.cache.top_k)
+    return logits.CacheSettings(params.cache.dtype, params.cache.shard_rows, params.cache.top_k,
+                                tuple((f.module, f.pool) for f in params.cache.features))
 
 
 def expected_keys(params: Params, workdir: Path) -> list[str]:
@@ -59,12 +63,27 @@ class TeacherLogits:
     teacher_dir: str
     prepared_dir: str
     batch_size: int
+    features: tuple[tuple[str, str], ...] = ()  # (module, pool): captured in the same forward passes
 
     @torch.inference_mode()
-    def __call__(self, start: int, stop: int) -> torch.Tensor:  # (stop - start, K)
+    def __call__(self, start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, logits.Features]:
         teacher, x = _teacher_and_rows(self.teacher_dir, self.prepared_dir)
-        return torch.cat([teacher(torch.from_numpy(x[i:min(i + self.batch_size, stop)]))
-                          for i in range(start, stop, self.batch_size)])
+        outs, feats = [], []
+        with features.captured(teacher, [m for m, _ in self.features]) as acts:
+            for i in range(start, stop, self.batch_size):
+                outs.append(teacher(torch.from_numpy(x[i:min(i + self.batch_size, stop)])))  # (b, K)
+                feats.append([features.pool(acts[m], p) for m, p in self.features])  # [(b, *S)]
+        if not self.features:
+            return torch.cat(outs)  # (stop - start, K)
+        return torch.cat(outs), [torch.cat(f) for f in zip(*feats, strict=True)]
+
+
+def _feature_shapes(params: Params, teacher_dir: Path, schema: data.Schema) -> tuple[features.Shape, ...]:
+    """Check both feature lists against the teacher and student before the teacher runs; the
+    captured features' per-row shapes (none without `cache.features`)."""
+    if not params.cache.features:
+        return ()
+    return features.check(params, models.load(teacher_dir)[0], schema)
 
 
 def run(params: Params, workdir: Path) -> CacheResult:
@@ -79,10 +98,12 @@ def run(params: Params, workdir: Path) -> CacheResult:
         meta = {"teacher_fingerprint": models.fingerprint(teacher_dir),
                 "data_fingerprint": data.data_fingerprint(prepared_dir),
                 "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
-        compute = TeacherLogits(str(teacher_dir.resolve()), str(prepared_dir.resolve()), params.cache.batch_size)
+        shapes = _feature_shapes(params, teacher_dir, splits.schema)
+        compute = TeacherLogits(str(teacher_dir.resolve()), str(prepared_dir.resolve()), params.cache.batch_size,
+                                settings(params).features)
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
         reports.append(logits.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
                                           workdir / params.paths.work, key, settings(params), meta,
                                           params.cache.runner, params.cache.dask_address,
-                                          progress=progress.bar(label)))
+                                          progress=progress.bar(label), feature_shapes=shapes))
     return CacheResult(tuple(reports))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from kd_core import data, models, progress
+from kd_core import data, features, models, progress
 from kd_core.config import MEMBERS, Params, TeacherParams
 from kd_core.errors import UserError
 from kd_core.stages import atomic_dir
@@ -68,6 +68,7 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
         x, y = labelled_arrays(splits)
         spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
         model = models.build(spec, x, seed)
+        features.check(params, model, splits.schema)  # a bad feature name must not cost a teacher's training
         cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
         history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
                       on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"))

@@ -1,7 +1,9 @@
 """train_student: KD from the cached teacher logits over labelled + transfer rows.
 
-The loss is `distill.loss` (kd_core.losses). With `train.nproc > 1` the stage relaunches itself under
-torch.distributed.run; started by torchrun (that relaunch or a user's own), it trains as one rank.
+The loss is `distill.loss` (kd_core.losses), plus the `distill.features` hints from the cached teacher
+features through learned projections that are trained here and never saved (kd_core.features).
+With `train.nproc > 1` the stage relaunches itself under torch.distributed.run; started by torchrun
+(that relaunch or a user's own), it trains as one rank.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
-from kd_core import data, losses, models, progress, train
+from kd_core import data, features, losses, models, progress, train
 from kd_core.config import Params
 from kd_core.logits import LogitCache
 from kd_core.stages import atomic_dir
@@ -73,6 +76,17 @@ def run(params: Params, workdir: Path) -> StudentResult:
         return _distil(params, workdir, rank, world)
 
 
+def _hinted(params: Params, cache: LogitCache, model: models.KDModel,
+            n_features: int) -> tuple[nn.Module, train.Extra | None]:
+    """The module to train and its extra loss: the bare student unless hints or a weight penalty are asked for."""
+    hints = features.plan(params.distill, cache.features, model, n_features)
+    l2 = losses.l2_weight(params.distill)
+    if not hints and not l2:
+        return model, None
+    net = features.HintedStudent(model, hints, l2)
+    return net, features.extra_loss(net, cache.take_feature)
+
+
 def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResult:
     """One rank's training; rank 0 alone logs, checkpoints and writes the outputs."""
     splits = data.read_prepared(workdir / params.paths.prepared)
@@ -90,9 +104,12 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     loss = losses.build(params.distill, caches[0].top_k)  # a top-k cache gets the top-k-aware KL
     soft = caches[0].take if len(caches) == 1 else functools.partial(
         losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble, params.distill.temperature)
-    history = fit(model, x, y, loss, fit_config(params.train), soft=soft, val=val,
+    net, extra = _hinted(params, caches[0], model, len(splits.schema.features))
+    history = fit(net, x, y, loss, fit_config(params.train), soft=soft, val=val,
                   on_epoch=epoch_logger(workdir, "student") if lead else None,
-                  progress=progress.bar("training student") if lead else None, checkpoint=ckpt)
+                  progress=progress.bar("training student") if lead else None, checkpoint=ckpt, extra=extra)
+    if isinstance(net, features.HintedStudent):
+        net.release()  # hooks off; `model`, saved below, is the bare student: the projections stay behind
     if lead:
         with atomic_dir(workdir / params.paths.student) as out:
             models.save(model, spec, out)
