@@ -472,14 +472,19 @@ class TopK:
     n_tail: int  # classes outside the top K'
 
 
+IN_MEMORY_MAX_BYTES = 1 << 30  # dense caches up to 1 GiB of float32 are read into RAM for training
+
+
 @dataclass
 class LogitCache:
-    """Read side: memory-mapped arrays, each checksum-verified once before its first use."""
+    """Read side: memory-mapped arrays, each checksum-verified once before its first use; a dense
+    cache of at most IN_MEMORY_MAX_BYTES is read into RAM whole, as training touches every row anyway."""
 
     path: Path
     expected_key: str | None = None
     manifest: dict = field(init=False)
     _arrays: dict[tuple[int, str], np.ndarray] = field(init=False, default_factory=dict)
+    _dense: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.manifest = read_manifest(self.path)
@@ -520,6 +525,17 @@ class LogitCache:
         return [(sel, self._array(int(which[sel[0]]), role)[idx[sel] - self._starts[which[sel[0]]]])
                 for sel in groups if len(sel)]
 
+    def _in_memory(self) -> np.ndarray:
+        """Every shard verified and decoded once into one float32 array.  # (N, K)
+
+        A random batch touches every shard, so gathering from the memory maps costs a sort and one
+        fancy index per shard each step; a cache that fits in IN_MEMORY_MAX_BYTES is one index instead.
+        """
+        if self._dense is None:
+            self._dense = np.concatenate([decode(self._array(i, "logits"), self.manifest["dtype"])
+                                          for i in range(len(self.manifest["shards"]))]).astype(np.float32)
+        return self._dense
+
     @property
     def features(self) -> list[dict]:
         """The manifest's feature entries (module, pool, shape, role), in cache.features order."""
@@ -557,6 +573,8 @@ class LogitCache:
         For a top-k cache the tail classes get the equal-logit approximation of the module docstring.
         """
         if not self.top_k:
+            if self.rows * self.classes * 4 <= IN_MEMORY_MAX_BYTES:
+                return self._in_memory()[idx]
             out = np.empty((len(idx), self.classes), dtype=np.float32)
             for sel, rows in self._gather(idx, "logits"):
                 out[sel] = decode(rows, self.manifest["dtype"])
