@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_core.config import load_params, parse_params, set_params
+from kd_core.config import Params, load_params, parse_params, set_params
 from kd_core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,6 +15,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_project_params_load():
     p = load_params(ROOT)
     assert p.data.source == "mnist1d" and p.registry.model_name == "kd-student"
+
+
+def test_code_defaults_match_params_yaml():
+    """A key left out of someone's params.yaml must mean what the shipped params.yaml says.
+
+    Only the architecture `options` differ: they are keyword arguments of the chosen factory, so
+    their default is empty (the factory's own defaults), not the demo's CNN/MLP widths.
+    """
+    shipped = load_params(ROOT).model_dump(mode="json")
+    defaults = Params().model_dump(mode="json")
+    for section in ("teacher", "student"):
+        shipped[section].pop("options")
+        defaults[section].pop("options")
+    assert defaults == shipped
 
 
 @pytest.mark.parametrize("raw,needle", [
