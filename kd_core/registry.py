@@ -826,19 +826,28 @@ def _recorded(client: MlflowClient, name: str, mv: ModelVersion) -> RegisterOutc
                            name, int(mv.version), tuple(sorted(mv.aliases)), None, True)
 
 
-def predict_registered(model_uri: str, features: pd.DataFrame) -> np.ndarray:
-    """Class names, (N,), from a registered model on raw rows, through MLflow's own loading path."""
-    saved_path = list(sys.path)  # loading prepends the model's code dir; keep this process's imports
+@contextmanager
+def _scoring(failure: str, hint: str) -> Iterator[None]:
+    """Load and score a registered model: one line on failure, and this process's imports kept.
+
+    Loading prepends the model's code dir to sys.path; MLflow's schema errors open with a dump of
+    the input and end with their cause, which is all the user needs.
+    """
+    saved_path = list(sys.path)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
-        return np.asarray(model.predict(features), dtype=object)
+        yield
     except (MlflowException, UserError) as exc:
-        text = str(exc)  # MLflow's schema errors open with a dump of the input; the cause ends them
+        text = str(exc)
         cause = text.rsplit("Error: ", 1)[-1] if "Error: " in text else text
-        raise UserError(f"{model_uri} cannot score the current test set: {cause.splitlines()[0]}; "
-                        "remove its alias if the data changed shape") from None
+        raise UserError(f"{failure}: {cause.splitlines()[0]}{hint}") from None
     finally:
         sys.path[:] = saved_path
+
+
+def predict_registered(model_uri: str, features: pd.DataFrame) -> np.ndarray:
+    """Class names, (N,), from a registered model on raw rows, through MLflow's own loading path."""
+    with _scoring(f"{model_uri} cannot score the current test set", "; remove its alias if the data changed shape"):
+        return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(features), dtype=object)
 
 
 def score_model(model_uri: str, test: pd.DataFrame, label_column: str) -> float:
@@ -1043,18 +1052,11 @@ def predict_table(root: Path, name: str, version: int | None, frame: pd.DataFram
     mlflow.set_tracking_uri(uri)
     with _tracking_errors(uri):
         v = int(_version(_client(uri), name, version, uri).version)
-        saved_path = list(sys.path)  # loading prepends the model's code dir; keep this process's imports
-        try:
+        with _scoring(f"{name} version {v} cannot score this table",
+                      " (hint: it needs the feature columns the model was trained on, by name)"):
             model = mlflow.pyfunc.load_model(f"models:/{name}/{v}")
             classes = np.asarray(model.predict(frame, params={"output": "classes"}), dtype=object)
             probabilities = pd.DataFrame(model.predict(frame, params={"output": "probabilities"}))
-        except (MlflowException, UserError) as exc:
-            text = str(exc)  # MLflow's schema errors open with a dump of the input; the cause ends them
-            cause = text.rsplit("Error: ", 1)[-1] if "Error: " in text else text
-            raise UserError(f"{name} version {v} cannot score this table: {cause.splitlines()[0]} (hint: it needs "
-                            "the feature columns the model was trained on, by name)") from None
-        finally:
-            sys.path[:] = saved_path
     return v, classes, probabilities
 
 
