@@ -36,6 +36,17 @@ def write_params(project: Path, overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(deep_update(params, overrides), sort_keys=False))
 
 
+def new_project(proj: Path, overrides: dict, extra_files: tuple[str, ...] = ()) -> Path:
+    """The project's code and config copied to `proj`, with `overrides` merged into its params.yaml."""
+    for f in [*PROJECT_FILES, *extra_files]:
+        (proj / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, proj / f)
+    for d in PROJECT_DIRS:
+        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(proj, overrides)
+    return proj
+
+
 def git(project: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
 
@@ -43,13 +54,7 @@ def git(project: Path, *args: str) -> None:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A committed copy of the project with the tiny config, its own MLflow store and Prefect home."""
-    proj = tmp_path / "proj"
-    for f in PROJECT_FILES:
-        (proj / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, proj / f)
-    for d in PROJECT_DIRS:
-        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(proj, TINY)
+    proj = new_project(tmp_path / "proj", TINY)
     for var, value in {"GIT_AUTHOR_NAME": "kd test", "GIT_AUTHOR_EMAIL": "test@kd.invalid",
                        "GIT_COMMITTER_NAME": "kd test", "GIT_COMMITTER_EMAIL": "test@kd.invalid"}.items():
         monkeypatch.setenv(var, value)

@@ -37,7 +37,7 @@ from mlflow import MlflowClient
 from kd_core import data, registry
 from kd_core.config import load_params
 from kd_core.stages import register
-from tests.conftest import BIN, PROJECT_DIRS, PROJECT_FILES, ROOT, TINY, write_params
+from tests.conftest import BIN, ROOT, TINY, new_project, write_params
 from tests.e2e.test_registry import CHANGED, PARAMS, evaluated_project, save_student, write_eval
 
 pytestmark = pytest.mark.slow
@@ -169,13 +169,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     forgets `register` (its output, dvc.lock entry and run cache) and DVC runs it, and only it, again.
     """
     tmp = tmp_path_factory.mktemp("template")
-    proj = tmp / "proj"
-    for f in [*PROJECT_FILES, ".dvc/.gitignore", "prefect.yaml"]:
-        (proj / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, proj / f)
-    for d in PROJECT_DIRS:
-        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(proj, TINY)
+    proj = new_project(tmp / "proj", TINY, (".dvc/.gitignore", "prefect.yaml"))
     write_params(proj, {"policy": PERMISSIVE})
     env = env_with(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'throwaway.db'}")
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "project"]):

@@ -13,7 +13,7 @@ import pytest
 
 from kd_core import data, models
 from kd_core.train import checkpoint_epochs
-from tests.conftest import BIN, PROJECT_DIRS, PROJECT_FILES, ROOT, TINY, deep_update, write_params
+from tests.conftest import BIN, TINY, deep_update, new_project, write_params
 from tests.reliability.conftest import Tally, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
@@ -42,13 +42,7 @@ def _kd(project: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project with prepared data, a teacher and its logit cache: train_student is next."""
-    proj = tmp_path_factory.mktemp("ready") / "proj"
-    for f in PROJECT_FILES:
-        (proj / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, proj / f)
-    for d in PROJECT_DIRS:
-        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(proj, DEMO)
+    proj = new_project(tmp_path_factory.mktemp("ready") / "proj", DEMO)
     for stage in ("prepare", "teacher", "cache_logits"):
         _kd(proj, "stage", stage)
     return proj
