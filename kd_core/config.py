@@ -201,6 +201,7 @@ class PathParams(_Section):
 
 
 class Params(_Section):
+    task: Literal["tabular"] = "tabular"  # what a row is (kd_core/tasks): today numeric tables
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
     teacher: TeacherParams = TeacherParams()

@@ -111,6 +111,22 @@ def _check_features(df: pd.DataFrame, features: tuple[str, ...], path: Path) -> 
                             "encode it or leave it out with data.feature_columns")
 
 
+def _check_same_columns(train: pd.DataFrame, test: pd.DataFrame, train_path: Path, test_path: Path) -> None:
+    """Features are "every column but the label": then both tables must have the same columns, both ways.
+
+    A column only the test table has would otherwise be dropped silently, and the model registered
+    on fewer features than the user's data holds.
+    """
+    only_train = [c for c in train.columns if c not in test.columns]
+    if only_train:
+        raise UserError(f"{test_path}: missing column(s) {only_train[:5]} ({len(only_train)} in all) of the training "
+                        f"table {train_path}")
+    only_test = [c for c in test.columns if c not in train.columns]
+    if only_test:
+        raise UserError(f"{test_path}: column(s) {only_test[:5]} ({len(only_test)} in all) are not in the training "
+                        f"table {train_path}; add them there, or list the features in data.feature_columns")
+
+
 def _sorted_classes(labels: pd.Series) -> tuple:
     values = labels.dropna().unique().tolist()
     try:
@@ -131,6 +147,8 @@ def parquet_splits(params: DataParams, root: Path) -> Splits:
             raise UserError(f"{paths[name]}: label column {label!r} not found "
                             f"(columns: {list(df.columns)[:8]}); set data.label_column")
     features = params.feature_columns or tuple(c for c in train.columns if c != label)
+    if params.feature_columns is None:
+        _check_same_columns(train, test, paths["train"], paths["test"])
     if not features:
         raise UserError(f"{paths['train']}: no feature columns besides the label {label!r}")
     for name, df in (("train", train), ("test", test)):

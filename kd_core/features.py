@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_core import losses, models
+from kd_core import losses, tasks
 from kd_core.config import DistillParams, Params
 from kd_core.data import Schema
 from kd_core.errors import UserError
@@ -72,11 +72,12 @@ def captured(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch
 
 
 @torch.no_grad()
-def probe(model: nn.Module, captures: Sequence[tuple[str, str]], n_features: int) -> tuple[Shape, ...]:
-    """Per-row shape of each (module, pool) capture, from one forward pass on two zero rows."""
+def probe(model: nn.Module, captures: Sequence[tuple[str, str]], example: torch.Tensor) -> tuple[Shape, ...]:
+    """Per-row shape of each (module, pool) capture, from one forward pass on `example` (two rows, so
+    batch statistics and squeezes behave as in training)."""
     mode = model.training
     with captured(model.eval(), [m for m, _ in captures]) as acts:
-        model(torch.zeros(2, n_features))
+        model(example)
     model.train(mode)
     return tuple(tuple(pool(acts[m], p).shape[1:]) for m, p in captures)
 
@@ -117,7 +118,7 @@ class Hint:
     teacher_shape: Shape
 
 
-def plan(distill: DistillParams, cached: Sequence[dict], student: nn.Module, n_features: int) -> list[Hint]:
+def plan(distill: DistillParams, cached: Sequence[dict], student: nn.Module, example: torch.Tensor) -> list[Hint]:
     """Check every `distill.features` entry against the student and the cached teacher features.
 
     `cached` holds the cache manifest's feature entries (module, pool, shape). Raises a UserError
@@ -130,7 +131,7 @@ def plan(distill: DistillParams, cached: Sequence[dict], student: nn.Module, n_f
     if missing := [h.teacher for h in distill.features if h.teacher not in teacher]:
         raise UserError(f"distill.features: teacher feature {missing[0]!r} is not in the cache "
                         f"(it holds {list(teacher)}): re-run the cache_logits stage")
-    shapes = probe(student, [(h.student, teacher[h.teacher]["pool"]) for h in distill.features], n_features)
+    shapes = probe(student, [(h.student, teacher[h.teacher]["pool"]) for h in distill.features], example)
     hints = [Hint(h.teacher, h.student, h.loss, h.weight, teacher[h.teacher]["pool"], s,
                   tuple(teacher[h.teacher]["shape"])) for h, s in zip(distill.features, shapes, strict=True)]
     for h in hints:
@@ -197,12 +198,14 @@ def check(params: Params, teacher: nn.Module, schema: Schema) -> tuple[Shape, ..
     teacher features' per-row shapes."""
     if not params.cache.features:  # distill.features needs cache.features (kd_core.config)
         return ()
-    n_features = len(schema.features)
+    task = tasks.for_params(params)
+    spec = task.spec(params.student, schema)
     with torch.random.fork_rng():  # building the student must not move the seeded stream
-        student = models.build(models.ModelSpec(params.student.arch, dict(params.student.options), schema))
+        student = task.build(spec, None, None)
+    example = task.example(spec, batch=2)
     captures = [(f.module, f.pool) for f in params.cache.features]
     check_modules(teacher, [m for m, _ in captures], "cache.features")
-    shapes = probe(teacher, captures, n_features)
+    shapes = probe(teacher, captures, example)
     cached = [{"module": m, "pool": p, "shape": s} for (m, p), s in zip(captures, shapes, strict=True)]
-    plan(params.distill, cached, student, n_features)
+    plan(params.distill, cached, student, example)
     return shapes

@@ -1,4 +1,7 @@
-"""Helpers shared by the training stages: labelled arrays, validation rows, checkpoints, logging."""
+"""Helpers shared by the training stages: labelled arrays, validation rows, checkpoints, logging, results.
+
+Stages never import each other; what two of them share lives here.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,54 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kd_core import data
+from kd_core import data, tasks, train
 from kd_core.config import Params, TrainParams
 from kd_core.train import FitConfig, History
 
 CHECKPOINTS = "train"  # under params.paths.work: one folder per training stage
 # kd_core files every training run executes
-CODE = ("train.py", "losses.py", "models.py", "features.py", "stages/_common.py")
+CODE = ("train.py", "losses.py", "models.py", "features.py", "stages/_common.py", "tasks/base.py")
+LIVE_PREFIX = "train"  # live curves are `train.<role>.<metric>`, apart from the test metrics `<role>.<metric>`
 
 
-def labelled_arrays(splits: data.Splits) -> tuple[np.ndarray, np.ndarray]:
-    """Training rows (N, F) and class indices (N,)."""
-    return data.features_array(splits.train, splits.schema), data.label_indices(splits.train, splits.schema)
+def labelled_arrays(task: tasks.Task, splits: data.Splits) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs of the labelled training rows (N, ...) and their class indices (N,)."""
+    return task.inputs(splits.train, splits.schema), task.labels(splits.train, splits.schema)
+
+
+@dataclass(frozen=True)
+class StudentResult:
+    """What a student or baseline training stage reports."""
+
+    name: str
+    arch: str
+    epochs: int
+    best_epoch: int
+    val_accuracy: float | None  # of the kept epoch; None without a validation split
+    final_loss: float
+    seconds: float
+    processes: int
+    resumed_from: int | None  # epochs restored from a checkpoint; None: not known (the relaunching parent)
+
+    @classmethod
+    def from_history(cls, name: str, arch: str, history: History, resumed_from: int | None,
+                     processes: int) -> StudentResult:
+        best = train.best_epoch(history)
+        return cls(name, arch, len(history), best, history[best - 1].get("val_accuracy"), history[-1]["loss"],
+                   sum(h["seconds"] for h in history), processes, resumed_from)
+
+    def summary(self) -> str:
+        resumed = f", resumed after epoch {self.resumed_from}" if self.resumed_from else ""
+        procs = f" on {self.processes} processes" if self.processes > 1 else ""
+        kept = "" if self.val_accuracy is None else \
+            f"; kept epoch {self.best_epoch} (validation accuracy {self.val_accuracy:.3f})"
+        return (f"{self.name} {self.arch}: {self.epochs} epochs{resumed}{procs} in {self.seconds:.1f} s, "
+                f"final loss {self.final_loss:.4f}{kept}")
 
 
 def fit_config(train: TrainParams) -> FitConfig:
@@ -47,7 +82,7 @@ def checkpoint_path(workdir: Path, params: Params, stage: str, inputs: dict, wor
     run that would compute exactly the same epochs resumes from it."""
     h = hashlib.sha256(json.dumps({"stage": stage, "world": world, **inputs}, sort_keys=True).encode())
     kd_core = Path(__file__).resolve().parents[1]
-    for name in (*CODE, f"stages/{stage}.py"):
+    for name in (*CODE, f"tasks/{params.task}.py", f"stages/{stage}.py"):
         h.update((kd_core / name).read_bytes())
     return workdir / params.paths.work / CHECKPOINTS / stage / f"{h.hexdigest()[:20]}.safetensors"
 
@@ -58,12 +93,17 @@ def discard_checkpoints(workdir: Path, params: Params, stage: str) -> None:
 
 
 def epoch_logger(workdir: Path, prefix: str) -> Callable[[dict[str, float]], None]:
-    """Send each epoch's metrics to the DAG run's MLflow run (a no-op under plain `dvc repro`)."""
+    """Send each epoch's metrics to the DAG run's MLflow run (a no-op under plain `dvc repro`).
+
+    Namespaced `train.<prefix>.<metric>`: the run also holds the test metrics `<prefix>.<metric>`
+    from eval.json, and one name for both would show whichever was logged last.
+    """
     from kd_core import registry
 
     def log(row: dict[str, float]) -> None:
         step = int(row["epoch"])
-        registry.log_epoch_metrics(workdir, {f"{prefix}.{k}": v for k, v in row.items() if k != "epoch"}, step)
+        live = {f"{LIVE_PREFIX}.{prefix}.{k}": v for k, v in row.items() if k != "epoch"}
+        registry.log_epoch_metrics(workdir, live, step)
 
     return log
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from kd_core import data, features, models, progress
+from kd_core import data, features, models, progress, tasks
 from kd_core.config import MEMBERS, Params, TeacherParams
 from kd_core.errors import UserError
 from kd_core.stages import atomic_dir
@@ -64,15 +64,16 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
          out: Path) -> TeacherResult:
     """Train one teacher on the labelled rows, or load it from a directory, weights file or MLflow URI."""
     out.mkdir(parents=True, exist_ok=True)
+    task = tasks.for_params(params)
     if tp.source == "train":
-        x, y = labelled_arrays(splits)
-        spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
-        model = models.build(spec, x, seed)
+        x, y = labelled_arrays(task, splits)
+        spec = task.spec(tp, splits.schema)
+        model = task.build(spec, x, seed)
         features.check(params, model, splits.schema)  # a bad feature name must not cost a teacher's training
         cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
         history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
                       on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"))
-        models.save(model, spec, out)
+        task.save(model, spec, out)
         return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(p.numel() for p in model.parameters()))
     if _is_mlflow_uri(tp.source):
         from kd_core import registry
@@ -84,13 +85,13 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
         if src.suffix not in models.CHECKPOINT_SUFFIXES:
             raise UserError(f"{name}.source {tp.source}: expected a kd model directory or a weights file "
                             f"({', '.join(models.CHECKPOINT_SUFFIXES)})")
-        spec = models.ModelSpec(tp.arch, dict(tp.options), splits.schema)
+        spec = task.spec(tp, splits.schema)
         model = models.load_checkpoint(src, spec)
         models.save(model, spec, out)
         return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
     if not src.exists():
         raise UserError(f"{name}.source {tp.source} not found")
-    model, spec = models.load(src)
+    model, spec = task.load(src)
     _check_schema(spec, splits.schema, tp.source)
     for file in (models.WEIGHTS_FILE, models.META_FILE):
         shutil.copy2(src / file, out / file)

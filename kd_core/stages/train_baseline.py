@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kd_core import data, losses, models, progress, train
+from kd_core import data, losses, progress, tasks, train
 from kd_core.config import Params
 from kd_core.stages import atomic_dir
 from kd_core.stages._common import (
+    StudentResult,
     checkpoint_path,
     discard_checkpoints,
     epoch_logger,
@@ -16,7 +17,6 @@ from kd_core.stages._common import (
     validation_rows,
     write_curve,
 )
-from kd_core.stages.train_student import StudentResult
 from kd_core.train import fit
 
 
@@ -28,8 +28,9 @@ def run(params: Params, workdir: Path) -> StudentResult:
     labelled rows (and a patience of as many steps) keeps the comparison about the labels, not about
     the training budget.
     """
+    task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
-    x, y = labelled_arrays(splits)
+    x, y = labelled_arrays(task, splits)
     tp = params.train
     val = validation_rows(len(x), tp.val_fraction, tp.seed)  # (V,)
     steps_ratio = (len(splits.train) + len(splits.transfer) - len(val)) / max(len(x) - len(val), 1)
@@ -37,8 +38,8 @@ def run(params: Params, workdir: Path) -> StudentResult:
     if tp.patience is not None:
         scaled["patience"] = max(1, round(tp.patience * steps_ratio))
     cfg = fit_config(tp.model_copy(update=scaled))
-    spec = models.ModelSpec(params.student.arch, dict(params.student.options), splits.schema)
-    model = models.build(spec, x, tp.seed)
+    spec = task.spec(params.student, splits.schema)
+    model = task.build(spec, x, tp.seed)
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
               "data": data.data_fingerprint(workdir / params.paths.prepared)}
     ckpt = checkpoint_path(workdir, params, "train_baseline", inputs, 1)
@@ -47,7 +48,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
                   on_epoch=epoch_logger(workdir, "baseline"), progress=progress.bar("training baseline"),
                   checkpoint=ckpt)
     with atomic_dir(workdir / params.paths.baseline) as out:
-        models.save(model, spec, out)
+        task.save(model, spec, out)
     write_curve(history, workdir / params.paths.metrics / "train_baseline.csv")
     discard_checkpoints(workdir, params, "train_baseline")
     return StudentResult.from_history("baseline", spec.arch, history, resumed, 1)

@@ -79,7 +79,7 @@ def test_pooling():
 
 
 def test_probe_gives_per_row_shapes():
-    assert features.probe(_cnn(), CAPTURES, 40) == ((8, 10), (8,))
+    assert features.probe(_cnn(), CAPTURES, torch.zeros(2, 40)) == ((8, 10), (8,))
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _hinted_student(tmp_path, hint_loss="mse"):
     distill = DistillParams(features=[{"teacher": "net.convs.3", "student": "net.convs.3", "loss": hint_loss},
                                       {"teacher": "net.convs.5", "student": "net.convs.5", "weight": 0.5}])
     student = _cnn(4, seed=1)
-    hints = features.plan(distill, cache.features, student, 40)
+    hints = features.plan(distill, cache.features, student, torch.zeros(2, 40))
     return features.HintedStudent(student, hints), cache, x
 
 
@@ -267,7 +267,7 @@ def test_hint_loss_is_zero_when_the_student_is_the_teacher(tmp_path):
     cache = LogitCache(tmp_path / "cache", key)
     distill = DistillParams(features=[{"teacher": "net.convs.3", "student": "net.convs.3", "loss": "attention"},
                                       {"teacher": "net.convs.5", "student": "net.convs.5", "loss": "cosine"}])
-    net = features.HintedStudent(teacher, features.plan(distill, cache.features, teacher, 40))
+    net = features.HintedStudent(teacher, features.plan(distill, cache.features, teacher, torch.zeros(2, 40)))
     assert len(net.projections) == 0
     idx = np.arange(10)
     with torch.no_grad():
