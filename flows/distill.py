@@ -23,7 +23,10 @@ from kd_core.config import load_params
 from kd_core.errors import TransientError
 from kd_core.stages import STAGES
 
-RETRIED = {"teacher": 2, "register": 3}  # stages that talk to MLflow, which may blink
+# The one retry layer: a stage that exits 75 (TransientError: MLflow, a Dask cluster or a model store
+# did not answer) is run again after these pauses, long enough for a server to restart. Any other
+# failure is final at once: a bad input fails the same way every time.
+RETRY_DELAYS_S = [2, 5, 10]
 
 
 class StageFailed(RuntimeError):
@@ -90,9 +93,23 @@ def _transient(_task: object, _run: object, state: State) -> bool:
     return isinstance(exc, StageFailed) and exc.transient
 
 
-stage_tasks = {name: task(run_stage, name=name, retries=RETRIED.get(name, 0), retry_delay_seconds=10,
-                          retry_condition_fn=_transient)
+stage_tasks = {name: task(run_stage, name=name, retries=len(RETRY_DELAYS_S),
+                          retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
                for name in STAGES}
+
+
+def _open_dag_run(path: Path) -> str | None:
+    """The DAG run's MLflow run; none while MLflow is down, as under plain `dvc repro`.
+
+    The compute stages need no tracking server; `register` creates the run itself, and retries
+    while the server is away.
+    """
+    try:
+        registry.check_tracking(path)  # one short probe: MLflow's client would retry for minutes
+        return registry.start_dag_run(path, load_params(path))
+    except TransientError as exc:
+        get_run_logger().warning(f"kd: note: {exc}; the stages run without live metrics")
+        return None
 
 
 @flow(name="kd-distill", log_prints=True, on_failure=[alert_on_failure], on_crashed=[alert_on_failure])
@@ -102,13 +119,15 @@ def distill(root: str = ".") -> list[StageOutcome]:
     One MLflow run records the DAG run; its status follows the flow's. A failed deployed run alerts.
     """
     path = Path(root).resolve()
-    run_id = registry.start_dag_run(path, load_params(path))
+    run_id = _open_dag_run(path)
     try:
         outcomes = [stage_tasks[name](name, str(path), run_id) for name in STAGES]
     except BaseException:
-        registry.end_dag_run(path, run_id, "FAILED")
+        if run_id:
+            registry.end_dag_run(path, run_id, "FAILED")
         raise
-    registry.end_dag_run(path, run_id, "FINISHED")
+    if run_id:
+        registry.end_dag_run(path, run_id, "FINISHED")
     return outcomes
 
 

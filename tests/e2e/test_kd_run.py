@@ -28,8 +28,13 @@ def test_kd_run_registers_a_student(project):
     # one MLflow run per DAG run, holding the per-epoch training curves
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "student.loss")) == 3
-    assert len(client.get_metric_history(run.info.run_id, "teacher.loss")) == 8
+    assert len(client.get_metric_history(run.info.run_id, "train.student.loss")) == 3
+    assert len(client.get_metric_history(run.info.run_id, "train.teacher.loss")) == 8
+    # live curves and test metrics never share a name: `student.accuracy` is the test accuracy alone
+    evals = json.loads((project / "metrics/eval.json").read_text())
+    history = client.get_metric_history(run.info.run_id, "student.accuracy")
+    assert [m.value for m in history] == [evals["student"]["accuracy"]]
+    assert len(client.get_metric_history(run.info.run_id, "train.student.accuracy")) == 3
 
     # the registered model serves raw rows with class predictions
     import pandas as pd

@@ -2,6 +2,10 @@
 has a good run and a champion. Every case must: exit != 0, print exactly one `kd: error:` line that
 names the problem, show no traceback, register no model version, leave the champion alias alone and
 leave every earlier artifact byte-for-byte as it was.
+
+Two cases go through the whole `kd run` (the Prefect flow, which restores the failed stage's last good
+outputs); the rest run `kd stage NAME` for the stages up to the one they must fail in, which is what
+the flow and `dvc repro` run, without a Prefect start-up per case.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tests.reliability.conftest import Snapshot, Tally, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "eel"]
+UPSTREAM = ["data/prepared", "reports/validation"]  # restored between cases run stage by stage
 GUARDED = ["artifacts/teacher", "artifacts/student", "artifacts/baseline", "artifacts/logits", "metrics/eval.json"]
 OUTCOMES: dict[str, str] = {}  # case -> the error line, summarised at the end of the module
 
@@ -55,12 +60,32 @@ class Project:
         (self.root / "params.yaml").write_text(self.good_params)
         GOOD_TRAIN.to_parquet(self.root / "data/raw/train.parquet")
         GOOD_TEST.to_parquet(self.root / "data/raw/test.parquet")
+        for rel in UPSTREAM:  # a case's own `kd stage prepare` rewrote them from its bad tables
+            saved = self.root.parent / "good" / rel
+            if saved.exists():
+                shutil.rmtree(self.root / rel, ignore_errors=True)
+                shutil.copytree(saved, self.root / rel)
+
+    def keep_good_upstream(self) -> None:
+        for rel in UPSTREAM:
+            shutil.copytree(self.root / rel, self.root.parent / "good" / rel)
+
+    def kd_stages(self, stages: tuple[str, ...]):
+        """`kd stage` for each of `stages` in order; every one before the last must succeed."""
+        for stage in stages:
+            res = self._kd("stage", stage)
+            if res.returncode != 0 or stage == stages[-1]:
+                assert stage == stages[-1], f"{stage} failed before the stage under test: {res.stderr[-2000:]}"
+                return res
 
     def kd_run(self):
+        return self._kd("run")
+
+    def _kd(self, *args: str):
         old = dict(os.environ)
         os.environ.update(self.env)
         try:
-            return run_cmd(self.root, str(BIN / "kd"), "run")
+            return run_cmd(self.root, str(BIN / "kd"), *args)
         finally:
             os.environ.clear()
             os.environ.update(old)
@@ -107,6 +132,7 @@ def good(tmp_path_factory) -> Project:
     res = project.kd_run()
     assert res.returncode == 0, res.stdout + res.stderr
     assert project.registry() == (1, 1)
+    project.keep_good_upstream()
     yield project
     summary = "\n".join(f"  {case}: {line}" for case, line in OUTCOMES.items())
     (tmp / "outcomes.txt").write_text(summary)
@@ -160,31 +186,39 @@ def _mismatched_checkpoint(p: Project) -> None:
     p.params({"teacher": {"source": "data/raw/teacher.pt"}})
 
 
-CASES = {
-    "missing file": (lambda p: (p.root / "data/raw/train.parquet").unlink(), ["train.parquet", "not found"]),
-    "empty file": (_write("train.parquet", b""), ["train.parquet", "empty"]),
-    "corrupt parquet": (_write("test.parquet", b"PAR1" + b"\x00" * 200), ["test.parquet", "parquet"]),
-    "missing label column": (_frames(train=lambda d: d.drop(columns=["species"])), ["species", "not found"]),
+PREPARE, VALIDATE = ("prepare",), ("prepare", "validate")
+KD_RUN = ()  # the whole flow
+CASES = {  # case: (break it, words the error line must hold, the stages to run: the last one must fail)
+    "missing file": (lambda p: (p.root / "data/raw/train.parquet").unlink(), ["train.parquet", "not found"],
+                     PREPARE),
+    "empty file": (_write("train.parquet", b""), ["train.parquet", "empty"], PREPARE),
+    "corrupt parquet": (_write("test.parquet", b"PAR1" + b"\x00" * 200), ["test.parquet", "parquet"], PREPARE),
+    "missing label column": (_frames(train=lambda d: d.drop(columns=["species"])), ["species", "not found"],
+                             PREPARE),
     "label outside classes": (_frames(test=lambda d: _set(d, [0, 1, 2], "species", "zebra")),
-                              ["test.parquet", "species", "3", "zebra"]),
-    "null labels": (_frames(train=lambda d: _set(d, [4, 9], "species", None)), ["species", "2 null"]),
-    "NaN feature": (_frames(train=lambda d: _set(d, [5], "f3", np.nan)), ["f3", "1 null"]),
-    "+Inf feature": (_frames(train=lambda d: _set(d, [5, 6], "f1", np.inf)), ["f1", "2 infinite"]),
-    "-Inf feature": (_frames(test=lambda d: _set(d, [7], "f0", -np.inf)), ["test.parquet", "f0", "infinite"]),
-    "non-numeric feature": (_frames(train=lambda d: d.assign(f2=d["f2"].astype(str))), ["f2", "not numeric"]),
+                              ["test.parquet", "species", "3", "zebra"], KD_RUN),
+    "null labels": (_frames(train=lambda d: _set(d, [4, 9], "species", None)), ["species", "2 null"], VALIDATE),
+    "NaN feature": (_frames(train=lambda d: _set(d, [5], "f3", np.nan)), ["f3", "1 null"], VALIDATE),
+    "+Inf feature": (_frames(train=lambda d: _set(d, [5, 6], "f1", np.inf)), ["f1", "2 infinite"], VALIDATE),
+    "-Inf feature": (_frames(test=lambda d: _set(d, [7], "f0", -np.inf)), ["test.parquet", "f0", "infinite"],
+                     VALIDATE),
+    "non-numeric feature": (_frames(train=lambda d: d.assign(f2=d["f2"].astype(str))), ["f2", "not numeric"],
+                            PREPARE),
     "train/test schema mismatch": (_frames(test=lambda d: d.rename(columns={"f4": "g4"})),
-                                   ["test.parquet", "f4"]),
-    "class absent from train": (_frames(train=lambda d: d[d.species != "eel"]), ["test.parquet", "eel"]),
-    "too few rows": (_frames(train=lambda d: d.groupby("species").head(2)), ["min_rows_per_class"]),
+                                   ["test.parquet", "f4"], PREPARE),
+    "train lacks a test column": (_frames(train=lambda d: d.drop(columns=["f5"])),
+                                  ["test.parquet", "f5", "train.parquet"], PREPARE),
+    "class absent from train": (_frames(train=lambda d: d[d.species != "eel"]), ["test.parquet", "eel"], VALIDATE),
+    "too few rows": (_frames(train=lambda d: d.groupby("species").head(2)), ["min_rows_per_class"], VALIDATE),
     "duplicated rows": (_frames(train=lambda d: pd.concat([d, d.head(100)], ignore_index=True)),
-                        ["max_duplicate_frac"]),
-    "params unknown key": (_params({"distill": {"temprature": 2}}), ["distill.temprature", "unknown key"]),
-    "params wrong type": (_params({"train": {"epochs": "ten"}}), ["train.epochs"]),
-    "params T <= 0": (_params({"distill": {"temperature": 0}}), ["distill.temperature"]),
-    "params alpha > 1": (_params({"distill": {"alpha": 1.5}}), ["distill.alpha"]),
-    "params top_k > classes": (_params({"cache": {"top_k": 5}}), ["top_k", "3"]),
-    "teacher checkpoint mismatch": (_mismatched_checkpoint, ["teacher.pt", "does not match"]),
-    "malicious pickle checkpoint": (_malicious_checkpoint, ["teacher.pt", "refused"]),
+                        ["max_duplicate_frac"], VALIDATE),
+    "params unknown key": (_params({"distill": {"temprature": 2}}), ["distill.temprature", "unknown key"], PREPARE),
+    "params wrong type": (_params({"train": {"epochs": "ten"}}), ["train.epochs"], PREPARE),
+    "params T <= 0": (_params({"distill": {"temperature": 0}}), ["distill.temperature"], PREPARE),
+    "params alpha > 1": (_params({"distill": {"alpha": 1.5}}), ["distill.alpha"], PREPARE),
+    "params top_k > classes": (_params({"cache": {"top_k": 5}}), ["top_k", "3"], ("cache_logits",)),
+    "teacher checkpoint mismatch": (_mismatched_checkpoint, ["teacher.pt", "does not match"], ("teacher",)),
+    "malicious pickle checkpoint": (_malicious_checkpoint, ["teacher.pt", "refused"], KD_RUN),
 }
 
 
@@ -192,11 +226,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_rejected_and_loses_nothing(good: Project, case: str, tally: Tally,
                                                  record_property: Callable[[str, object], None]) -> None:
-    break_it, needles = CASES[case]
+    break_it, needles, stages = CASES[case]
     before_files, before_registry = good.snapshot(), good.registry()
     try:
         break_it(good)
-        res = good.kd_run()
+        res = good.kd_stages(stages) if stages else good.kd_run()
     finally:
         good.restore()
     after_files, after_registry = good.snapshot(), good.registry()

@@ -1,0 +1,124 @@
+"""Each DVC stage's code dependencies, computed from the imports of its stage module.
+
+"A code change re-runs exactly the stages it affects" holds only while dvc.yaml lists every kd_core
+file a stage can execute. Hand-kept lists drift, so they are generated: the import closure of
+`kd_core/stages/NAME.py` (imports inside functions included: a lazy import is still code the stage
+may run), plus the `__init__.py` of every package on the way, since importing a module runs them.
+
+    python -m kd_core.codedeps          # exit 1 and name the stages whose deps differ
+    python -m kd_core.codedeps --write  # rewrite the kd_core/ entries of dvc.yaml's deps
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import sys
+from pathlib import Path
+
+PACKAGE = "kd_core"
+ROOT = Path(__file__).resolve().parents[1]  # the project root that holds kd_core/ and dvc.yaml
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    """The file of dotted module `name` under `root`, or None if it is not a kd_core module."""
+    base = root.joinpath(*name.split("."))
+    if (base / "__init__.py").exists():
+        return base / "__init__.py"
+    file = base.with_suffix(".py")
+    return file if file.exists() else None
+
+
+def _imported(tree: ast.AST, root: Path) -> set[str]:
+    """Dotted kd_core modules a module imports, wherever in it the import statement stands."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
+            found.add(node.module)
+            for alias in node.names:  # `from kd_core import models`: a submodule, not a name
+                if _module_file(f"{node.module}.{alias.name}", root):
+                    found.add(f"{node.module}.{alias.name}")
+    return found
+
+
+def _with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def closure(module: str, root: Path = ROOT) -> list[str]:
+    """Project-relative paths of every kd_core file importing `module` can execute, sorted."""
+    todo, seen, files = [module], set(), set()
+    while todo:
+        for name in _with_parents(todo.pop()):
+            if name in seen:
+                continue
+            seen.add(name)
+            file = _module_file(name, root)
+            if file is None:
+                continue
+            files.add(file.relative_to(root).as_posix())
+            todo.extend(_imported(ast.parse(file.read_text(), str(file)), root))
+    return sorted(files)
+
+
+def stage_deps(stage: str, root: Path = ROOT) -> list[str]:
+    """The code a `kd stage NAME` process runs for `stage`, the CLI's wiring aside."""
+    return closure(f"{PACKAGE}.stages.{stage}", root)
+
+
+def listed_deps(dvc_yaml: dict, stage: str) -> list[str]:
+    """The kd_core files dvc.yaml lists as `stage`'s deps."""
+    return sorted(d for d in dvc_yaml["stages"][stage].get("deps", []) if str(d).startswith(f"{PACKAGE}/"))
+
+
+def drift(root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
+    """Stage -> (missing from dvc.yaml, listed but not run) for every stage whose code deps differ."""
+    import yaml
+
+    doc = yaml.safe_load((root / "dvc.yaml").read_text())
+    out = {}
+    for stage in doc["stages"]:
+        want, have = set(stage_deps(stage, root)), set(listed_deps(doc, stage))
+        if want != have:
+            out[stage] = (sorted(want - have), sorted(have - want))
+    return out
+
+
+def write(root: Path = ROOT) -> None:
+    """Replace the kd_core/ entries of every stage's deps (other deps and comments are kept)."""
+    from ruamel.yaml import YAML  # keeps comments and order; it comes with DVC
+
+    from kd_core.fs import atomic_write_text
+
+    rt = YAML()
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)
+    path = root / "dvc.yaml"
+    doc = rt.load(path.read_text())
+    for stage, body in doc["stages"].items():
+        deps = body["deps"]
+        others = [d for d in deps if not str(d).startswith(f"{PACKAGE}/")]
+        deps.clear()
+        deps.extend([*stage_deps(stage, root), *others])
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(path, buf.getvalue())
+
+
+def main(argv: list[str]) -> int:
+    if "--write" in argv:
+        write()
+        return 0
+    problems = drift()
+    for stage, (missing, extra) in problems.items():
+        print(f"dvc.yaml stage {stage}: missing {missing}, not run {extra}", file=sys.stderr)
+    if problems:
+        print("fix: python -m kd_core.codedeps --write", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
