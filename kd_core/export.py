@@ -91,6 +91,18 @@ def to_onnx(model: nn.Module, n_features: int, path: Path) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot export {type(model.net).__name__ if hasattr(model, 'net') else 'model'} "
                         f"to ONNX: {first[:300]}") from None
+    check(path)
+
+
+def check(path: Path) -> None:
+    """ONNX's own checker (graph, types, opsets, shape inference) on a written file: a model that runs in
+    ONNX Runtime may still be invalid for other runtimes, which are what an edge export is for."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise UserError(f"{path.name}: not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}") from None
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -100,6 +112,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    check(dst)
 
 
 def session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
