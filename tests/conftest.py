@@ -1,12 +1,16 @@
 """Shared fixtures: a throw-away copy of the project in a temporary git repository.
 
 Each project gets its own MLflow sqlite store and Prefect home, so tests never touch the
-developer's mlflow.db or .prefect/.
+developer's mlflow.db or .prefect/. Every DVC command of the session shares one DVC cache (a
+global DVC config of the session's own): DVC's run-cache then restores a stage that an earlier
+test already ran with the same code, params and data instead of computing it again, as it does
+for a team sharing a cache. Stages that write to MLflow are never restored that way (dvc.yaml).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +27,26 @@ PROJECT_DIRS = ["kd_core", "flows"]
 # Small enough for a 2-core CI, big enough that KD still shows.
 TINY = {"data": {"transfer_size": 3000}, "teacher": {"epochs": 8}, "train": {"epochs": 3},
         "cache": {"shard_rows": 1024}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_dvc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DVC cache for every test project of the session, through DVC's global config level."""
+    config_dir = tmp_path_factory.mktemp("dvc-global")
+    cache = config_dir / "cache"
+    (config_dir / "config").write_text(f"[core]\n    analytics = false\n[cache]\n    dir = {cache}\n")
+    os.environ["DVC_GLOBAL_CONFIG_DIR"] = str(config_dir)  # inherited by every dvc and kd subprocess
+    return cache
+
+
+@pytest.fixture
+def own_dvc_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A DVC cache of this test's own, for a test that must see every stage compute (live metrics)."""
+    config_dir = tmp_path / "dvc-global"
+    config_dir.mkdir()
+    (config_dir / "config").write_text(f"[core]\n    analytics = false\n[cache]\n    dir = {config_dir / 'cache'}\n")
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(config_dir))
+    return config_dir / "cache"
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -45,6 +69,14 @@ def new_project(proj: Path, overrides: dict, extra_files: tuple[str, ...] = ()) 
         shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
     write_params(proj, overrides)
     return proj
+
+
+_STALE = re.compile(r"Running stage '([a-z_]+)'|Stage '([a-z_]+)' is cached")
+
+
+def stages_ran(dvc_stdout: str) -> set[str]:
+    """Stages a `dvc repro` found stale: run, or restored from the run-cache of an earlier identical run."""
+    return {a or b for a, b in _STALE.findall(dvc_stdout)}
 
 
 def git(project: Path, *args: str) -> None:

@@ -2,19 +2,15 @@
 and a temperature change re-runs only the student side."""
 
 import json
-import re
 
 import pytest
 
 from tests.conftest import dvc, write_params
+from tests.conftest import stages_ran as ran
 
 pytestmark = pytest.mark.slow
 ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
        "evaluate", "register", "export", "report"}
-
-
-def ran(out: str) -> set[str]:
-    return set(re.findall(r"Running stage '([a-z_]+)'", out))
 
 
 def test_repro_noop_and_temperature_rerun(project):

@@ -11,7 +11,8 @@ from tests.conftest import kd
 pytestmark = pytest.mark.slow
 
 
-def test_kd_run_registers_a_student(project):
+def test_kd_run_registers_a_student(project, own_dvc_cache):
+    """From scratch: a cache of its own, so every stage computes and logs its live curves."""
     res = kd(project, "run")
     assert res.returncode == 0, res.stdout + res.stderr
     for role in ("teacher", "baseline", "student"):

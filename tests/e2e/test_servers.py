@@ -37,7 +37,7 @@ from mlflow import MlflowClient
 from kd_core import data, registry
 from kd_core.config import load_params
 from kd_core.stages import register
-from tests.conftest import BIN, ROOT, TINY, new_project, write_params
+from tests.conftest import BIN, ROOT, TINY, new_project, stages_ran, write_params
 from tests.e2e.test_registry import CHANGED, PARAMS, evaluated_project, save_student, write_eval
 
 pytestmark = pytest.mark.slow
@@ -192,10 +192,6 @@ def copy_project(template: Path, dest: Path, **params: dict) -> Path:
     return dest
 
 
-def stages_ran(out: str) -> set[str]:
-    return set(re.findall(r"Running stage '([a-z_]+)'", out))
-
-
 def download(client: MlflowClient, run_id: str, path: str, dest: Path) -> Path:
     return Path(client.download_artifacts(run_id, path, str(dest)))
 
@@ -203,7 +199,7 @@ def download(client: MlflowClient, run_id: str, path: str, dest: Path) -> Path:
 # --- MLflow server on PostgreSQL: the pipeline, fresh clones, races --------------------------------
 
 def test_pipeline_registers_through_the_server_and_a_fresh_clone_registers_nothing(
-        pg_mlflow: MlflowServer, template: Path, tmp_path: Path):
+        pg_mlflow: MlflowServer, template: Path, tmp_path: Path, shared_dvc_cache: Path):
     a = copy_project(template, tmp_path / "a")
     env = env_with(MLFLOW_TRACKING_URI=pg_mlflow.uri)
     client = MlflowClient(tracking_uri=pg_mlflow.uri)
@@ -229,7 +225,7 @@ def test_pipeline_registers_through_the_server_and_a_fresh_clone_registers_nothi
     # a worker's fresh checkout of that commit: dvc.lock from the run, the outputs from the team's DVC
     # remote (here a directory holding what A's cache holds; `dvc pull` brings no run cache)
     remote = tmp_path / "dvc-remote"
-    shutil.copytree(a / ".dvc/cache", remote, ignore=shutil.ignore_patterns("runs"))
+    shutil.copytree(shared_dvc_cache, remote, ignore=shutil.ignore_patterns("runs"))
     b = tmp_path / "b"
     ok(run(tmp_path, env, "git", "clone", "-q", str(a), str(b)))
     ok(run(b, env, "git", "checkout", "-q", mv.tags["git_commit"]))
