@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_core import data, export
+from kd_core import data, export, tasks
 from kd_core.config import Params
 from kd_core.stages import atomic_dir, atomic_write_text
 
@@ -55,8 +55,9 @@ def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metr
                  version: int | None) -> ExportResult:
     """Export `model_dir` into `out` (replaced only on success), write `metrics_file`, and attach both
     to `version` of the registered model when given. Shared by this stage and `kd export --version`."""
+    task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
-    x, y = data.features_array(splits.test, splits.schema), data.label_indices(splits.test, splits.schema)
+    x, y = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)
     teacher = workdir / params.paths.teacher
     with atomic_dir(out) as tmp:
         report = export.export_and_check(model_dir, x, y, tmp, teacher if teacher.is_dir() else None)
