@@ -62,3 +62,17 @@ def test_set_params_keeps_comments_and_validates(tmp_path):
 
 def test_params_digest_changes_with_values():
     assert parse_params({}).digest() != parse_params({"distill": {"temperature": 3}}).digest()
+
+
+def test_every_example_params_file_loads_and_the_demo_is_the_shipped_params_yaml():
+    """`examples/<name>/params.yaml` is copied over params.yaml to start from an example."""
+    examples = sorted((ROOT / "examples").glob("*/params.yaml"))
+    assert "mnist1d" in [p.parent.name for p in examples]
+    for path in examples:
+        load_params(path.parent)
+    assert (ROOT / "examples/mnist1d/params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_unknown_task_is_a_one_line_error():
+    with pytest.raises(UserError, match=r"task: Input should be 'tabular'"):
+        parse_params({"task": "speech"})
