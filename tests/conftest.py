@@ -19,6 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tally import (  # noqa: F401  (hooks: the reliability figure, counted where reports arrive)
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_runtest_makereport,
+    pytest_terminal_summary,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore",
@@ -31,9 +38,11 @@ TINY = {"data": {"transfer_size": 3000}, "teacher": {"epochs": 8}, "train": {"ep
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_dvc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One DVC cache for every test project of the session, through DVC's global config level."""
+    """One DVC cache for every test project of the session, through DVC's global config level; under
+    pytest-xdist the workers share it too (DVC writes cache objects and run-cache entries atomically)."""
     config_dir = tmp_path_factory.mktemp("dvc-global")
-    cache = config_dir / "cache"
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "dvc-shared-cache"
     (config_dir / "config").write_text(f"[core]\n    analytics = false\n[cache]\n    dir = {cache}\n")
     os.environ["DVC_GLOBAL_CONFIG_DIR"] = str(config_dir)  # inherited by every dvc and kd subprocess
     return cache

@@ -24,7 +24,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import BIN, ROOT, TINY, deep_update, git, run_cmd
-from tests.reliability.conftest import Snapshot, Tally, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, Snapshot, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "eel"]
@@ -224,7 +224,7 @@ CASES = {  # case: (break it, words the error line must hold, the stages to run:
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_rejected_and_loses_nothing(good: Project, case: str, tally: Tally,
+def test_bad_input_is_rejected_and_loses_nothing(good: Project, case: str, tally: Damage,
                                                  record_property: Callable[[str, object], None]) -> None:
     break_it, needles, stages = CASES[case]
     before_files, before_registry = good.snapshot(), good.registry()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kd_core.logits import CacheSettings, build_cache, cache_key
-from tests.reliability.conftest import Tally, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, lost_bytes, snapshot
 
 SCRIPT = """
 import sys, time, torch
@@ -34,7 +34,7 @@ def build(root: Path, slow: float) -> subprocess.Popen:
 
 
 @pytest.mark.fault("kill -9 mid logit capture")
-def test_sigkill_mid_capture_then_resume_is_byte_identical(tmp_path: Path, tally: Tally) -> None:
+def test_sigkill_mid_capture_then_resume_is_byte_identical(tmp_path: Path, tally: Damage) -> None:
     proc = build(tmp_path / "crash", 0.15)
     store = tmp_path / "crash" / "work" / "cache"
     deadline = time.time() + 60

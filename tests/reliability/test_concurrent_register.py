@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.e2e.test_registry import NAME, evaluated_project
-from tests.reliability.conftest import Tally
+from tests.reliability.conftest import Damage
 
 pytestmark = pytest.mark.slow
 RACERS = 3
@@ -21,7 +21,7 @@ SCRIPT = ("import sys; from pathlib import Path; from kd_core.config import Para
 
 
 @pytest.mark.fault("concurrent identical registrations")
-def test_racing_identical_registrations_make_one_version(tmp_path: Path, tally: Tally,
+def test_racing_identical_registrations_make_one_version(tmp_path: Path, tally: Damage,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, kd, run_cmd
-from tests.reliability.conftest import Tally, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def _limit_file_size() -> None:
 
 
 @pytest.mark.fault("disk full while caching")
-def test_file_size_limit_gives_clear_error_and_no_trusted_partial_shard(project: Path, tally: Tally) -> None:
+def test_file_size_limit_gives_clear_error_and_no_trusted_partial_shard(project: Path, tally: Damage) -> None:
     for name in ("prepare", "teacher"):
         assert kd(project, "stage", name).returncode == 0
     earlier = snapshot(project, ["data/prepared", "artifacts/teacher"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import kd
-from tests.reliability.conftest import Tally, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 EARLIER = ("data/prepared", "artifacts/teacher", "artifacts/logits")
@@ -30,7 +30,7 @@ def _one_error(res: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.fault("flipped byte in a cache shard")
-def test_flipped_byte_is_caught_refused_and_rebuilt_alone(project: Path, tally: Tally) -> None:
+def test_flipped_byte_is_caught_refused_and_rebuilt_alone(project: Path, tally: Damage) -> None:
     for stage in ("prepare", "teacher", "cache_logits"):
         _ok(project, "stage", stage)
     before = snapshot(project, EARLIER)

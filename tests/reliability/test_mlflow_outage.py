@@ -23,7 +23,7 @@ from flows import distill
 from kd_core.errors import TransientError
 from tests.conftest import dvc, git, stages_ran, write_params
 from tests.e2e.test_servers import INFRA, PERMISSIVE, Service, env_with, free_port, start
-from tests.reliability.conftest import Tally, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 NAME = "kd-student"
@@ -94,7 +94,7 @@ def retried_register(root: Path, server: Server) -> tuple[distill.StageOutcome, 
 
 @pytest.mark.fault("MLflow server down at register")
 def test_register_fails_fast_then_the_flow_retries_it_after_the_restart(
-        project: Path, server: Server, tally: Tally, monkeypatch: pytest.MonkeyPatch) -> None:
+        project: Path, server: Server, tally: Damage, monkeypatch: pytest.MonkeyPatch) -> None:
     server.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     write_params(project, {"policy": PERMISSIVE})  # the tiny student is weak; the first one is champion

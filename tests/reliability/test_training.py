@@ -14,7 +14,7 @@ import pytest
 from kd_core import data, models
 from kd_core.train import checkpoint_epochs
 from tests.conftest import BIN, TINY, deep_update, new_project, write_params
-from tests.reliability.conftest import Tally, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, lost_bytes, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_seeded_runs_give_byte_identical_weights(ready, uninterrupted, tmp_path)
 
 @pytest.mark.fault("kill -9 mid training")
 def test_sigkill_mid_training_resumes_from_the_checkpoint_to_the_same_weights(ready: Path, uninterrupted: Path,
-                                                                              tmp_path: Path, tally: Tally) -> None:
+                                                                              tmp_path: Path, tally: Damage) -> None:
     proj = _copy(ready, tmp_path / "killed")
     earlier = snapshot(proj, EARLIER)
     proc = subprocess.Popen([str(BIN / "kd"), "stage", "train_student"], cwd=proj, env=_env(),
