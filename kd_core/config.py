@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_core.errors import UserError
+from kd_core.fs import atomic_write_text
 
 PARAMS_FILE = "params.yaml"
 MEMBERS = "members"  # several teachers: their model directories under paths.teacher/members/<i>
@@ -322,5 +323,5 @@ def set_params(root: Path | str, assignments: list[str]) -> Params:
     params = parse_params(json.loads(json.dumps(doc)), f"{path} (after --set)")
     buf = io.StringIO()
     rt.dump(doc, buf)
-    path.write_text(buf.getvalue())
+    atomic_write_text(path, buf.getvalue())  # a crash mid-write must not leave half a params.yaml
     return params

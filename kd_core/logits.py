@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from kd_core.errors import TransientError, UserError
-from kd_core.stages import atomic_dir
+from kd_core.fs import atomic_dir
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

@@ -110,7 +110,7 @@ def epoch_logger(workdir: Path, prefix: str) -> Callable[[dict[str, float]], Non
 
 def write_curve(history: History, path: Path) -> None:
     """Per-epoch metrics as CSV for `dvc plots`."""
-    from kd_core.stages import atomic_write_text
+    from kd_core.fs import atomic_write_text
 
     keys = list(history[0]) if history else ["epoch"]
     lines = [",".join(keys)] + [",".join(f"{row.get(k, '')}" for k in keys) for row in history]

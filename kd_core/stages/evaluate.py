@@ -10,7 +10,7 @@ import numpy as np
 
 from kd_core import data, models, tasks
 from kd_core.config import Params
-from kd_core.stages import atomic_write_text
+from kd_core.fs import atomic_write_text
 
 ROLES = ("teacher", "student", "baseline")
 

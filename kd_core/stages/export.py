@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kd_core import data, export, tasks
 from kd_core.config import Params
-from kd_core.stages import atomic_dir, atomic_write_text
+from kd_core.fs import atomic_dir, atomic_write_text
 
 OUTPUT_FILE = "export.json"
 TAGGED = ("size_bytes", "latency_ms_p50", "accuracy", "max_abs_logit_diff", "accuracy_drop")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kd_core import data, tasks
 from kd_core.config import Params
-from kd_core.stages import atomic_dir
+from kd_core.fs import atomic_dir
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from kd_core import registry
 from kd_core.config import Params
+from kd_core.fs import atomic_write_text
 from kd_core.registry import RegisterOutcome
-from kd_core.stages import atomic_write_text
 
 OUTPUT_FILE = "register.json"
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from kd_core import data, features, models, progress, tasks
 from kd_core.config import MEMBERS, Params, TeacherParams
 from kd_core.errors import UserError
-from kd_core.stages import atomic_dir
+from kd_core.fs import atomic_dir
 from kd_core.stages._common import epoch_logger, labelled_arrays
 from kd_core.train import FitConfig, fit
 

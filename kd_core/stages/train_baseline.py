@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kd_core import data, losses, progress, tasks, train
 from kd_core.config import Params
-from kd_core.stages import atomic_dir
+from kd_core.fs import atomic_dir
 from kd_core.stages._common import (
     StudentResult,
     checkpoint_path,

@@ -17,8 +17,8 @@ from torch import nn
 
 from kd_core import data, features, losses, models, progress, tasks, train
 from kd_core.config import Params
+from kd_core.fs import atomic_dir
 from kd_core.logits import LogitCache
-from kd_core.stages import atomic_dir
 from kd_core.stages._common import (
     StudentResult,
     checkpoint_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 from kd_core import data
 from kd_core.config import DataParams, Params
 from kd_core.errors import UserError
-from kd_core.stages import atomic_dir
+from kd_core.fs import atomic_dir
 from kd_core.validation import SUMMARY_FILE, validate_splits
 
 

@@ -76,3 +76,17 @@ def test_every_example_params_file_loads_and_the_demo_is_the_shipped_params_yaml
 def test_unknown_task_is_a_one_line_error():
     with pytest.raises(UserError, match=r"task: Input should be 'tabular'"):
         parse_params({"task": "speech"})
+
+
+def test_set_params_is_atomic_a_failed_write_leaves_params_yaml_as_it_was(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text()
+
+    def crash(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("kd_core.fs.os.replace", crash)
+    with pytest.raises(OSError):
+        set_params(tmp_path, ["distill.temperature=2"])
+    assert (tmp_path / "params.yaml").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file left behind
