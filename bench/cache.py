@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_core.logits import CacheSettings, LogitCache, build_cache, cache_key
+from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key
 
 FEATURES, HIDDEN, CLASSES = 256, 1024, 1000
 

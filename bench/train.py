@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from kd_core import losses, models
+from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key
 from kd_core.data import Schema
 from kd_core.evaluate import count_macs
-from kd_core.logits import CacheSettings, LogitCache, build_cache, cache_key
 from kd_core.stages._common import validation_rows
 from kd_core.train import FitConfig, fit, pick_device
 

@@ -107,7 +107,7 @@ def _print_summary(metrics: Path) -> None:
 @cache_app.command("verify", epilog=commands.examples("kd cache verify artifacts/logits"))
 def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g. artifacts/logits")]) -> None:
     """Check a cache's checksums, row coverage, shapes, dtypes and finite values."""
-    from kd_core.logits import read_manifest, verify_cache
+    from kd_core.cache import read_manifest, verify_cache
 
     problems = verify_cache(path)
     if problems:
@@ -119,7 +119,7 @@ def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g
 
 def _current_keys(root: Path) -> set[str]:
     """The keys of the caches the current params use (one per teacher)."""
-    from kd_core.logits import read_manifest
+    from kd_core.cache import read_manifest
 
     keys = set()
     for d in load_params(root).logit_dirs():
@@ -131,7 +131,7 @@ def _current_keys(root: Path) -> set[str]:
 @cache_app.command("ls", epilog=commands.examples("kd cache ls"))
 def cache_ls() -> None:
     """List the caches in the content-addressed store (.kd/cache): current, complete or resumable."""
-    from kd_core.logits import list_store
+    from kd_core.cache import list_store
 
     root = _root()
     current = _current_keys(root)
@@ -151,17 +151,21 @@ def cache_gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would be removed")] = False,
 ) -> None:
     """Delete stored caches other than the current one (and the --keep most recent)."""
-    from kd_core.logits import gc_store, list_store
+    from kd_core.cache import gc_store, list_store
 
     root = _root()
     work = root / load_params(root).paths.work
     current = _current_keys(root)
     others = [c.key for c in list_store(work) if c.key not in current]
     protected = set(others[:keep]) | current
-    doomed = [c for c in list_store(work) if c.key not in protected] if dry_run else gc_store(work, protected)
+    if dry_run:
+        doomed, busy = [c for c in list_store(work) if c.key not in protected], []
+    else:
+        doomed, busy = gc_store(work, protected)
     verb = "would remove" if dry_run else "removed"
     print(f"{verb} {len(doomed)} cache(s), {sum(c.bytes for c in doomed) / 2**20:.1f} MiB: "
-          + (", ".join(c.key[:12] for c in doomed) or "nothing"))
+          + (", ".join(c.key[:12] for c in doomed) or "nothing")
+          + (f"; kept {len(busy)} being built: " + ", ".join(c.key[:12] for c in busy) if busy else ""))
 
 
 @app.command(epilog=commands.examples('kd promote 3 --reason "needed for the partner demo"'))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,20 +23,30 @@ from torch import nn
 from kd_core.config import DistillParams
 from kd_core.models import Registry
 
+if TYPE_CHECKING:
+    from kd_core.cache.reader import TopKTensors
+
 UNLABELLED = -1
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # (B,K), (B,K), (B,) -> (B,)
 LOSSES = Registry("loss")  # name -> factory(DistillParams) -> LossFn
 
 
+def reads_topk(distill: DistillParams, top_k: int | None) -> bool:
+    """Whether the loss reads a top-k cache as top-k (`LogitCache.targets`: O(B·K') per batch) rather
+    than as its dense view (`LogitCache.take`: O(B·C), which rules out large vocabularies)."""
+    return bool(top_k) and distill.loss == "hinton"
+
+
 def build(distill: DistillParams, top_k: int | None = None) -> LossFn:
     """The loss `distill.loss` names, configured by the rest of `distill`.
 
-    With a top-k cache (`top_k`), `hinton` becomes its top-k-aware form (`topk_kd`); the other losses
-    see the cache's dense view, whose tail is the equal-logit approximation (kd_core/logits.py).
+    With a top-k cache (`top_k`), `hinton` becomes its top-k-aware form (`topk_kd`), fed top-k
+    targets; the other losses see the cache's dense view, whose tail is the equal-logit
+    approximation (kd_core/cache/format.py).
     """
-    if top_k and distill.loss == "hinton":
-        return partial(topk_kd, k=top_k, temperature=distill.temperature, alpha=distill.alpha)
+    if reads_topk(distill, top_k):
+        return partial(topk_kd, temperature=distill.temperature, alpha=distill.alpha)
     return LOSSES.get(distill.loss)(distill)
 
 
@@ -264,16 +275,12 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return (attention_map(student) - attention_map(teacher)).pow(2).mean(dim=1)
 
 
-def topk_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, k: int, temperature: float,
+def topk_kd(student: torch.Tensor, teacher: TopKTensors, labels: torch.Tensor, temperature: float,
             alpha: float) -> torch.Tensor:
     """Hinton KD from a top-k cache: the soft term is `topk_kl`, mixed with CE as in `hinton_kd`.  # (B,)
 
-    `teacher` is the cache's dense view (LogitCache.take): its k largest entries are the cached
-    logits and the other n hold L - log n, so values, indices and the tail's log-sum-exp L are
-    recovered exactly (the equal tail entries never exceed the smallest cached logit).
+    `teacher` holds the cached top-K' values, their class indices and the tail's log-sum-exp: the
+    loss gathers the student's logits at those indices and never builds a (B, C) teacher row.
     """
-    values, indices = teacher.float().topk(k, dim=-1)  # (B, k)
-    n_tail = teacher.shape[1] - k
-    tail = torch.logsumexp(teacher.float().scatter(-1, indices, float("-inf")), dim=-1) if n_tail \
-        else torch.full(teacher.shape[:1], float("-inf"))  # (B,)
-    return _mix(topk_kl(student, values, indices, tail, n_tail, temperature), student, labels, alpha)
+    return _mix(topk_kl(student, teacher.values, teacher.indices, teacher.tail_lse, teacher.n_tail, temperature),
+                student, labels, alpha)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_core.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> per-row loss (B,)
-SoftLabels = Callable[[np.ndarray], np.ndarray]  # row numbers (B,) -> teacher logits (B, K)
+# row numbers (B,) -> teacher logits (B, K), or a top-k batch (kd_core.cache.TopK: values, indices, tail)
+SoftLabels = Callable[[np.ndarray], Any]
 Extra = Callable[[np.ndarray], torch.Tensor]  # row numbers (B,) -> per-row loss (B,) from the forward just run
 EpochHook = Callable[[dict[str, float]], None]
 Progress = Callable[[int, int], None]  # (rows done, rows in all epochs)
@@ -122,6 +124,16 @@ def _ranks() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any:
+    """Soft targets to the device: dense logits as one tensor; a top-k batch moves itself (`.to`)."""
+    return _to_device(t, device) if isinstance(t, np.ndarray) else t.to(device)
+
+
+def _teacher_class(t: np.ndarray | torch.Tensor | Any) -> np.ndarray | torch.Tensor:
+    """The teacher's class per row from dense logits (argmax over classes) or a top-k batch (its own)."""
+    return t.argmax(axis=-1) if isinstance(t, np.ndarray | torch.Tensor) else t.argmax()
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -281,7 +293,7 @@ def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, or
         mine = batch[st.rank::st.world]  # (b,) this rank's share
         idx = _to_device(mine, st.device)  # (b,)
         xb, yb = r.x[idx], r.y[idx]  # (b, F), (b,)
-        tb = _to_device(soft(mine), st.device) if soft is not None else None  # (b, K)
+        tb = _targets_to(soft(mine), st.device) if soft is not None else None  # (b, K), or top-k (b, K')
         with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
             out = st.model(xb)  # (b, K)
             per_row = loss_fn(out, tb, yb)  # (b,)
@@ -299,7 +311,7 @@ def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, or
         s.sched.step()
         with torch.no_grad():  # tallies stay on the device, read once per epoch: no sync per step
             pred = out.argmax(dim=-1)  # (b,); never equals the -1 of an unlabelled row
-            hits += torch.stack([pred == yb, pred == (tb.argmax(dim=-1) if tb is not None else yb)]).sum(dim=1)
+            hits += torch.stack([pred == yb, pred == (_teacher_class(tb) if tb is not None else yb)]).sum(dim=1)
             loss_sum += per_row.sum()
         if tick is not None:
             tick(start + len(batch))
@@ -325,7 +337,7 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
             pred = net(r.x[_to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,)
         correct += int((pred == r.y_host[idx]).sum())
         if soft is not None:
-            agree += int((pred == soft(idx).argmax(axis=-1)).sum())
+            agree += int((pred == _teacher_class(soft(idx))).sum())
     net.train()
     scores = torch.tensor([correct / len(val), agree / len(val)], dtype=torch.float64)
     if st.world > 1:  # ranks hold equal weights; rank 0's word keeps their stopping decisions equal

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from kd_core import data, features, losses, models, progress, tasks, train
+from kd_core.cache import LogitCache, expected_keys
 from kd_core.config import Params
 from kd_core.fs import atomic_dir
-from kd_core.logits import LogitCache
 from kd_core.stages._common import (
     StudentResult,
     checkpoint_path,
@@ -30,7 +30,6 @@ from kd_core.stages._common import (
     validation_rows,
     write_curve,
 )
-from kd_core.stages.cache_logits import expected_keys
 from kd_core.train import fit
 
 CURVE = "train_student.csv"
@@ -76,7 +75,8 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed, lead = train.checkpoint_epochs(ckpt), rank == 0
     loss = losses.build(params.distill, caches[0].top_k)  # a top-k cache gets the top-k-aware KL
-    soft = caches[0].take if len(caches) == 1 else functools.partial(
+    one = caches[0].targets if losses.reads_topk(params.distill, caches[0].top_k) else caches[0].take
+    soft = one if len(caches) == 1 else functools.partial(
         losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble, params.distill.temperature)
     net, extra = _hinted(params, caches[0], model, task.example(spec, batch=2))
     history = fit(net, x, y, loss, fit_config(params.train), soft=soft, val=val,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kd_core.logits import read_manifest
+from kd_core.cache import read_manifest
 from tests.conftest import dvc, write_params
 
 pytestmark = pytest.mark.slow

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.logits import CacheSettings, build_cache, cache_key
+from kd_core.cache import CacheSettings, build_cache, cache_key
 from tests.reliability.conftest import Damage, lost_bytes, snapshot
 
 SCRIPT = """
 import sys, time, torch
 from pathlib import Path
-from kd_core.logits import CacheSettings, build_cache, cache_key
+from kd_core.cache import CacheSettings, build_cache, cache_key
 
 root, slow = Path(sys.argv[1]), float(sys.argv[2])
 logits = torch.randn(4000, 50, generator=torch.Generator().manual_seed(1)) * 4

@@ -10,12 +10,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from kd_core import features, models
+from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key, settings, verify_cache
 from kd_core.config import DistillParams, parse_params
 from kd_core.data import Schema
 from kd_core.errors import UserError
-from kd_core.logits import CacheSettings, LogitCache, build_cache, cache_key, verify_cache
 from kd_core.losses import attention_transfer, hint_cosine, hint_mse, l2_penalty
-from kd_core.stages.cache_logits import settings
 from kd_core.train import FitConfig, fit
 
 SCHEMA = Schema(tuple(f"x{i}" for i in range(40)), "label", tuple(range(10)))

@@ -1,13 +1,15 @@
 """The soft-label cache: round trip, keys, stale refusal, resume and verification."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from kd_core import logits as logits_module
+from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key, verify_cache
+from kd_core.cache import reader as cache_reader
 from kd_core.errors import UserError
-from kd_core.logits import CacheSettings, LogitCache, build_cache, cache_key, verify_cache
 
 
 def _teacher_logits(n: int = 1000, k: int = 7) -> torch.Tensor:
@@ -28,7 +30,7 @@ def _build(tmp_path, logits, dtype="float32", shard_rows=300, compute=None, top_
 def read_path(request, monkeypatch):
     """Both read paths of a dense cache: read whole into RAM, and gathered from the memory maps."""
     if request.param == "mmap":
-        monkeypatch.setattr(logits_module, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(cache_reader, "IN_MEMORY_MAX_BYTES", 0)
     return request.param
 
 
@@ -148,14 +150,46 @@ def test_topk_larger_than_classes_is_refused(tmp_path):
 
 
 def test_store_lists_and_collects(tmp_path):
-    from kd_core.logits import gc_store, list_store
+    from kd_core.cache import gc_store, list_store
 
     logits = _teacher_logits()
     _, key = _build(tmp_path, logits)
     _build(tmp_path, logits, dtype="float16")
     stored = list_store(tmp_path / "work")
     assert len(stored) == 2 and all(c.complete for c in stored)
-    removed = gc_store(tmp_path / "work", keep={key})
-    assert [c.key for c in removed] != [key] and len(removed) == 1
+    removed, busy = gc_store(tmp_path / "work", keep={key})
+    assert [c.key for c in removed] != [key] and len(removed) == 1 and busy == []
     assert [c.key for c in list_store(tmp_path / "work")] == [key]
     assert verify_cache(tmp_path / "cache") == []  # the published cache is untouched by gc
+
+
+def test_gc_keeps_a_cache_whose_build_holds_the_lock(tmp_path):
+    """A build in progress (another process holding its key's lock) is never collected."""
+    from kd_core.cache import gc_store, key_lock, list_store
+
+    _, key = _build(tmp_path, _teacher_logits())
+    with key_lock(tmp_path / "work", key):  # as build_cache holds it while it computes shards
+        removed, busy = gc_store(tmp_path / "work", keep=set())
+    assert removed == [] and [c.key for c in busy] == [key]
+    assert [c.key for c in list_store(tmp_path / "work")] == [key]
+    removed, busy = gc_store(tmp_path / "work", keep=set())  # released: now it goes
+    assert [c.key for c in removed] == [key] and busy == [] and list_store(tmp_path / "work") == []
+
+
+def test_shard_temporaries_are_unique_per_writer(tmp_path, monkeypatch):
+    """Two writers of the same shard (two builds of one key on a shared store) never share a temp file."""
+    from kd_core.cache import build as cache_build
+
+    names = []
+    real = cache_build.os.replace
+
+    def spy(src, dst):
+        names.append(Path(src).name)
+        real(src, dst)
+
+    monkeypatch.setattr(cache_build.os, "replace", spy)
+    arr = np.zeros((4, 3), np.float32)
+    cache_build.write_shard(tmp_path, 0, {"logits": arr})
+    cache_build.write_shard(tmp_path, 0, {"logits": arr})
+    shard_temps = [n for n in names if n.startswith("shard-00000.logits.npy.") and n.endswith(".tmp")]
+    assert len(shard_temps) == 2 and len(set(shard_temps)) == 2

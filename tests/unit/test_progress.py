@@ -9,8 +9,8 @@ import torch
 from rich.console import Console
 
 from kd_core import progress
+from kd_core.cache import CacheSettings, build_cache, cache_key
 from kd_core.commands import progress_bars
-from kd_core.logits import CacheSettings, build_cache, cache_key
 from kd_core.train import FitConfig, fit
 
 

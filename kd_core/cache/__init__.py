@@ -1,0 +1,25 @@
+"""The soft-label cache: format and key (format.py), building (build.py), reading (reader.py), the
+store (store.py) and the stages' side of it (teacher.py). See format.py for the layout on disk."""
+
+from kd_core.cache.build import CacheReport, build_cache, write_shard
+from kd_core.cache.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    STORE,
+    CacheSettings,
+    bytes_per_row,
+    cache_key,
+    decode,
+    encode,
+    read_manifest,
+    shard_file,
+    verify_cache,
+)
+from kd_core.cache.reader import IN_MEMORY_MAX_BYTES, LogitCache, TopK, TopKTensors
+from kd_core.cache.store import StoredCache, gc_store, key_lock, list_store
+from kd_core.cache.teacher import TeacherLogits, expected_keys, settings
+
+__all__ = ["FORMAT_VERSION", "IN_MEMORY_MAX_BYTES", "MANIFEST", "STORE", "CacheReport", "CacheSettings",
+           "LogitCache", "StoredCache", "TeacherLogits", "TopK", "TopKTensors", "build_cache", "bytes_per_row",
+           "cache_key", "decode", "encode", "expected_keys", "gc_store", "key_lock", "list_store",
+           "read_manifest", "settings", "shard_file", "verify_cache", "write_shard"]

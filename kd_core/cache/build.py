@@ -1,0 +1,300 @@
+"""Building a cache: shards computed by the teacher (serially or on a Dask cluster), each written
+atomically with a sha256 sidecar into the content-addressed store, resumed after a crash, then
+published into the stage output by hard links. A build holds its key's store lock (store.py), so
+`kd cache gc` never deletes a cache while it is being built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd_core.cache.format import (
+    _STORAGE,
+    FORMAT_VERSION,
+    MANIFEST,
+    STORE,
+    CacheSettings,
+    Compute,
+    Features,
+    _split,
+    bytes_per_row,
+    encode,
+    encode_features,
+    feature_role,
+    read_manifest,
+    sha256_file,
+    shard_file,
+    shard_ranges,
+    verify_manifest,
+)
+from kd_core.cache.store import key_lock
+from kd_core.errors import TransientError, UserError
+from kd_core.fs import atomic_dir, atomic_write_text
+
+
+def _npy_header(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    return buf.getvalue()
+
+
+def _write_array(path: Path, arr: np.ndarray) -> str:
+    """Write a .npy via a temporary name + rename, then a sha256 sidecar; return the sha256.
+
+    The digest is taken from the bytes in memory as they are written (no read-back), so hashing
+    costs one pass over data already in cache. A crash leaves no file, a `.tmp` nobody trusts, or a
+    file without a sidecar, which a re-run recomputes: resume never trusts an unverified shard. An
+    `OSError` (disk full, file size limit) removes the partial file and becomes one clear line.
+    """
+    arr = np.ascontiguousarray(arr)
+    header = _npy_header(arr)
+    digest = hashlib.sha256(header)
+    digest.update(memoryview(arr).cast("B"))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # unique per writer
+    try:
+        with tmp.open("wb") as f:
+            f.write(header)
+            f.write(memoryview(arr).cast("B"))
+        os.replace(tmp, path)
+        atomic_write_text(path.with_name(path.name + ".sha256"), digest.hexdigest())
+        return digest.hexdigest()
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write cache shard {path}: {exc.strerror or exc}") from None
+
+
+def _verified(path: Path) -> str | None:
+    """The file's sha256 if it is complete and matches its sidecar, else None (recompute it)."""
+    side = path.with_name(path.name + ".sha256")
+    if not path.exists() or not side.exists():
+        return None
+    digest = sha256_file(path)
+    return digest if digest == side.read_text().strip() else None
+
+
+def write_shard(store: Path, i: int, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write one shard's arrays; returns {role: sha256}. Top-level so Dask workers can run it."""
+    return {role: _write_array(store / shard_file(i, role), arr) for role, arr in arrays.items()}
+
+
+def _verified_shard(store: Path, i: int, roles: tuple[str, ...]) -> dict[str, str] | None:
+    digests = {r: _verified(store / shard_file(i, r)) for r in roles}
+    return None if any(d is None for d in digests.values()) else digests
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    key: str
+    rows: int
+    classes: int
+    shards: int
+    computed: int  # shards computed by the teacher in this call
+    reused: int  # shards kept from an interrupted or earlier call
+    unchanged: bool = False  # a complete cache with this key existed: the teacher did not run
+    seconds: float = 0.0
+    bytes_per_row: int = 0
+
+
+def _compute_and_write(compute: Compute, settings: CacheSettings, store: Path, i: int, start: int,
+                       stop: int, n_classes: int, shapes: tuple[tuple[int, ...], ...] = ()) -> dict[str, str]:
+    """Teacher forward for one shard, then encode and write it (used by the Dask runner)."""
+    logits, feats = _split(compute(start, stop))
+    _check_shape(logits, start, stop, n_classes)
+    _check_features(feats, start, stop, shapes)
+    return write_shard(store, i, encode(logits, settings) | encode_features(feats, settings))
+
+
+def _check_shape(logits: torch.Tensor, start: int, stop: int, n_classes: int) -> None:
+    """Refuse what must never be cached: a wrong shape or non-finite logits."""
+    if tuple(logits.shape) != (stop - start, n_classes):
+        raise UserError(f"teacher returned logits of shape {tuple(logits.shape)} for rows {start}:{stop}, "
+                        f"expected {(stop - start, n_classes)}")
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise UserError(f"teacher returned {bad} non-finite logit(s) for rows {start}:{stop}; nothing cached")
+
+
+def _check_features(feats: Features, start: int, stop: int, shapes: tuple[tuple[int, ...], ...]) -> None:
+    """Features obey the same rule as logits: the announced shapes, finite values."""
+    got = tuple(tuple(f.shape) for f in feats)
+    want = tuple((stop - start, *s) for s in shapes)
+    if got != want:
+        raise UserError(f"teacher features for rows {start}:{stop} have shapes {got}, expected {want}")
+    for j, f in enumerate(feats):
+        if not torch.isfinite(f).all():
+            raise UserError(f"teacher feature {j} has non-finite value(s) for rows {start}:{stop}; nothing cached")
+
+
+def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
+                n_classes: int, shapes: tuple[tuple[int, ...], ...] = ()) -> dict[int, dict[str, str]]:
+    """The teacher computes shard i+1 while a writer thread encodes, writes and hashes shard i.
+
+    numpy writes and hashlib release the GIL, so disk and hashing overlap the forward passes.
+    """
+    done: dict[int, dict[str, str]] = {}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list[tuple[int, Future]] = []
+        for i, start, stop in todo:
+            logits, feats = _split(compute(start, stop))  # (B, K), [(B, *shape)]
+            _check_shape(logits, start, stop, n_classes)
+            _check_features(feats, start, stop, shapes)
+            pending.append((i, writer.submit(lambda i=i, lg=logits, fs=feats: write_shard(
+                store, i, encode(lg, settings) | encode_features(fs, settings)))))
+            while len(pending) > 1:  # at most one shard in flight: memory stays bounded
+                j, fut = pending.pop(0)
+                done[j] = fut.result()
+        for j, fut in pending:
+            done[j] = fut.result()
+    return done
+
+
+def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
+              n_classes: int, shapes: tuple[tuple[int, ...], ...], address: str | None) -> dict[int, dict[str, str]]:
+    """Map shards over a Dask cluster: `address` of an existing one, else a temporary local cluster.
+
+    Workers write shards straight into the store (a shared filesystem for remote clusters).
+    """
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if address:
+            client = Client(address, timeout="30s")
+        else:
+            cluster = LocalCluster(n_workers=min(len(todo), os.cpu_count() or 1), threads_per_worker=1,
+                                   processes=True, dashboard_address=None)
+            client = Client(cluster)
+    except OSError as exc:
+        raise TransientError(f"cannot reach the Dask cluster {address}: {exc}") from None
+    try:
+        futures = {i: client.submit(_compute_and_write, compute, settings, store, i, start, stop, n_classes,
+                                    shapes, pure=False) for i, start, stop in todo}
+        return {i: f.result() for i, f in futures.items()}
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
+                settings: CacheSettings, meta: dict, runner: str = "serial",
+                dask_address: str | None = None,
+                progress: Callable[[int, int], None] | None = None,
+                feature_shapes: tuple[tuple[int, ...], ...] = ()) -> CacheReport:
+    """Compute (or resume) every shard in the store, then publish shards + manifest into `out`.
+
+    `feature_shapes` are the per-row shapes of `settings.features`, known before any shard is computed
+    (a probe of the teacher), so a resumed cache whose shards all exist still gets its manifest.
+
+    `progress(rows done, rows)` is called after each shard's forward pass (serial runner; the Dask
+    runner reports once at the end, its dashboard shows the rest).
+    """
+    t0 = time.perf_counter()
+    if settings.top_k and settings.top_k > n_classes:
+        raise UserError(f"cache.top_k={settings.top_k} exceeds the number of classes ({n_classes})")
+    if len(feature_shapes) != len(settings.features):
+        raise ValueError(f"{len(settings.features)} feature(s) to cache, {len(feature_shapes)} shape(s) given")
+    with key_lock(work, key):  # `kd cache gc` skips a cache while its build holds this
+        return _build_locked(compute, n_rows, n_classes, out, work, key, settings, meta, runner, dask_address,
+                             progress, feature_shapes, t0)
+
+
+def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
+                  settings: CacheSettings, meta: dict, runner: str, dask_address: str | None,
+                  progress: Callable[[int, int], None] | None, feature_shapes: tuple[tuple[int, ...], ...],
+                  t0: float) -> CacheReport:
+    store = work / STORE / key
+    store.mkdir(parents=True, exist_ok=True)
+    ranges = shard_ranges(n_rows, settings.shard_rows)
+    row_bytes = bytes_per_row(settings, n_classes, feature_shapes)
+    complete = _complete_manifest(store, key)
+    if complete is not None:
+        _publish(store, out, complete)
+        return CacheReport(key, n_rows, n_classes, len(ranges), 0, len(ranges), True,
+                           time.perf_counter() - t0, row_bytes)
+    digests = {i: d for i in range(len(ranges)) if (d := _verified_shard(store, i, settings.roles()))}
+    todo = [(i, s, e) for i, (s, e) in enumerate(ranges) if i not in digests]
+    if todo:
+        run = _run_dask if runner == "dask" else _run_serial
+        extra = (feature_shapes, dask_address) if runner == "dask" else (feature_shapes,)
+        if progress is not None and runner != "dask":
+            compute = _counted(compute, progress, n_rows - sum(e - s for _, s, e in todo), n_rows)
+        digests.update(run(compute, settings, store, todo, n_classes, *extra))
+        if progress is not None:
+            progress(n_rows, n_rows)
+    manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
+                "storage_dtype": np.dtype(_STORAGE[settings.dtype]).name, "rows": n_rows, "classes": n_classes,
+                **_feature_manifest(settings, feature_shapes), "bytes_per_row": row_bytes,
+                "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
+                                                             for r in settings.roles()}}
+                           for i, (s, e) in enumerate(ranges)], **meta}  # no timestamps: byte-identical reruns
+    missing = [a["file"] for sh in manifest["shards"] for a in sh["arrays"].values()
+               if not (store / a["file"]).exists()]
+    if missing:  # every shard was hashed as written; the manifest comes last, once all are in place
+        raise UserError(f"cache {store}: shard files vanished while caching: {missing[:3]}")
+    atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=2))
+    _publish(store, out, manifest)
+    return CacheReport(key, n_rows, n_classes, len(ranges), len(todo), len(ranges) - len(todo), False,
+                       time.perf_counter() - t0, row_bytes)
+
+
+def _feature_manifest(settings: CacheSettings, shapes: tuple[tuple[int, ...], ...]) -> dict:
+    """The manifest's `features` entry: module, pooling, per-row shape and file role of each feature."""
+    if not settings.features:
+        return {}
+    return {"features": [{"module": m, "pool": p, "shape": list(shape), "role": feature_role(j)}
+                         for j, ((m, p), shape) in enumerate(zip(settings.features, shapes, strict=True))]}
+
+
+def _counted(compute: Compute, progress: Callable[[int, int], None], done: int, total: int) -> Compute:
+    """`compute` that reports the rows it has produced (starting from `done` resumed rows)."""
+    rows = [done]
+    progress(done, total)
+
+    def counted(start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, Features]:
+        logits = compute(start, stop)
+        rows[0] += stop - start
+        progress(rows[0], total)
+        return logits
+
+    return counted
+
+
+def _complete_manifest(store: Path, key: str) -> dict | None:
+    """The store's manifest if the cache with this key is complete and every file verifies."""
+    try:
+        manifest = read_manifest(store)
+    except UserError:
+        return None
+    return manifest if manifest.get("key") == key and not verify_manifest(store, manifest) else None
+
+
+def _publish(store: Path, out: Path, manifest: dict) -> None:
+    """Hard-link the cache into the stage output (no copy), replacing it atomically."""
+    with atomic_dir(out) as tmp:
+        for s in manifest["shards"]:
+            for a in s["arrays"].values():
+                _link_or_copy(store / a["file"], tmp / a["file"])
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+

@@ -1,0 +1,225 @@
+"""The soft-label cache's format: the teacher's raw logits on disk, tied to the teacher and data that
+made them (the package: format, build, reader, store, teacher).
+
+A cache is a directory::
+
+    manifest.json                 format, key, dtype, top_k, rows, classes, shards with sha256
+    shard-00000.logits.npy        dense: raw logits of rows [start, stop)           (B, K)
+    shard-00000.values.npy        top-k: the K' largest raw logits per row           (B, K')
+    shard-00000.indices.npy       top-k: their class indices (int32)                 (B, K')
+    shard-00000.tail_lse.npy      top-k: log-sum-exp of the other logits at T = 1    (B,)
+    shard-00000.feature0.npy      cache.features[0]: the teacher module's output      (B, *shape)
+
+Teacher features (intermediate activations, optionally pooled) are captured in the same forward
+pass as the logits and live in the same shards: same key, manifest, checksums, resume and verify.
+The manifest records each one's module, pooling and per-row shape, and `bytes_per_row`.
+
+Raw logits (not probabilities) are stored so any temperature can be applied later. The **key**
+hashes the teacher fingerprint, the data fingerprint and the cache settings: a changed teacher or
+changed data can never be served stale soft labels.
+
+Caches are built in a content-addressed store, ``<work>/cache/<key>/``, that outlives DVC (which
+deletes a stage's outputs before re-running it). Each shard is written to a temporary name and
+renamed when complete, with a sha256 sidecar; a re-run keeps every shard that verifies and computes
+only the missing ones, so a crash costs at most one shard. A finished cache is published into the
+stage output by hard links, and a later run with the same key publishes it again without running
+the teacher.
+
+Top-k tail at T ≠ 1: only the tail's log-sum-exp at T = 1 (``L``) and its size ``n`` are known. The
+tail is treated as ``n`` equal logits ``L - log n`` — exact in total mass at T = 1, and at any T it
+keeps the tail as one bucket whose mass follows from those equal logits: ``n · exp((L - log n)/T)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd_core.errors import UserError
+
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+STORE = "cache"  # under params.paths.work
+_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 kept as its bits
+
+Features = list[torch.Tensor]  # one (B, *shape) tensor per CacheSettings.features entry
+Compute = Callable[[int, int], torch.Tensor | tuple[torch.Tensor, Features]]  # (start, stop) -> logits (B, K)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dtype: str
+    shard_rows: int
+    top_k: int | None = None  # None: dense
+    features: tuple[tuple[str, str], ...] = ()  # (teacher module, pooling) per captured feature
+
+    def to_json(self) -> dict:
+        """Features only when there are some: a logits-only cache keeps the key it always had."""
+        extra = {"features": [list(f) for f in self.features]} if self.features else {}
+        return {"dtype": self.dtype, "shard_rows": self.shard_rows, "top_k": self.top_k, **extra}
+
+    def roles(self) -> tuple[str, ...]:
+        logit_roles = ("values", "indices", "tail_lse") if self.top_k else ("logits",)
+        return logit_roles + tuple(feature_role(j) for j in range(len(self.features)))
+
+
+def feature_role(j: int) -> str:
+    return f"feature{j}"
+
+
+def bytes_per_row(settings: CacheSettings, n_classes: int, feature_shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Bytes one cached row costs on disk (npy headers aside): logits or top-k arrays plus every feature."""
+    item = np.dtype(_STORAGE[settings.dtype]).itemsize
+    logits = settings.top_k * (item + 4) + 4 if settings.top_k else n_classes * item  # + int32 indices, tail
+    return logits + sum(int(np.prod(shape)) * item for shape in feature_shapes)
+
+
+def cache_key(teacher_fingerprint: str, data_fingerprint: str, settings: CacheSettings) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, "teacher": teacher_fingerprint,
+                       "data": data_fingerprint, "settings": settings.to_json()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_rows, n_rows)) for s in range(0, n_rows, shard_rows)]
+
+
+def _store(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Tensor -> storage array; bfloat16 has no numpy dtype, so its 16-bit pattern is stored as int16."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+    return x.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage array -> float32.  # (B, ...)"""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.array(stored)).view(torch.bfloat16).float().numpy()  # copy: writable
+    if dtype == "float16":  # torch converts with F16C; numpy's float16 cast is ~10x slower
+        return torch.from_numpy(np.array(stored)).float().numpy()
+    return np.asarray(stored, dtype=np.float32)
+
+
+def clamp_tail(values: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.ndarray:
+    """The tail's log-sum-exp, lowered where needed so its equal per-class logit L - log n never
+    exceeds the smallest kept logit.  # (B, K'), (B,) -> (B,)
+
+    In float32 that holds by construction (every tail logit ≤ every kept one); once the kept values
+    are rounded to float16/bfloat16 the smallest may round below the tail, which would make the tail
+    classes look likelier than a cached one. Clamping moves at most one rounding step of mass.
+    """
+    if n_tail == 0:
+        return tail_lse
+    limit = values.min(axis=-1).astype(np.float64) + np.log(n_tail)  # (B,)
+    limit32 = limit.astype(np.float32)
+    limit32 = np.where(limit32 > limit, np.nextafter(limit32, np.float32(-np.inf)), limit32)  # round down
+    return np.minimum(tail_lse.astype(np.float32), limit32)
+
+
+def encode(logits: torch.Tensor, settings: CacheSettings) -> dict[str, np.ndarray]:
+    """Raw logits (B, K) -> the arrays of one shard, by role."""
+    logits = logits.float()
+    if not settings.top_k:
+        return {"logits": _store(logits, settings.dtype)}
+    values, indices = logits.topk(settings.top_k, dim=-1)  # (B, K'), (B, K')
+    n_tail = logits.shape[1] - settings.top_k
+    tail = logits.scatter(-1, indices, float("-inf"))  # (B, K): top-k masked out
+    tail_lse = torch.logsumexp(tail, dim=-1) if n_tail else torch.full((len(logits),), float("-inf"))  # (B,)
+    stored = _store(values, settings.dtype)
+    return {"values": stored, "indices": indices.to(torch.int32).numpy(),
+            "tail_lse": clamp_tail(decode(stored, settings.dtype), tail_lse.numpy().astype(np.float32), n_tail)}
+
+
+def encode_features(feats: Features, settings: CacheSettings) -> dict[str, np.ndarray]:
+    """Teacher features -> the arrays of one shard, stored in the cache's dtype like the logits."""
+    return {feature_role(j): _store(f.float(), settings.dtype) for j, f in enumerate(feats)}
+
+
+def _split(out: torch.Tensor | tuple[torch.Tensor, Features]) -> tuple[torch.Tensor, Features]:
+    """A compute's result as (logits, features); a bare tensor is logits without features."""
+    return (out, []) if isinstance(out, torch.Tensor) else out
+
+
+def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
+    storage = np.dtype(_STORAGE[manifest["dtype"]])
+    features = {f["role"]: f["shape"] for f in manifest.get("features", [])}
+    if role in features:
+        return (rows, *features[role]), storage
+    k = manifest.get("top_k")
+    return {"logits": ((rows, manifest["classes"]), storage), "values": ((rows, k), storage),
+            "indices": ((rows, k), np.dtype(np.int32)), "tail_lse": ((rows,), np.dtype(np.float32))}[role]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_file(i: int, role: str) -> str:
+    return f"shard-{i:05d}.{role}.npy"
+
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise UserError(f"{path} holds no logit cache ({MANIFEST} missing): run the cache_logits stage")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as exc:
+        raise UserError(f"{mpath} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise UserError(f"{mpath}: cache format {manifest.get('format')!r}, this kd reads {FORMAT_VERSION}; "
+                        "re-run the cache_logits stage")
+    return manifest
+
+
+def verify_manifest(path: Path, manifest: dict) -> list[str]:
+    """Every problem: row coverage, missing files, checksums, shapes, dtypes and finite values."""
+    problems, expected_start = [], 0
+    for s in manifest["shards"]:
+        if s["start"] != expected_start:
+            problems.append(f"shard at rows {s['start']}:{s['stop']}: expected to start at {expected_start}")
+        expected_start = s["stop"]
+        for role, a in s["arrays"].items():
+            f = path / a["file"]
+            if not f.exists():
+                problems.append(f"{f}: missing")
+            elif sha256_file(f) != a["sha256"]:
+                problems.append(f"{f}: checksum mismatch (corrupted or modified)")
+            else:
+                problems += _check_array(f, role, s["stop"] - s["start"], manifest)
+    if expected_start != manifest["rows"]:
+        problems.append(f"{path}: shards cover {expected_start} rows, manifest says {manifest['rows']}")
+    return problems
+
+
+def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:
+    arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    shape, dtype = _expected(role, rows, manifest)
+    if arr.shape != shape or arr.dtype != dtype:
+        return [f"{f}: shape {arr.shape} dtype {arr.dtype}, expected {shape} {dtype}"]
+    if role == "indices":
+        bad = int(((arr < 0) | (arr >= manifest["classes"])).sum())
+        return [f"{f}: {bad} class index(es) out of range"] if bad else []
+    floats = role in ("logits", "values") or role.startswith("feature")
+    values = decode(arr, manifest["dtype"]) if floats else np.asarray(arr)
+    finite = np.isfinite(values) | ((values == -np.inf) & (role == "tail_lse"))  # empty tail: -inf
+    bad = int((~finite).sum())
+    return [f"{f}: {bad} non-finite value(s)"] if bad else []
+
+
+def verify_cache(path: Path) -> list[str]:
+    """`kd cache verify`: every problem found in the cache at `path`. Empty means sound."""
+    return verify_manifest(path, read_manifest(path))
+
+

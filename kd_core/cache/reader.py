@@ -1,0 +1,171 @@
+"""Reading a cache for training: memory-mapped shards, each checksum-verified before first use.
+
+A top-k cache is read as top-k (`take_topk`, `targets`): the student's loss works on (B, K') values,
+indices and a tail bucket, never on a (B, C) teacher row, so memory stays O(B·K') for any vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd_core.cache.format import clamp_tail, decode, read_manifest, sha256_file
+from kd_core.errors import UserError
+
+
+@dataclass(frozen=True)
+class TopKTensors:
+    """A batch of top-k soft targets on a device: what `losses.topk_kd` reads instead of (B, C) logits."""
+
+    values: torch.Tensor  # (B, K') float32 raw logits
+    indices: torch.Tensor  # (B, K') int64 class indices
+    tail_lse: torch.Tensor  # (B,) float32 log-sum-exp of the other logits at T = 1
+    n_tail: int  # classes outside the top K'
+
+    def argmax(self) -> torch.Tensor:
+        """The teacher's class per row (the tail never beats a kept logit: format.clamp_tail).  # (B,)"""
+        return self.indices.gather(-1, self.values.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+@dataclass(frozen=True)
+class TopK:
+    values: np.ndarray  # (B, K') float32 raw logits
+    indices: np.ndarray  # (B, K') int64 class indices
+    tail_lse: np.ndarray  # (B,) float32 log-sum-exp of the other logits at T = 1
+    n_tail: int  # classes outside the top K'
+
+    def argmax(self) -> np.ndarray:
+        """The teacher's class per row.  # (B,)"""
+        return np.take_along_axis(self.indices, self.values.argmax(axis=-1)[:, None], axis=-1)[:, 0]
+
+    def to(self, device: torch.device) -> TopKTensors:
+        """The batch as tensors on `device` (pinned and non-blocking on CUDA)."""
+        def move(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+        return TopKTensors(move(self.values), move(self.indices), move(self.tail_lse), self.n_tail)
+
+
+IN_MEMORY_MAX_BYTES = 1 << 30  # dense caches up to 1 GiB of float32 are read into RAM for training
+
+
+@dataclass
+class LogitCache:
+    """Read side: memory-mapped arrays, each checksum-verified once before its first use; a dense
+    cache of at most IN_MEMORY_MAX_BYTES is read into RAM whole, as training touches every row anyway."""
+
+    path: Path
+    expected_key: str | None = None
+    manifest: dict = field(init=False)
+    _arrays: dict[tuple[int, str], np.ndarray] = field(init=False, default_factory=dict)
+    _dense: np.ndarray | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.manifest = read_manifest(self.path)
+        key = self.manifest.get("key")
+        if self.expected_key is not None and key != self.expected_key:
+            raise UserError(f"logit cache {self.path} was made by another teacher or other data "
+                            f"(key {str(key)[:12]}…, current {self.expected_key[:12]}…): "
+                            "re-run the cache_logits stage")
+        self._starts = np.array([s["start"] for s in self.manifest["shards"]], dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def classes(self) -> int:
+        return int(self.manifest["classes"])
+
+    @property
+    def top_k(self) -> int | None:
+        return self.manifest.get("top_k")
+
+    def _array(self, i: int, role: str) -> np.ndarray:
+        if (i, role) not in self._arrays:
+            a = self.manifest["shards"][i]["arrays"][role]
+            f = self.path / a["file"]
+            if not f.exists() or sha256_file(f) != a["sha256"]:
+                raise UserError(f"{f}: checksum mismatch or missing; the cache is corrupt: "
+                                "run `kd cache verify` and re-run the cache_logits stage")
+            self._arrays[(i, role)] = np.load(f, mmap_mode="r", allow_pickle=False)
+        return self._arrays[(i, role)]
+
+    def _gather(self, idx: np.ndarray, role: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(positions in idx, rows of that shard's array) for every shard `idx` touches."""
+        which = np.searchsorted(self._starts, idx, side="right") - 1  # (B,)
+        order = np.argsort(which, kind="stable")  # one sort instead of a mask per shard: a random batch
+        groups = np.split(order, np.flatnonzero(np.diff(which[order])) + 1)  # touches every shard
+        return [(sel, self._array(int(which[sel[0]]), role)[idx[sel] - self._starts[which[sel[0]]]])
+                for sel in groups if len(sel)]
+
+    def _in_memory(self) -> np.ndarray:
+        """Every shard verified and decoded once into one float32 array.  # (N, K)
+
+        A random batch touches every shard, so gathering from the memory maps costs a sort and one
+        fancy index per shard each step; a cache that fits in IN_MEMORY_MAX_BYTES is one index instead.
+        """
+        if self._dense is None:
+            self._dense = np.concatenate([decode(self._array(i, "logits"), self.manifest["dtype"])
+                                          for i in range(len(self.manifest["shards"]))]).astype(np.float32)
+        return self._dense
+
+    @property
+    def features(self) -> list[dict]:
+        """The manifest's feature entries (module, pool, shape, role), in cache.features order."""
+        return self.manifest.get("features", [])
+
+    def take_feature(self, idx: np.ndarray, module: str) -> np.ndarray:
+        """Rows `idx` of the teacher feature captured from `module`, as float32.  # (B,) -> (B, *shape)"""
+        entry = next((f for f in self.features if f["module"] == module), None)
+        if entry is None:
+            raise UserError(f"{self.path} holds no feature of teacher module {module!r} "
+                            f"(it holds {[f['module'] for f in self.features]}): re-run the cache_logits stage")
+        out = np.empty((len(idx), *entry["shape"]), dtype=np.float32)
+        for sel, rows in self._gather(idx, entry["role"]):
+            out[sel] = decode(rows, self.manifest["dtype"])
+        return out
+
+    def take_topk(self, idx: np.ndarray) -> TopK:
+        """Top-k view of rows `idx` (a dense cache is cut to its own top-k on the fly)."""
+        if not self.top_k:
+            raise UserError(f"{self.path} is a dense cache; it has no top-k arrays")
+        k = self.top_k
+        values, indices = np.empty((len(idx), k), np.float32), np.empty((len(idx), k), np.int64)
+        tail = np.empty(len(idx), np.float32)
+        for sel, rows in self._gather(idx, "values"):
+            values[sel] = decode(rows, self.manifest["dtype"])
+        for sel, rows in self._gather(idx, "indices"):
+            indices[sel] = rows
+        for sel, rows in self._gather(idx, "tail_lse"):
+            tail[sel] = rows
+        return TopK(values, indices, clamp_tail(values, tail, self.classes - k), self.classes - k)
+
+    def targets(self, idx: np.ndarray) -> np.ndarray | TopK:
+        """What training reads for rows `idx`: dense logits (B, C), or a top-k cache as TopK (B, K')."""
+        return self.take_topk(idx) if self.top_k else self.take(idx)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (global row numbers) as float32 logits.  # (B,) -> (B, K)
+
+        For a top-k cache this densifies (O(B·C)): the tail classes get the equal-logit approximation
+        of kd_core/cache/format.py. Training on a top-k cache reads `targets` instead.
+        """
+        if not self.top_k:
+            if self.rows * self.classes * 4 <= IN_MEMORY_MAX_BYTES:
+                return self._in_memory()[idx]
+            out = np.empty((len(idx), self.classes), dtype=np.float32)
+            for sel, rows in self._gather(idx, "logits"):
+                out[sel] = decode(rows, self.manifest["dtype"])
+            return out
+        t = self.take_topk(idx)
+        fill = t.tail_lse - np.log(max(t.n_tail, 1))  # (B,)
+        out = np.repeat(fill[:, None], self.classes, axis=1).astype(np.float32)
+        np.put_along_axis(out, t.indices, t.values, axis=1)
+        return out
+
+
