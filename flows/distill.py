@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import State, flow, get_run_logger, task
 
 from flows.alerts import alert_on_failure
-from kd_core import registry
+from kd_core import tracking
 from kd_core.config import load_params
 from kd_core.errors import TransientError
 from kd_core.stages import STAGES
@@ -105,8 +105,8 @@ def _open_dag_run(path: Path) -> str | None:
     while the server is away.
     """
     try:
-        registry.check_tracking(path)  # one short probe: MLflow's client would retry for minutes
-        return registry.start_dag_run(path, load_params(path))
+        tracking.check_tracking(path)  # one short probe: MLflow's client would retry for minutes
+        return tracking.start_dag_run(path, load_params(path))
     except TransientError as exc:
         get_run_logger().warning(f"kd: note: {exc}; the stages run without live metrics")
         return None
@@ -124,10 +124,10 @@ def distill(root: str = ".") -> list[StageOutcome]:
         outcomes = [stage_tasks[name](name, str(path), run_id) for name in STAGES]
     except BaseException:
         if run_id:
-            registry.end_dag_run(path, run_id, "FAILED")
+            tracking.end_dag_run(path, run_id, "FAILED")
         raise
     if run_id:
-        registry.end_dag_run(path, run_id, "FINISHED")
+        tracking.end_dag_run(path, run_id, "FINISHED")
     return outcomes
 
 

@@ -176,9 +176,9 @@ def promote(
 ) -> None:
     """Make VERSION the champion by hand, overriding the promotion policy; audited in the registry."""
     root = _root()
-    from kd_core import registry  # lazy: mlflow loads only for the commands that need it
+    from kd_core import provenance, registry  # lazy: mlflow loads only for the commands that need it
 
-    print(registry.promote(root, load_params(root), version, reason, by or registry.current_user()).summary())
+    print(registry.promote(root, load_params(root), version, reason, by or provenance.current_user()).summary())
 
 
 @app.command(epilog=commands.examples('kd rollback --reason "canary error rate"'))
@@ -188,9 +188,9 @@ def rollback(
 ) -> None:
     """Move champion back to the previous champion; audited in the registry."""
     root = _root()
-    from kd_core import registry
+    from kd_core import provenance, registry
 
-    print(registry.rollback(root, load_params(root), reason, by or registry.current_user()).summary())
+    print(registry.rollback(root, load_params(root), reason, by or provenance.current_user()).summary())
 
 
 @app.command(epilog=commands.examples("kd serve"))

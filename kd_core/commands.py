@@ -1,6 +1,6 @@
 """`kd status`, `kd compare`, `kd predict`, `kd export` and the progress bars of `kd stage`.
 
-Presentation only (rich tables, typer options); the work is done by kd_core.registry,
+Presentation only (rich tables, typer options); the work is done by kd_core.versions and kd_core.registry,
 kd_core.stages.export and the stages. cli.py adds these commands to the `kd` app with `add_to`.
 """
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from kd_core.config import Params
-    from kd_core.registry import VersionInfo
+    from kd_core.versions import VersionInfo
 
 out = Console()
 ROLES = ("teacher", "baseline", "student")
@@ -135,15 +135,16 @@ _NARROW = ("ver", "aliases", "decision", "accuracy", "vs baseline", "failed rule
 
 
 def status(root: Path, limit: int) -> None:
-    from kd_core import registry
+    from kd_core import tracking
+    from kd_core import versions as versions_
 
     _quiet_mlflow()
     params = load_params(root)
     name = params.registry.model_name
-    versions = registry.list_versions(root, name, limit, f"{params.paths.metrics}/eval.json")
+    versions = versions_.list_versions(root, name, limit, f"{params.paths.metrics}/eval.json")
     rows = [_status_row(v) for v in versions]
     columns = [c for c in (rows[0] if rows else {"ver": ""}) if out.width >= 110 or c in _NARROW]
-    table = Table(title=f"{name} in {registry.tracking_uri(root)}", caption="test-set metrics from each version's "
+    table = Table(title=f"{name} in {tracking.tracking_uri(root)}", caption="test-set metrics from each version's "
                   "run; latency p50 at batch 1 on CPU; size of the weights file; rules: `policy` in params.yaml",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
     for col in columns:
@@ -236,14 +237,14 @@ def default_predictions_path(root: Path, params: Params, table_path: Path) -> Pa
 def predict(root: Path, table_path: Path, version: int | None, dest: Path | None) -> None:
     import pandas as pd
 
-    from kd_core import registry
+    from kd_core import versions as versions_
 
     _quiet_mlflow()
     params = load_params(root)
     frame = _read_table(table_path)
     label = params.data.label_column
     features = frame.drop(columns=[label]) if label in frame.columns else frame  # scoring never sees labels
-    used, classes, probs = registry.predict_table(root, params.registry.model_name, version, features)
+    used, classes, probs = versions_.predict_table(root, params.registry.model_name, version, features)
     result = pd.DataFrame({"prediction": classes, "probability": probs.to_numpy().max(axis=1) if len(probs)
                            else []})
     result = pd.concat([result, probs.add_prefix("prob_").reset_index(drop=True)], axis=1)
@@ -269,10 +270,10 @@ def predict(root: Path, table_path: Path, version: int | None, dest: Path | None
 
 def _registered_dir(root: Path, params: Params, version: int) -> Path:
     """Version `version`'s kd model directory, downloaded; it must read the prepared test rows."""
-    from kd_core import data, models, registry
+    from kd_core import data, models, serving
 
     name = params.registry.model_name
-    model_dir = registry.download_model_dir(f"models:/{name}/{version}", root / params.paths.work / "export-download",
+    model_dir = serving.download_model_dir(f"models:/{name}/{version}", root / params.paths.work / "export-download",
                                             root=root)
     features = models.load(model_dir)[1].schema.features
     prepared = data.read_prepared(root / params.paths.prepared).schema.features

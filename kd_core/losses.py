@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_core.config import DistillParams
-from kd_core.models import Registry
+from kd_core.models import Catalog
 
 if TYPE_CHECKING:
     from kd_core.cache.reader import TopKTensors
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 UNLABELLED = -1
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # (B,K), (B,K), (B,) -> (B,)
-LOSSES = Registry("loss")  # name -> factory(DistillParams) -> LossFn
+LOSSES = Catalog("loss")  # name -> factory(DistillParams) -> LossFn
 
 
 def reads_topk(distill: DistillParams, top_k: int | None) -> bool:
@@ -232,7 +232,7 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
 # --- hint losses: a student feature, projected to the teacher's shape, against a cached teacher feature
 
 HintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, *S), (B, *S) -> (B,)
-HINTS = Registry("hint loss")  # `distill.features[].loss` -> HintFn
+HINTS = Catalog("hint loss")  # `distill.features[].loss` -> HintFn
 
 
 @HINTS.register("mse")

@@ -30,8 +30,9 @@ META_FILE = "model.json"
 Factory = Callable[..., nn.Module]  # factory(n_features, n_classes, **options) -> nn.Module
 
 
-class Registry:
-    """Names -> factories, filled by explicit decoration so the list of choices is greppable."""
+class Catalog:
+    """Names -> factories (architectures, losses), filled by explicit decoration so the list of choices is
+    greppable. Not to be confused with the MLflow model registry (kd_core.registry)."""
 
     def __init__(self, kind: str) -> None:
         self.kind, self._items = kind, {}
@@ -58,7 +59,7 @@ class Registry:
                         "or give package.module:factory")
 
 
-ARCHS = Registry("architecture")
+ARCHS = Catalog("architecture")
 
 
 @ARCHS.register("mlp")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from kd_core.train import FitConfig, History
 CHECKPOINTS = "train"  # under params.paths.work: one folder per training stage
 # kd_core files every training run executes
 CODE = ("train.py", "losses.py", "models.py", "features.py", "stages/_common.py", "tasks/base.py")
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # kd_core.tracking.RUN_ID_ENV, read here without importing mlflow
 LIVE_PREFIX = "train"  # live curves are `train.<role>.<metric>`, apart from the test metrics `<role>.<metric>`
 
 
@@ -98,12 +100,14 @@ def epoch_logger(workdir: Path, prefix: str) -> Callable[[dict[str, float]], Non
     Namespaced `train.<prefix>.<metric>`: the run also holds the test metrics `<prefix>.<metric>`
     from eval.json, and one name for both would show whichever was logged last.
     """
-    from kd_core import registry
+    if not os.environ.get(RUN_ID_ENV):  # plain `dvc repro`: no DAG run, and no MLflow import for nothing
+        return lambda _row: None
+    from kd_core import tracking
 
     def log(row: dict[str, float]) -> None:
         step = int(row["epoch"])
         live = {f"{LIVE_PREFIX}.{prefix}.{k}": v for k, v in row.items() if k != "epoch"}
-        registry.log_epoch_metrics(workdir, live, step)
+        tracking.log_epoch_metrics(workdir, live, step)
 
     return log
 

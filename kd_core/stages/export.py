@@ -63,10 +63,10 @@ def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metr
         report = export.export_and_check(model_dir, x, y, tmp, teacher if teacher.is_dir() else None)
     atomic_write_text(metrics_file, json.dumps(report.to_json(), indent=2) + "\n")
     if version is not None:
-        from kd_core import registry  # mlflow loads only when there is a version to attach to
+        from kd_core import tracking, versions  # mlflow loads only when there is a version to attach to
 
-        registry.attach_to_version(workdir, params.registry.model_name, version, version_tags(report),
-                                   registry.flat_metrics({"export": report.to_json()}),
+        versions.attach_to_version(workdir, params.registry.model_name, version, version_tags(report),
+                                   tracking.flat_metrics({"export": report.to_json()}),
                                    [("onnx", out), (params.paths.metrics, metrics_file)])
     return ExportResult(report, out, params.registry.model_name if version is not None else None, version)
 

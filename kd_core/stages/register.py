@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_core import registry
+from kd_core import registry, tracking
 from kd_core.config import Params
 from kd_core.fs import atomic_write_text
 from kd_core.registry import RegisterOutcome
@@ -33,7 +33,7 @@ class RegisterResult:
 
 
 def run(params: Params, workdir: Path) -> RegisterResult:
-    registry.check_tracking(workdir)  # one short probe: MLflow's own client would retry for minutes
+    tracking.check_tracking(workdir)  # one short probe: MLflow's own client would retry for minutes
     outcome = registry.register_candidate(workdir, params)
     path = workdir / params.paths.metrics / OUTPUT_FILE
     atomic_write_text(path, json.dumps(outcome.to_json(), indent=2) + "\n")

@@ -48,7 +48,7 @@ def inputs(params: Params, workdir: Path) -> report.CardInputs:
                                                 workdir / params.paths.prepared)
     validation_summary = _json(workdir / params.paths.validation / validation.SUMMARY_FILE) or {}
     register = _json(metrics / "register.json")
-    from kd_core.registry import git_commit  # the same commit string the registry tags versions with
+    from kd_core.provenance import git_commit  # the same commit string the registry tags versions with
 
     facts = {"generated": report.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
              "source": params.data.source,
@@ -89,10 +89,10 @@ def run(params: Params, workdir: Path) -> ReportResult:
         _publish(tmp, reports, (report.FIGURES, report.DATA_DOCS, report.MD_FILE, report.HTML_FILE))
     version = registered_version(params, workdir)
     if version is not None:
-        from kd_core import registry  # mlflow loads only when there is a version to attach to
+        from kd_core import versions  # mlflow loads only when there is a version to attach to
 
         dest = params.paths.reports
-        registry.attach_to_version(
+        versions.attach_to_version(
             workdir, params.registry.model_name, version, {"model_card": f"{dest}/{report.HTML_FILE}"}, {},
             [(dest, reports / report.MD_FILE), (dest, reports / report.HTML_FILE),
              (f"{dest}/{report.FIGURES}", reports / report.FIGURES),

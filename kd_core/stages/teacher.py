@@ -76,9 +76,9 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
         task.save(model, spec, out)
         return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(p.numel() for p in model.parameters()))
     if _is_mlflow_uri(tp.source):
-        from kd_core import registry
+        from kd_core import serving
 
-        src = registry.download_model_dir(tp.source, workdir / params.paths.work / f"{name}-download", root=workdir)
+        src = serving.download_model_dir(tp.source, workdir / params.paths.work / f"{name}-download", root=workdir)
     else:
         src = workdir / tp.source
     if src.is_file():  # a bare weights file for teacher.arch

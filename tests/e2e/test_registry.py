@@ -19,9 +19,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_core import data, models, registry
+from kd_core import data, lock, models, provenance, registry, serving, tracking
 from kd_core.config import Params, parse_params
-from kd_core.errors import UserError
+from kd_core.errors import TransientError, UserError
 from kd_core.stages import register
 
 NAME = "kd-student"
@@ -58,7 +58,7 @@ def write_eval(root: Path, teacher: float = 1.0, baseline: float = 0.3, student:
     on the test split (register refuses a stale eval.json), unless `student` overrides it."""
     model, spec = models.load(root / PARAMS.paths.student)
     test = pd.read_parquet(root / PARAMS.paths.prepared / "test.parquet")
-    ok = registry.predict_frame(model, spec.schema, test) == test["label"].to_numpy(dtype=object)
+    ok = serving.predict_frame(model, spec.schema, test) == test["label"].to_numpy(dtype=object)
     per_class = {c: float(ok[test["label"].to_numpy() == c].mean()) for c in SCHEMA.classes}
     extra = {"ece": 0.02, "nll": 0.2, "agreement_with_teacher": 0.95, "params": 15, "macs": 12,
              "latency_ms_p50": 0.05, "size_bytes": 400}
@@ -94,6 +94,11 @@ def evaluated_project(tmp_path: Path) -> Path:
     (tmp_path / PARAMS.paths.validation).mkdir(parents=True)
     (tmp_path / PARAMS.paths.validation / "train.json").write_text('{"success": true}')
     (tmp_path / "params.yaml").write_text("{}\n")  # the defaults: PARAMS
+    # a committed project, as in real use: outside git the commit is a unique `unknown-…` marker
+    (tmp_path / ".gitignore").write_text("data/\nartifacts/\nmetrics/\nreports/\n.kd/\nmlflow.db\nmlruns/\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "evaluated project")
     return tmp_path
 
 
@@ -124,7 +129,7 @@ def test_first_candidate_is_promoted_and_recorded(root: Path):
     assert mv.tags["reason.latency_ratio"] == "latency_ratio 0.1000 <= 0.5000: pass"
     assert mv.tags["champion_version"] == "none" and mv.tags["promotion"] == "policy"
     assert mv.tags["cache_key"] == "cache-1" and mv.tags["teacher_fingerprint"] == "teacher-1"
-    assert mv.tags["params_hash"] == PARAMS.digest() and mv.tags["git_commit"] == "unknown"
+    assert mv.tags["params_hash"] == PARAMS.digest() and mv.tags["git_commit"] == git(root, "rev-parse", "HEAD")
     assert mv.tags["data_fingerprint"] == data.data_fingerprint(root / PARAMS.paths.prepared)
 
     run = client.get_run(result.outcome.run_id)
@@ -132,7 +137,7 @@ def test_first_candidate_is_promoted_and_recorded(root: Path):
     assert run.data.params["train.lr"] == "0.002" and run.data.params["registry.model_name"] == NAME
     assert run.data.params["data.feature_columns"] == "null"
     assert run.data.metrics["student.accuracy"] == 1.0 and "baseline.latency_ms_p50" in run.data.metrics
-    assert run.data.tags["dvc.prepare"] and run.data.tags["git_commit"] == "unknown"
+    assert run.data.tags["dvc.prepare"] and run.data.tags["git_commit"] == mv.tags["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"dvc.lock", "params.yaml", "metrics", "reports"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reports/validation")] == [
@@ -275,18 +280,18 @@ def test_kd_promote_and_rollback_commands(root: Path):
 def test_registry_lock_excludes_and_breaks_a_dead_holders_lock(root: Path):
     """The lock for shared stores, on the sqlite store here: at most one holder, stale ones broken."""
     client = MlflowClient()
-    first = registry._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
+    first = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
     first.acquire()
-    waiter = registry._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
+    waiter = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
     with pytest.raises(UserError, match=rf"registry lock {NAME}.lock is held by .* pid {os.getpid()}; gave up"):
         waiter.acquire()
     first.release()
     waiter.acquire()  # free again
     waiter.release()
 
-    dead = registry._RegistryLock(client, NAME, lease_s=0.0, timeout_s=1.0)
+    dead = lock._RegistryLock(client, NAME, lease_s=0.0, timeout_s=1.0)
     dead.acquire()  # and never released: its holder died
-    survivor = registry._RegistryLock(client, NAME, lease_s=60, timeout_s=5.0)
+    survivor = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=5.0)
     survivor.acquire()
     assert client.get_registered_model(f"{NAME}.lock").tags["token"] == survivor.token
     assert client.get_registered_model(f"{NAME}.lock.broken.{dead.token}")  # the record of the break
@@ -294,6 +299,27 @@ def test_registry_lock_excludes_and_breaks_a_dead_holders_lock(root: Path):
     assert client.get_registered_model(f"{NAME}.lock").tags["token"] == survivor.token
     survivor.release()
     assert [m.name for m in client.search_registered_models() if m.name == f"{NAME}.lock"] == []
+
+
+def test_a_late_breaker_never_breaks_the_next_holders_lock(root: Path):
+    """The check-then-act race: a waiter saw the expired lock of `dead`, but before it breaks it the
+    dead holder's lock is gone and `next_` holds a fresh one. Breaking by the stale token must leave
+    `next_`'s lock in place (it used to rename whatever `<name>.lock` was at that moment)."""
+    client = MlflowClient()
+    dead = lock._RegistryLock(client, NAME, lease_s=0.0, timeout_s=1.0)
+    dead.acquire()
+    stale = dead.token  # what the waiter read
+    client.rename_registered_model(f"{NAME}.lock", f"{NAME}.lock.gone")  # the dead lock goes away…
+    next_ = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
+    next_.acquire()  # …and someone takes the lock
+    waiter = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
+    waiter._break(stale)
+    assert client.get_registered_model(f"{NAME}.lock").tags["token"] == next_.token
+    dead.release()  # a holder whose lease ran out releases late: the same must hold
+    assert client.get_registered_model(f"{NAME}.lock").tags["token"] == next_.token
+    next_.release()
+    assert [m.name for m in client.search_registered_models() if m.name == f"{NAME}.lock"] == []
+    client.delete_registered_model(f"{NAME}.lock.gone")
 
 
 def test_bad_evidence_fails_before_anything_is_recorded(root: Path):
@@ -353,31 +379,31 @@ def test_predict_frame_names_missing_columns_and_keeps_integer_classes():
         model.net[0].bias.zero_()
     frame = pd.DataFrame([[0.0, 0.0, 2.0, 9.0], [1.0, 0.0, 0.0, 9.0]], columns=list(FEATURES))
 
-    assert registry.predict_frame(model, schema, frame).tolist() == [7, 3]
+    assert serving.predict_frame(model, schema, frame).tolist() == [7, 3]
     with pytest.raises(UserError, match=r"lacks feature column\(s\) \['f1'\]"):
-        registry.predict_frame(model, schema, frame.drop(columns=["f1"]))
+        serving.predict_frame(model, schema, frame.drop(columns=["f1"]))
     with pytest.raises(UserError, match="unknown output 'logits'"):
-        registry.predict_frame(model, schema, frame, output="logits")
+        serving.predict_frame(model, schema, frame, output="logits")
 
 
 def test_registered_model_downloads_as_a_kd_model_dir(root: Path):
     """teacher.source may be an MLflow URI: the kd directory inside the registered model."""
     register.run(PARAMS, root)
-    local = registry.download_model_dir(f"models:/{NAME}@champion", root / ".kd/teacher-download", root)
+    local = serving.download_model_dir(f"models:/{NAME}@champion", root / ".kd/teacher-download", root)
     _, spec = models.load(local)
     assert spec.schema == SCHEMA
 
 
 def test_dag_run_holds_epoch_metrics_and_the_registration(root: Path, monkeypatch: pytest.MonkeyPatch):
-    registry.log_epoch_metrics(root, {"student.loss": 1.0}, 1)  # no run id: nothing, no error
-    run_id = registry.start_dag_run(root, PARAMS)
+    tracking.log_epoch_metrics(root, {"student.loss": 1.0}, 1)  # no run id: nothing, no error
+    run_id = tracking.start_dag_run(root, PARAMS)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     for epoch, loss in enumerate([0.9, 0.5], start=1):
-        registry.log_epoch_metrics(root, {"student.loss": loss}, epoch)
+        tracking.log_epoch_metrics(root, {"student.loss": loss}, epoch)
     mlflow.flush_async_logging()
 
     outcome = register.run(PARAMS, root).outcome
-    registry.end_dag_run(root, run_id, "FINISHED")
+    tracking.end_dag_run(root, run_id, "FINISHED")
 
     client = MlflowClient()
     assert outcome.run_id == run_id
@@ -393,13 +419,15 @@ def test_unreachable_server_fails_with_one_line(root: Path, monkeypatch: pytest.
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(register, "RETRY_DELAYS_S", (0.0, 0.0))
 
-    with pytest.raises(UserError, match=r"unreachable.*gave up after 3 attempts") as exc:
+    with pytest.raises(TransientError, match=r"unreachable") as exc:  # exit 75: the flow retries it
         register.run(PARAMS, root)
-
     assert "\n" not in str(exc.value)
     assert not (root / "metrics/register.json").exists()
+
+    # a teacher from that store (teacher.source: models:/…) is the same transient outage, not exit 1
+    with pytest.raises(TransientError, match=r"unreachable"):
+        serving.download_model_dir(f"models:/{NAME}/1", root / ".kd/dl", root)
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -410,24 +438,36 @@ def git(cwd: Path, *args: str) -> str:
 
 
 def test_git_commit_marks_and_distinguishes_uncommitted_code(tmp_path: Path):
-    assert registry.git_commit(tmp_path) == "unknown"
+    outside = [provenance.git_commit(tmp_path) for _ in range(2)]  # not a git repository
+    assert all(c.startswith("unknown-commit-") for c in outside) and outside[0] != outside[1]
     for name in ("code.py", "dvc.lock", "params.yaml"):
         (tmp_path / name).write_text("v1\n")
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-qm", "c")
     head = git(tmp_path, "rev-parse", "HEAD")
-    assert registry.git_commit(tmp_path) == head
+    assert provenance.git_commit(tmp_path) == head
 
     (tmp_path / "dvc.lock").write_text("v2\n")  # written by the pipeline: not a code change
     (tmp_path / "params.yaml").write_text("v2\n")
-    assert registry.git_commit(tmp_path) == head
+    assert provenance.git_commit(tmp_path) == head
 
     (tmp_path / "code.py").write_text("v2\n")
-    first = registry.git_commit(tmp_path)
+    first = provenance.git_commit(tmp_path)
     (tmp_path / "code.py").write_text("v3\n")
-    second = registry.git_commit(tmp_path)
+    second = provenance.git_commit(tmp_path)
     assert first.startswith(f"{head}-dirty.") and second.startswith(f"{head}-dirty.") and first != second
+
+
+def test_an_unreadable_identity_never_matches_another_candidate(tmp_path: Path):
+    """No git and no cache manifest: the identity tags are marked unknown, uniquely, so the idempotence
+    check can never take a different candidate for an already registered one (they were constants)."""
+    prepared = tmp_path / PARAMS.paths.prepared
+    data.write_prepared(data.Splits(*(pd.DataFrame({"f0": [1.0], "label": [0]}),) * 3,
+                                    data.Schema(("f0",), "label", (0,))), prepared)
+    a, b = provenance.fingerprints(tmp_path, PARAMS), provenance.fingerprints(tmp_path, PARAMS)
+    assert a.cache_key.startswith("unknown-cache-") and a.git_commit.startswith("unknown-commit-")
+    assert a.identity() != b.identity() and a.data_fingerprint == b.data_fingerprint
 
 
 @pytest.mark.slow

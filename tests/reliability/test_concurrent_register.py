@@ -27,7 +27,7 @@ def test_racing_identical_registrations_make_one_version(tmp_path: Path, tally: 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     root = evaluated_project(tmp_path / "proj")  # the store does not exist yet: the racers also race to
-    # create its schema, which MLflow cannot do twice at once (kd_core.registry._client serializes it)
+    # create its schema, which MLflow cannot do twice at once (kd_core.tracking.mlflow_client serializes it)
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(root)], cwd=root, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(RACERS)]
     outs = [p.communicate(timeout=300) for p in procs]

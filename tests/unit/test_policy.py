@@ -7,7 +7,7 @@ import pytest
 
 from kd_core.config import PolicyParams, parse_params
 from kd_core.errors import UserError
-from kd_core.registry import RULES, ChampionScore, decide_promotion, mcnemar_p_value, paired_score
+from kd_core.policy import RULES, ChampionScore, decide_promotion, mcnemar_p_value, paired_score
 
 POLICY = PolicyParams(min_teacher_retention=0.9, min_gain_over_baseline=0.01, max_latency_ratio=0.5,
                       max_size_bytes=1000, max_class_drop=0.05, min_gain_over_champion=0.0, max_p_value=0.05)

@@ -1,0 +1,157 @@
+"""The served model: a kd model directory as an MLflow pyfunc that answers raw inputs (columns by
+name, class names inside), logged as models-from-code so loading it never unpickles anything; and
+downloading or scoring registered models through MLflow's own loading path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from kd_core import data, models, tracking
+from kd_core.errors import UserError
+
+MODEL_ARTIFACT = "kd_model"  # name of the kd model directory inside the pyfunc model's artifacts
+
+MODEL_NAME_IN_RUN = "model"
+
+OUTPUTS = ("classes", "probabilities")  # what predict(params={"output": ...}) can return
+
+SERVING_PACKAGES = ("torch", "safetensors", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
+
+# models-from-code: MLflow runs this file to get the model, so loading one never unpickles anything
+_MODEL_CODE = '''"""MLflow model code for a kd student (see kd_core/serving.py)."""
+import mlflow
+
+from kd_core.serving import KDPyfuncModel
+
+mlflow.models.set_model(KDPyfuncModel())
+'''
+
+
+def predict_frame(model: models.KDModel, schema: data.Schema, frame: pd.DataFrame,
+                  output: str = "classes") -> np.ndarray | pd.DataFrame:
+    """Raw rows (columns by name, any order, extras ignored) -> class names or probabilities."""
+    if output not in OUTPUTS:
+        raise UserError(f"unknown output {output!r}; choose one of {list(OUTPUTS)}")
+    missing = [c for c in schema.features if c not in frame.columns]
+    if missing:
+        raise UserError(f"input lacks feature column(s) {missing[:5]} ({len(missing)} of the "
+                        f"{len(schema.features)} the model reads)")
+    logits = models.predict_logits(model, data.features_array(frame, schema))
+    logits = logits.reshape(len(frame), len(schema.classes))  # (N, K), also when N == 0
+    if output == "probabilities":
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)
+        return pd.DataFrame(probs, columns=[str(c) for c in schema.classes])
+    return np.asarray(schema.classes, dtype=object)[logits.argmax(axis=1)]  # (N,) class names
+
+
+class KDPyfuncModel(mlflow.pyfunc.PythonModel):
+    """A kd model directory served on raw rows; answers class names (or probabilities on request)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self._model, self._spec = models.load(Path(context.artifacts[MODEL_ARTIFACT]))
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> np.ndarray | pd.DataFrame:
+        output = (params or {}).get("output", "classes")
+        return predict_frame(self._model, self._spec.schema, model_input, output)
+
+
+def _requirement(package: str) -> str:
+    """`package==version` as installed (local tags like +cpu dropped), so serving builds the same env."""
+    return f"{package}=={version(package).split('+')[0]}"
+
+
+def _input_example(test: pd.DataFrame, features: tuple[str, ...]) -> pd.DataFrame:
+    """A few raw test rows; float columns as double, since JSON numbers arrive as float64 and
+    MLflow's schema check refuses float64 -> float32 (it does accept float32 -> double)."""
+    rows = test[list(features)].head(5)
+    return rows.astype({c: "float64" for c in features if rows[c].dtype.kind == "f"})
+
+
+def log_model(model_dir: Path, test: pd.DataFrame) -> str:
+    """Log `model_dir` as a pyfunc into the active run; returns the model URI to register."""
+    model, spec = models.load(model_dir)
+    example = _input_example(test, spec.schema.features)
+    classes = predict_frame(model, spec.schema, example).tolist()
+    signature = infer_signature(example, classes, params={"output": OUTPUTS[0]})
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "kd_pyfunc_model.py"
+        code.write_text(_MODEL_CODE)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={MODEL_ARTIFACT: str(model_dir)},
+            code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
+            input_example=example, pip_requirements=[_requirement(p) for p in SERVING_PACKAGES])
+    return info.model_uri
+
+
+def download_model_dir(uri: str, dest: Path, root: Path | None = None) -> Path:
+    """Fetch a kd model directory from an MLflow URI: a model kd registered, or a logged model dir.
+
+    `root` is the project root (for the default tracking store); the cwd when not given. `dest` is
+    scratch space, emptied first so no earlier download can be mistaken for this one.
+    """
+    root = root or Path.cwd()
+    tracking.check_tracking(root)  # a server that is down: TrackingUnavailable (exit 75, retried), not minutes
+    store = tracking.tracking_uri(root)
+    mlflow.set_tracking_uri(store)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    try:
+        with tracking.tracking_errors(store):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except MlflowException as exc:
+        raise UserError(f"{uri}: cannot download from MLflow: {str(exc).splitlines()[0]}") from None
+    if (local / models.META_FILE).exists():
+        return local
+    if (local / "MLmodel").exists():  # a pyfunc kd logged: the directory is one of its artifacts
+        flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})
+        entry = flavor.get("artifacts", {}).get(MODEL_ARTIFACT)
+        if entry and (local / entry["path"] / models.META_FILE).exists():
+            return local / entry["path"]
+    raise UserError(f"{uri} holds no kd model directory (no {models.META_FILE}); "
+                    "give a model kd registered or a logged kd model directory")
+
+
+@contextmanager
+def scoring(failure: str, hint: str) -> Iterator[None]:
+    """Load and score a registered model: one line on failure, and this process's imports kept.
+
+    Loading prepends the model's code dir to sys.path; MLflow's schema errors open with a dump of
+    the input and end with their cause, which is all the user needs.
+    """
+    saved_path = list(sys.path)
+    try:
+        yield
+    except (MlflowException, UserError) as exc:
+        text = str(exc)
+        cause = text.rsplit("Error: ", 1)[-1] if "Error: " in text else text
+        raise UserError(f"{failure}: {cause.splitlines()[0]}{hint}") from None
+    finally:
+        sys.path[:] = saved_path
+
+
+def predict_registered(model_uri: str, features: pd.DataFrame) -> np.ndarray:
+    """Class names, (N,), from a registered model on raw rows, through MLflow's own loading path."""
+    with scoring(f"{model_uri} cannot score the current test set", "; remove its alias if the data changed shape"):
+        return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(features), dtype=object)
+
+
+def score_model(model_uri: str, test: pd.DataFrame, label_column: str) -> float:
+    """Accuracy of a registered model on raw test rows, through MLflow's own loading path."""
+    predictions = predict_registered(model_uri, test.drop(columns=[label_column]))
+    return float(np.mean(predictions == test[label_column].to_numpy(dtype=object)))
