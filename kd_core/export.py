@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -26,12 +24,12 @@ from torch import nn
 
 from kd_core import models
 from kd_core.errors import UserError
+from kd_core.evaluate import interleaved_medians_ms
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT, OUTPUT = "features", "logits"  # tensor names in the graph: (B, F) raw rows -> (B, K) logits
 FP32_TOLERANCE = 1e-3  # fp32 ONNX may differ from PyTorch only by float reordering (~1e-5 seen)
-REPEATS, WARMUP = 300, 30  # as kd_core.evaluate.latency_ms_p50, so the numbers compare
 
 
 @dataclass(frozen=True)
@@ -129,23 +127,6 @@ def _run_onnx(sess, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     return np.concatenate(out)  # (N, K)
 
 
-def median_latencies_ms(fns: dict[str, Callable[[], object]], repeats: int = REPEATS, warmup: int = WARMUP,
-                        rounds: int = 10) -> dict[str, float]:
-    """Median wall time of each callable. The calls run in `rounds` blocks per callable, round-robin:
-    machine noise hits every variant alike, and within a block each runtime stays warm (call by call
-    interleaving would charge each one for the other's cold caches and sleeping threads)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    per_round, warm = max(1, repeats // rounds), max(1, warmup // rounds)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for i in range(warm + per_round):
-                t0 = time.perf_counter()
-                fn()
-                if i >= warm:
-                    times[name].append((time.perf_counter() - t0) * 1000)
-    return {k: float(statistics.median(v)) for k, v in times.items()}
-
-
 def _torch_call(model: nn.Module, n_features: int) -> Callable[[], object]:
     """Batch-1 forward; call it under torch.inference_mode(), entered once as evaluate does."""
     x = torch.randn(1, n_features)
@@ -196,7 +177,7 @@ def export_and_check(student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path,
             teacher_onnx = _run_onnx(teacher_sess, x)
             teacher_size = (Path(tmp) / ONNX_FILE).stat().st_size
         with torch.inference_mode():
-            ms = median_latencies_ms(calls)
+            ms = interleaved_medians_ms(calls)
     pytorch = Variant((student_dir / models.WEIGHTS_FILE).stat().st_size, ms["student.pytorch"],
                       float((ref.argmax(1) == y).mean()))
     variants = {"pytorch": pytorch, **{

@@ -5,7 +5,6 @@ Stages never import each other; what two of them share lives here.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -111,17 +110,3 @@ def epoch_logger(workdir: Path, prefix: str) -> Callable[[dict[str, float]], Non
 
     return log
 
-
-def write_curve(history: History, path: Path) -> None:
-    """Per-epoch metrics as CSV for `dvc plots`."""
-    from kd_core.fs import atomic_write_text
-
-    keys = list(history[0]) if history else ["epoch"]
-    lines = [",".join(keys)] + [",".join(f"{row.get(k, '')}" for k in keys) for row in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def read_curve(path: Path) -> History:
-    """The rows `write_curve` wrote."""
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]

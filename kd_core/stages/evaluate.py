@@ -6,9 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from kd_core import data, models, tasks
+from kd_core import data, evaluate, models, tasks
 from kd_core.config import Params
 from kd_core.fs import atomic_write_text
 
@@ -31,19 +29,17 @@ def run(params: Params, workdir: Path) -> EvalResult:
     y = task.labels(splits.test, splits.schema)  # (N,)
     dirs = {"teacher": params.paths.teacher, "student": params.paths.student,
             "baseline": params.paths.baseline}
-    loaded = {r: task.load(workdir / dirs[r]) for r in ROLES}
+    dirs |= {f"teachers.{i}": d for i, d in enumerate(params.teacher_dirs())} if params.teachers else {}
+    loaded = {r: task.load(workdir / d) for r, d in dirs.items()}
     logits = {r: task.predict_logits(m, x) for r, (m, _) in loaded.items()}
-    teacher_pred = logits["teacher"].argmax(1)
-    result = {r: task.metrics(m, spec, logits[r], y, teacher_pred, workdir / dirs[r] / models.WEIGHTS_FILE)
-              for r, (m, spec) in loaded.items()}
+    latency = evaluate.batch1_latencies_ms({r: m for r, (m, _) in loaded.items()},
+                                           {r: task.example(spec) for r, (_, spec) in loaded.items()})
+    teacher_pred = logits["teacher"].argmax(1)  # members' agreement is with the ensemble the student learned
+    scored = {r: task.metrics(m, spec, logits[r], y, teacher_pred, workdir / dirs[r] / models.WEIGHTS_FILE,
+                              latency[r]) for r, (m, spec) in loaded.items()}
+    result = {r: scored[r] for r in ROLES}
     if params.teachers:  # `teacher` is the ensemble; each member is scored on its own as well
-        result["teachers"] = [_member(task, workdir / d, x, y, teacher_pred) for d in params.teacher_dirs()]
+        result["teachers"] = [{"arch": loaded[f"teachers.{i}"][1].arch, **scored[f"teachers.{i}"]}
+                              for i in range(len(params.teachers))]
     atomic_write_text(workdir / params.paths.metrics / "eval.json", json.dumps(result, indent=2) + "\n")
     return EvalResult(result)
-
-
-def _member(task: tasks.Task, model_dir: Path, x: np.ndarray, y: np.ndarray, ensemble_pred: np.ndarray) -> dict:
-    """One ensemble member's metrics; its agreement is with the ensemble the student learned from."""
-    model, spec = task.load(model_dir)
-    return {"arch": spec.arch, **task.metrics(model, spec, task.predict_logits(model, x), y, ensemble_pred,
-                                               model_dir / models.WEIGHTS_FILE)}

@@ -13,6 +13,7 @@ from pathlib import Path
 from kd_core import data, export, tasks
 from kd_core.config import Params
 from kd_core.fs import atomic_dir, atomic_write_text
+from kd_core.stages._registered import registered_version
 
 OUTPUT_FILE = "export.json"
 TAGGED = ("size_bytes", "latency_ms_p50", "accuracy", "max_abs_logit_diff", "accuracy_drop")
@@ -40,15 +41,6 @@ def version_tags(report: export.ExportReport) -> dict[str, str]:
     """The headline numbers as version tags: onnx.max_abs_logit_diff, onnx_int8.accuracy_drop, …"""
     return {f"{k}.{m}": f"{getattr(v, m):.6g}" for k, v in report.student.items() for m in TAGGED
             if not (k == "pytorch" and m in ("max_abs_logit_diff", "accuracy_drop"))}
-
-
-def registered_version(params: Params, workdir: Path) -> int | None:
-    """The version `register` wrote for this student, if it ran."""
-    path = workdir / params.paths.metrics / "register.json"
-    if not path.exists():
-        return None
-    reg = json.loads(path.read_text())
-    return int(reg["version"]) if reg.get("model_name") == params.registry.model_name else None
 
 
 def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metrics_file: Path,

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from kd_core import report, validation
+from kd_core import card, validation
 from kd_core.config import Params
+from kd_core.curves import read_curve
 from kd_core.errors import UserError
-from kd_core.stages.export import OUTPUT_FILE as EXPORT_FILE
-from kd_core.stages.export import registered_version
+from kd_core.provenance import git_commit
+from kd_core.stages._registered import REGISTER_FILE, registered_version
 
 
 @dataclass(frozen=True)
@@ -34,26 +35,48 @@ class ReportResult:
         return f"model card {self.card} (+ .md) with {self.figures} figures and Data Docs{where}"
 
 
+EXPORT_FILE = "export.json"  # written by the export stage
+_LOSSES = {"hinton": "KL·T² + CE", "dkd": "DKD (α·TCKD + β·NCKD)·T² + CE", "mse": "MSE on logits + CE",
+           "mse_l2": "MSE on logits + λ‖w‖²"}
+
+
+def loss_label(params: Params) -> str:
+    """The student's training loss as the card names it: `distill.loss`, its top-k form, and hints."""
+    d = params.distill
+    label = ("top-k KL·T² (cached top-k + tail bucket) + CE" if params.cache.top_k and d.loss == "hinton"
+             else _LOSSES.get(d.loss, d.loss))
+    if d.features:
+        label += f" + {len(d.features)} feature hint(s) ({', '.join(sorted({h.loss for h in d.features}))})"
+    return label
+
+
+def _teacher_fact(params: Params) -> str:
+    """The teacher the student learned from: one teacher, or the ensemble of the `teachers` list."""
+    def one(t) -> str:
+        return f"{t.arch} {dict(t.options)} (source: {t.source}, {t.epochs} epochs)"
+
+    if not params.teachers:
+        return one(params.teacher)
+    how = "mean logits" if params.distill.ensemble == "logits" else "mean probabilities"
+    return f"ensemble of {len(params.teachers)} ({how}): " + "; ".join(one(t) for t in params.teachers)
+
+
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def inputs(params: Params, workdir: Path) -> report.CardInputs:
+def inputs(params: Params, workdir: Path) -> card.CardInputs:
     metrics = workdir / params.paths.metrics
     evals = _json(metrics / "eval.json")
     if evals is None:
         raise UserError(f"{metrics / 'eval.json'} not found: run the evaluate stage first")
     dirs = {"teacher": params.paths.teacher, "baseline": params.paths.baseline, "student": params.paths.student}
-    logits, y, splits = report.score_test_split({r: workdir / d for r, d in dirs.items()},
-                                                workdir / params.paths.prepared)
+    logits, y, splits = card.score_test_split(params, {r: workdir / d for r, d in dirs.items()},
+                                              workdir / params.paths.prepared)
     validation_summary = _json(workdir / params.paths.validation / validation.SUMMARY_FILE) or {}
-    register = _json(metrics / "register.json")
-    from kd_core.provenance import git_commit  # the same commit string the registry tags versions with
-
-    facts = {"generated": report.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
-             "source": params.data.source,
-             "teacher": f"{params.teacher.arch} {dict(params.teacher.options)} (source: {params.teacher.source}, "
-                        f"{params.teacher.epochs} epochs)",
+    register = _json(metrics / REGISTER_FILE)
+    facts = {"generated": card.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
+             "source": params.data.source, "teacher": _teacher_fact(params), "loss": loss_label(params),
              "student": f"{params.student.arch} {dict(params.student.options)}",
              "distill": f"loss {params.distill.loss}, temperature {params.distill.temperature}, "
                         f"alpha {params.distill.alpha}",
@@ -61,9 +84,9 @@ def inputs(params: Params, workdir: Path) -> report.CardInputs:
              "cache": f"{params.cache.dtype}, " + (f"top {params.cache.top_k} logits per row" if params.cache.top_k
                                                    else "dense (every logit)"),
              "data": f"source {params.data.source}"}
-    return report.CardInputs(
+    return card.CardInputs(
         evals=evals,
-        curves={r: report.read_curve(metrics / f"train_{r}.csv") for r in ("student", "baseline")},
+        curves={r: read_curve(metrics / f"train_{r}.csv") for r in ("student", "baseline")},
         logits=logits, labels=y, classes=splits.schema.classes, features=splits.schema.features,
         split_rows={"train": len(splits.train), "test": len(splits.test), "transfer": len(splits.transfer)},
         validation=validation_summary, register=register, export=_json(metrics / EXPORT_FILE), facts=facts)
@@ -84,17 +107,17 @@ def run(params: Params, workdir: Path) -> ReportResult:
     card_inputs = inputs(params, workdir)
     with tempfile.TemporaryDirectory(prefix=".card.", dir=reports) as scratch:
         tmp = Path(scratch)
-        validation.build_data_docs(workdir / params.paths.validation, tmp / report.DATA_DOCS)
-        written = report.write_card(card_inputs, tmp, data_docs=f"{report.DATA_DOCS}/index.html")
-        _publish(tmp, reports, (report.FIGURES, report.DATA_DOCS, report.MD_FILE, report.HTML_FILE))
+        validation.build_data_docs(workdir / params.paths.validation, tmp / card.DATA_DOCS)
+        written = card.write_card(card_inputs, tmp, data_docs=f"{card.DATA_DOCS}/index.html")
+        _publish(tmp, reports, (card.FIGURES, card.DATA_DOCS, card.MD_FILE, card.HTML_FILE))
     version = registered_version(params, workdir)
     if version is not None:
         from kd_core import versions  # mlflow loads only when there is a version to attach to
 
         dest = params.paths.reports
         versions.attach_to_version(
-            workdir, params.registry.model_name, version, {"model_card": f"{dest}/{report.HTML_FILE}"}, {},
-            [(dest, reports / report.MD_FILE), (dest, reports / report.HTML_FILE),
-             (f"{dest}/{report.FIGURES}", reports / report.FIGURES),
-             (f"{dest}/{report.DATA_DOCS}", reports / report.DATA_DOCS)])
-    return ReportResult(reports / report.HTML_FILE, len(written) - 2, version)
+            workdir, params.registry.model_name, version, {"model_card": f"{dest}/{card.HTML_FILE}"}, {},
+            [(dest, reports / card.MD_FILE), (dest, reports / card.HTML_FILE),
+             (f"{dest}/{card.FIGURES}", reports / card.FIGURES),
+             (f"{dest}/{card.DATA_DOCS}", reports / card.DATA_DOCS)])
+    return ReportResult(reports / card.HTML_FILE, len(written) - 2, version)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kd_core import data, losses, progress, tasks, train
 from kd_core.config import Params
+from kd_core.curves import write_curve
 from kd_core.fs import atomic_dir
 from kd_core.stages._common import (
     StudentResult,
@@ -15,7 +16,6 @@ from kd_core.stages._common import (
     fit_config,
     labelled_arrays,
     validation_rows,
-    write_curve,
 )
 from kd_core.train import fit
 

@@ -18,6 +18,7 @@ from torch import nn
 from kd_core import data, features, losses, models, progress, tasks, train
 from kd_core.cache import LogitCache, expected_keys
 from kd_core.config import Params
+from kd_core.curves import read_curve, write_curve
 from kd_core.fs import atomic_dir
 from kd_core.stages._common import (
     StudentResult,
@@ -26,9 +27,7 @@ from kd_core.stages._common import (
     epoch_logger,
     fit_config,
     labelled_arrays,
-    read_curve,
     validation_rows,
-    write_curve,
 )
 from kd_core.train import fit
 

@@ -58,5 +58,6 @@ class Task(Protocol):
         """`batch` zero input rows: for MAC counting and latency (batch 1), shape probes and export."""
 
     def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path) -> dict:
-        """Every contract metric of `metrics/eval.json` for one model on the test rows."""
+                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
+        """Every contract metric of `metrics/eval.json` for one model on the test rows (`latency_ms`:
+        measured with the other models, interleaved: kd_core.evaluate.batch1_latencies_ms)."""

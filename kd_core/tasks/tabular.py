@@ -58,6 +58,6 @@ class TabularTask:
         return torch.zeros(batch, len(spec.schema.features))  # (batch, F)
 
     def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path) -> dict:
-        return evaluate.model_metrics(model, len(spec.schema.features), logits, y, teacher_pred,
-                                      spec.schema.classes, weights_file)
+                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
+        return evaluate.model_metrics(model, self.example(spec), logits, y, teacher_pred, spec.schema.classes,
+                                      weights_file, latency_ms)

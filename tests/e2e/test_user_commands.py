@@ -42,7 +42,7 @@ def test_card_and_user_commands_after_a_run(project):
         data = base64.b64decode(blob)
         assert data == (project / "reports" / name).read_bytes() and min(png_size(data)) > 200
     for role in ("teacher", "baseline", "student"):
-        assert f"<td>{role}</td><td class=n>{ev[role]['accuracy']:.3f}</td>" in page
+        assert f'<td>{role}</td>\n<td style="text-align:right">{ev[role]["accuracy"]:.3f}</td>' in page
     assert (project / "reports/data_docs/index.html").is_file() and 'href="data_docs/index.html"' in page
 
     # the export: fp32 ONNX matches PyTorch, int8 is smaller and close; both attached to the version

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_core import report
-from kd_core.evaluate import ece
+from kd_core import card
+from kd_core.card import content, figures, render
+from kd_core.metrics_table import ROLES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,7 +34,7 @@ def _evals(rng: np.random.Generator, classes: tuple) -> dict:
             "student": role(0.8631, 40_000, 0.031)}
 
 
-def card_inputs(classes: tuple = ("cat", "dog", "eel"), n: int = 300, with_extras: bool = True) -> report.CardInputs:
+def card_inputs(classes: tuple = ("cat", "dog", "eel"), n: int = 300, with_extras: bool = True) -> card.CardInputs:
     rng = np.random.default_rng(0)
     y = rng.integers(0, len(classes), n)
     logits = {r: rng.normal(size=(n, len(classes))).astype(np.float32) * s for r, s in
@@ -46,7 +47,7 @@ def card_inputs(classes: tuple = ("cat", "dog", "eel"), n: int = 300, with_extra
                                           ("onnx_int8", 50_000, 0.9))}, "teacher": {}}
     register = {"decision": "promoted", "reasons": ["teacher_retention 0.9461 >= 0.8500: pass"],
                 "model_name": "kd-student", "version": 3, "aliases": ["challenger", "champion"]}
-    return report.CardInputs(
+    return card.CardInputs(
         evals=_evals(rng, classes), curves={"student": curve, "baseline": [dict(r) for r in curve]},
         logits=logits, labels=y, classes=classes, features=("f0", "f1", "f2"),
         split_rows={"train": 400, "test": n, "transfer": 1000},
@@ -57,64 +58,56 @@ def card_inputs(classes: tuple = ("cat", "dog", "eel"), n: int = 300, with_extra
 
 @pytest.mark.parametrize("with_extras", [True, False])
 def test_html_card_references_every_figure_and_each_is_a_valid_png(tmp_path: Path, with_extras: bool):
-    written = report.write_card(card_inputs(with_extras=with_extras), tmp_path, data_docs="data_docs/index.html")
-    figures = sorted((tmp_path / report.FIGURES).glob("*.png"))
+    written = card.write_card(card_inputs(with_extras=with_extras), tmp_path, data_docs="data_docs/index.html")
+    figures = sorted((tmp_path / card.FIGURES).glob("*.png"))
     assert len(figures) == 5
     for f in figures:
         width, height = png_size(f.read_bytes())
         assert width > 200 and height > 200 and f.stat().st_size > 5_000, f.name  # a drawn chart, not a stub
 
-    page = (tmp_path / report.HTML_FILE).read_text()
+    page = (tmp_path / card.HTML_FILE).read_text()
     embedded = {name: blob for blob, name in re.findall(r'<img src="data:image/png;base64,([^"]+)" '
                                                         r'data-file="([^"]+)"', page)}
-    assert sorted(embedded) == [f"{report.FIGURES}/{f.name}" for f in figures]
+    assert sorted(embedded) == [f"{card.FIGURES}/{f.name}" for f in figures]
     for name, blob in embedded.items():  # the HTML carries exactly the PNG files' bytes
         assert base64.b64decode(blob) == (tmp_path / name).read_bytes()
 
-    markdown = (tmp_path / report.MD_FILE).read_text()
+    markdown = (tmp_path / card.MD_FILE).read_text()
     for f in figures:
-        assert f"]({report.FIGURES}/{f.name})" in markdown
+        assert f"]({card.FIGURES}/{f.name})" in markdown
     assert "data_docs/index.html" in markdown and 'href="data_docs/index.html"' in page
     assert set(written) >= {"markdown", "html"}
 
 
 def test_card_numbers_are_eval_json_numbers(tmp_path: Path):
     inp = card_inputs()
-    report.write_card(inp, tmp_path)
-    markdown = (tmp_path / report.MD_FILE).read_text()
+    card.write_card(inp, tmp_path)
+    markdown = (tmp_path / card.MD_FILE).read_text()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in markdown.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in report.ROLES}
-    for role in report.ROLES:
+            for line in markdown.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in ROLES}
+    for role in ROLES:
         m = inp.evals[role]
         assert rows[role][:3] == [f"{m['accuracy']:.3f}", f"{m['ece']:.3f}", f"{m['nll']:.3f}"]
         assert f"{m['params']:,}" in rows[role] and f"{m['latency_ms_p50']:.3f} ms" in rows[role]
     assert "version 3" in markdown and "**promoted**" in markdown
     assert "| student, ONNX Runtime (int8) | 49 KiB |" in markdown
-
-
-def test_reliability_bins_reproduce_ece():
-    rng = np.random.default_rng(1)
-    logits, y = rng.normal(size=(500, 4)) * 3, rng.integers(0, 4, 500)
-    _, conf, acc, counts = report.reliability_bins(logits, y)
-    shown = counts > 0
-    from_bins = float(np.sum(counts[shown] / len(y) * np.abs(conf[shown] - acc[shown])))
-    assert from_bins == pytest.approx(ece(logits, y), abs=1e-12)
+    assert f"| student int8 (ONNX) | {inp.export['student']['onnx_int8']['accuracy']:.3f} |" in markdown
 
 
 def test_confusion_counts():
-    cm = report.confusion(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
+    cm = figures.confusion(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
     assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
 
 def test_markdown_table_numbers_right_aligned():
-    text = report.to_markdown([report.Table(["a", "b"], [["1", "2"]])])
+    text = render.to_markdown([render.Table(["a", "b"], [["1", "2"]])])
     assert text.splitlines()[1] == "| --- | ---: |"
 
 
 def test_many_classes_show_the_students_worst():
     classes = tuple(range(100))
-    evals = {r: {"per_class_accuracy": {str(c): c / 100 for c in classes}} for r in report.ROLES}
-    note, table = report.per_class_blocks(evals, classes, limit=5)
+    evals = {r: {"per_class_accuracy": {str(c): c / 100 for c in classes}} for r in ROLES}
+    note, table = content.per_class_blocks(evals, classes, limit=5)
     assert "5 least accurate of 100" in note.text and [row[0] for row in table.rows] == ["0", "1", "2", "3", "4"]
 
 
@@ -131,7 +124,7 @@ def test_point_labels_never_overlap_when_models_share_a_cost():
     ax.scatter([x for x, _, _ in points], [y for _, y, _ in points])
     ax.set(xscale="log", ylim=(0.5, 1.0))
     ax.margins(x=0.35)
-    report._label_points(fig, ax, points)
+    figures._label_points(fig, ax, points)
     renderer = FigureCanvasAgg(fig).get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert len(boxes) == len(points)
@@ -143,7 +136,7 @@ def test_validation_table_links_each_tables_data_docs_page(tmp_path: Path):
     page = tmp_path / "data_docs/validations/kd.train/kd-validate/20260101T000000Z/train.html"
     page.parent.mkdir(parents=True)
     page.write_text("<html></html>")
-    report.write_card(card_inputs(), tmp_path, data_docs="data_docs/index.html")
+    card.write_card(card_inputs(), tmp_path, data_docs="data_docs/index.html")
     rel = page.relative_to(tmp_path).as_posix()
-    assert f"| train | 400 | 12 | 0 | [results]({rel}) |" in (tmp_path / report.MD_FILE).read_text()
-    assert f'<a href="{rel}">results</a>' in (tmp_path / report.HTML_FILE).read_text()
+    assert f"| train | 400 | 12 | 0 | [results]({rel}) |" in (tmp_path / card.MD_FILE).read_text()
+    assert f'<a href="{rel}">results</a>' in (tmp_path / card.HTML_FILE).read_text()

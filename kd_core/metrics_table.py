@@ -1,0 +1,59 @@
+"""The one table of teacher / baseline / student metrics, shared by `kd run`'s summary, `kd compare`
+and the model card, so the three can never show the same number two ways. Pure: rows of strings;
+rich renders it on the console, the card as markdown / HTML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ROLES = ("teacher", "baseline", "student")  # the reference, the control, the candidate
+INT8 = "student int8 (ONNX)"
+
+
+def kib(n: float) -> str:
+    return f"{n / 1024:,.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:,.1f} KiB"
+
+
+def pts(fraction: float) -> str:
+    """A change of accuracy in percentage points, signed; never '-0.0'."""
+    return f"{round(fraction * 100, 1) + 0.0:+.1f} pts"
+
+
+# (column header, eval.json key, format): the contract's key names, in the order every view shows them
+COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("accuracy", "accuracy", lambda v: f"{v:.3f}"),
+    ("ECE", "ece", lambda v: f"{v:.3f}"),
+    ("NLL", "nll", lambda v: f"{v:.3f}"),
+    ("agreement with teacher", "agreement_with_teacher", lambda v: f"{v:.3f}"),
+    ("params", "params", lambda v: f"{v:,.0f}"),
+    ("MACs", "macs", lambda v: f"{v:,.0f}"),
+    ("size", "size_bytes", kib),
+    ("latency p50 (batch 1, CPU)", "latency_ms_p50", lambda v: f"{v:.3f} ms"),
+)
+
+
+@dataclass(frozen=True)
+class MetricsTable:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]  # one per model; "–" where a model lacks a metric
+
+
+def models_table(evals: dict, export: dict | None = None) -> MetricsTable:
+    """One row per model of eval.json (and the int8 ONNX student of export.json, when there is one)."""
+    models = [(r, evals[r]) for r in ROLES]
+    int8 = (export or {}).get("student", {}).get("onnx_int8")
+    if int8:
+        models.append((INT8, int8))
+    rows = tuple((name, *(fmt(m[key]) if key in m else "–" for _, key, fmt in COLUMNS)) for name, m in models)
+    return MetricsTable(("model", *(label for label, _, _ in COLUMNS)), rows)
+
+
+def headline(evals: dict) -> str:
+    """The sentence every view leads with: what the student keeps and what distillation adds."""
+    t, b, s = (evals[r] for r in ROLES)
+    return (f"the student keeps {s['accuracy'] / t['accuracy'] * 100:.1f} % of the teacher's accuracy with "
+            f"1/{t['macs'] / max(s['macs'], 1):.1f} of its MACs and {t['latency_ms_p50'] / s['latency_ms_p50']:.1f}× "
+            f"lower latency; distillation adds {(s['accuracy'] - b['accuracy']) * 100:+.1f} points over the "
+            "hard-label baseline")
