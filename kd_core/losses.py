@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_core.config import DistillParams
-from kd_core.models import Catalog
+from kd_core.models import Catalog, combine_logits
 
 if TYPE_CHECKING:
     from kd_core.cache.reader import TopKTensors
@@ -50,23 +50,14 @@ def build(distill: DistillParams, top_k: int | None = None) -> LossFn:
     return LOSSES.get(distill.loss)(distill)
 
 
-def ensemble_targets(takes: list[Callable[[np.ndarray], np.ndarray]], mode: str, temperature: float,
-                     idx: np.ndarray) -> np.ndarray:
-    """Several teachers' cached logits for rows `idx` combined into one target.  # (B,) -> (B, K)
+def ensemble_targets(takes: list[Callable[[np.ndarray], np.ndarray]], mode: str, idx: np.ndarray) -> np.ndarray:
+    """Several teachers' cached logits for rows `idx` combined into the ensemble teacher's logits.  # (B,) -> (B, K)
 
-    `logits`: their mean. `probs`: T·log(mean_i softmax(z_i / T)), the logits whose softened
-    distribution is exactly the mean of the teachers' softened distributions (the usual ensemble of
-    soft labels), so every loss applies T to it unchanged.
+    Exactly what the ensemble model in the teacher directory computes (models.combine_logits), so the
+    teacher that eval.json scores is the teacher the student learns from, softened by T in the loss.
     """
-    z = np.stack([take(idx) for take in takes]).astype(np.float64)  # (M, B, K)
-    if mode == "logits":
-        return z.mean(0).astype(np.float32)
-    a = z / temperature
-    log_p = a - a.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))  # log softmax, (M, B, K)
-    top = log_p.max(0)
-    mean_log_p = top + np.log(np.exp(log_p - top).mean(0))  # log of the mean probability, (B, K)
-    return (temperature * mean_log_p).astype(np.float32)
+    z = torch.from_numpy(np.stack([take(idx) for take in takes]).astype(np.float32))  # (M, B, K)
+    return combine_logits(z, mode).numpy()
 
 
 def _mix(soft: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:

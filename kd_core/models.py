@@ -139,10 +139,20 @@ class Ensemble(nn.Module):
             for m in members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, K)
-        z = torch.stack([m(x) for m in self.members])  # (M, B, K)
-        if self.combine == "logits":
-            return z.mean(0)
-        return torch.logsumexp(torch.log_softmax(z, -1), 0) - math.log(len(self.members))
+        return combine_logits(torch.stack([m(x) for m in self.members]), self.combine)  # (M, B, K) -> (B, K)
+
+
+def combine_logits(z: torch.Tensor, combine: str) -> torch.Tensor:
+    """Members' logits -> the ensemble's logits.  # (M, B, K) -> (B, K)
+
+    `logits`: their mean. `probs`: log of the mean probability at T = 1, the usual ensemble prediction.
+    The same function makes the evaluated ensemble teacher and the student's cached target
+    (losses.ensemble_targets), so the student learns exactly the teacher eval.json scores; the KD loss
+    then softens it by T like any single teacher's logits.
+    """
+    if combine == "logits":
+        return z.mean(0)
+    return torch.logsumexp(torch.log_softmax(z.float(), -1), 0) - math.log(len(z))
 
 
 ARCHS.register("ensemble")(Ensemble)

@@ -76,7 +76,7 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     loss = losses.build(params.distill, caches[0].top_k)  # a top-k cache gets the top-k-aware KL
     one = caches[0].targets if losses.reads_topk(params.distill, caches[0].top_k) else caches[0].take
     soft = one if len(caches) == 1 else functools.partial(
-        losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble, params.distill.temperature)
+        losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble)
     net, extra = _hinted(params, caches[0], model, task.example(spec, batch=2))
     history = fit(net, x, y, loss, fit_config(params.train), soft=soft, val=val,
                   on_epoch=epoch_logger(workdir, "student") if lead else None,

@@ -20,19 +20,30 @@ def _takes():
 
 
 def test_logit_ensemble_is_the_mean_logit():
-    out = ensemble_targets(_takes(), "logits", 2.0, np.array([0, 1]))
+    out = ensemble_targets(_takes(), "logits", np.array([0, 1]))
     np.testing.assert_allclose(out, [[1.0, 0.5, 0.0], [-0.75, 2.25, 1.5]])
 
 
-@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
-def test_probability_ensemble_softens_to_the_mean_softened_distribution(t):
+def test_probability_ensemble_is_the_mean_probability():
     def softmax(z):
         e = np.exp(z - z.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    out = ensemble_targets(_takes(), "probs", t, np.array([1, 0]))
-    by_hand = (softmax(Z1[[1, 0]] / t) + softmax(Z2[[1, 0]] / t)) / 2
-    np.testing.assert_allclose(softmax(out / t), by_hand, rtol=1e-5)
+    out = ensemble_targets(_takes(), "probs", np.array([1, 0]))
+    np.testing.assert_allclose(softmax(out), (softmax(Z1[[1, 0]]) + softmax(Z2[[1, 0]])) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["logits", "probs"])
+def test_the_student_learns_the_teacher_that_eval_scores(tmp_path, combine):
+    """The cached target of an ensemble is the ensemble model's own output (it used to be combined at
+    T for the student but at T = 1 for evaluation, so eval.json scored another teacher)."""
+    x = np.random.default_rng(0).normal(size=(7, 6)).astype(np.float32)
+    members = [(build(ModelSpec(a, o, SCHEMA), x, seed), ModelSpec(a, o, SCHEMA))
+               for a, o, seed in (("mlp", {"hidden": [8]}, 0), ("mlp", {"hidden": [5]}, 1))]
+    model, _ = ensemble(members, combine)
+    cached = [predict_logits(m, x) for m, _ in members]  # what each member's cache holds
+    target = ensemble_targets([lambda idx, c=c: c[idx] for c in cached], combine, np.arange(7))
+    np.testing.assert_allclose(target, predict_logits(model, x), rtol=1e-5, atol=1e-6)
 
 
 def test_ensemble_model_averages_its_members_and_round_trips(tmp_path):
