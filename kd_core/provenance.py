@@ -19,7 +19,6 @@ from pathlib import Path
 
 import yaml
 
-from kd_core import data
 from kd_core.config import Params
 from kd_core.errors import UserError
 
@@ -80,6 +79,8 @@ class Fingerprints:
 
 def fingerprints(root: Path, params: Params) -> Fingerprints:
     """With several teachers the cache key and teacher fingerprint join each member's, in order."""
+    from kd_core import data  # pandas: only here, so `kd status` (tracking -> git_commit) stays light
+
     paths = [root / d / "manifest.json" for d in params.logit_dirs()]
     manifests = [json.loads(p.read_text()) if p.exists() else {} for p in paths]
     keys = [str(m["key"]) if m.get("key") else unknown("cache") for m in manifests]

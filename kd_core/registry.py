@@ -40,21 +40,13 @@ from kd_core.policy import (
     paired_score,
 )
 from kd_core.provenance import Fingerprints, current_user, dvc_stage_hashes, fingerprints
+from kd_core.versions import CHAMPION, champion_version
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHALLENGER = "challenger"
 
 HISTORY_TAG, AUDIT_PREFIX = "champion_history", "audit."  # registered-model tags kd keeps
 
 MAX_HISTORY, MAX_REASON = 200, 500  # keep tags well inside the store's column sizes
-
-
-def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 def _history(client: MlflowClient, name: str) -> list[int]:

@@ -19,9 +19,19 @@ from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from kd_core import serving, tracking
+from kd_core import tracking
 from kd_core.errors import UserError
-from kd_core.registry import champion_version
+
+CHAMPION = "champion"  # the alias the policy (or `kd promote`) moves
+
+
+def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,8 @@ def predict_table(root: Path, name: str, version: int | None, frame: pd.DataFram
 
     Returns the version used, class names (N,) and probabilities (N, K), one column per class name.
     """
+    from kd_core import serving  # torch and the model code: only to score, not to list versions
+
     uri = tracking.tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     with tracking.tracking_errors(uri):

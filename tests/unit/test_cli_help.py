@@ -1,5 +1,8 @@
 """Every `kd` command's --help shows at least one example, so new commands cannot ship without one."""
 
+import subprocess
+import sys
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -30,3 +33,11 @@ def test_help_has_an_example(command: tuple[str, ...]):
     res = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
     assert res.exit_code == 0, res.output
     assert "example" in res.output.lower() and f"kd {' '.join(command)}" in res.output, res.output
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    """`kd --help` and `kd stage prepare` must not pay for MLflow, torch, Prefect or GX at import."""
+    code = ("import sys, kd_core.cli; heavy = ('mlflow', 'torch', 'prefect', 'great_expectations', 'dvc', "
+            "'matplotlib', 'onnx', 'pandas'); print([m for m in heavy if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

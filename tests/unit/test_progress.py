@@ -10,7 +10,7 @@ from rich.console import Console
 
 from kd_core import progress
 from kd_core.cache import CacheSettings, build_cache, cache_key
-from kd_core.commands import progress_bars
+from kd_core.cli.progress_bars import progress_bars
 from kd_core.train import FitConfig, fit
 
 

@@ -1,0 +1,106 @@
+"""`kd compare` and `kd export`: the run's models side by side, and the student on the edge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from kd_core.cli.app import app, examples, out, project_root, quiet_mlflow
+from kd_core.config import load_params
+from kd_core.errors import UserError
+from kd_core.metrics_table import headline, models_table, pts
+
+if TYPE_CHECKING:
+    from kd_core.config import Params
+
+
+def compare(root: Path) -> None:
+    params = load_params(root)
+    metrics = root / params.paths.metrics
+    path = metrics / "eval.json"
+    if not path.exists():
+        raise UserError(f"{path} not found (hint: `kd run` or `dvc repro evaluate` writes it)")
+    ev = json.loads(path.read_text())
+    export_path = metrics / "export.json"
+    export = json.loads(export_path.read_text()) if export_path.exists() else None
+    t = models_table(ev, export)
+    table = Table(title="teacher / baseline / student on the test set (metrics/eval.json)", title_justify="left")
+    for col in t.header:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in t.rows:
+        table.add_row(*row, style="bold" if row[0] == "student" else None)
+    out.print(table)
+    out.print(headline(ev))
+    q = (export or {}).get("student", {}).get("onnx_int8")
+    if q:
+        out.print(f"int8 ONNX: {q['size_bytes'] / 1024:.0f} KiB, accuracy {q['accuracy']:.3f} "
+                  f"({pts(-q['accuracy_drop'])} vs PyTorch), max |Δlogit| {q['max_abs_logit_diff']:.2g}, "
+                  f"{q['latency_ms_p50']:.3f} ms (ONNX Runtime)")
+    card = root / params.paths.reports / "model_card.html"
+    if card.exists():
+        out.print(f"model card with figures: {card.relative_to(root)}")
+
+
+@app.command("compare", epilog=examples("kd compare"))
+def compare_cmd() -> None:
+    """Teacher, hard-label baseline and distilled student side by side (from metrics/eval.json)."""
+    compare(project_root())
+
+
+def _registered_dir(root: Path, params: Params, version: int) -> Path:
+    """Version `version`'s kd model directory, downloaded; it must read the prepared test rows."""
+    from kd_core import data, models, serving
+
+    name = params.registry.model_name
+    model_dir = serving.download_model_dir(f"models:/{name}/{version}", root / params.paths.work / "export-download",
+                                            root=root)
+    features = models.load(model_dir)[1].schema.features
+    prepared = data.read_prepared(root / params.paths.prepared).schema.features
+    if features != prepared:
+        raise UserError(f"{name} version {version} reads features {list(features)[:4]}…, the prepared test split "
+                        f"has {list(prepared)[:4]}…; export checks a model on matching test rows")
+    return model_dir
+
+def export(root: Path, version: int | None, dest: Path | None) -> None:
+    from kd_core.stages import export as stage
+
+    quiet_mlflow()
+    params = load_params(root)
+    if version is None and dest is None:
+        result = stage.run(params, root)  # exactly the DAG stage
+    else:
+        model_dir = _registered_dir(root, params, version) if version else root / params.paths.student
+        dest = dest or root / f"{params.paths.onnx}-v{version}"
+        result = stage.export_model(params, root, model_dir, dest, dest / stage.OUTPUT_FILE, version)
+    table = Table(title=f"edge export -> {result.out}", title_justify="left")
+    for col in ("model, runtime", "file size", "latency p50 (batch 1)", "accuracy", "max |Δlogit| vs PyTorch",
+                "accuracy vs PyTorch"):
+        table.add_column(col, justify="left" if col == "model, runtime" else "right")
+    names = {"pytorch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "onnx_int8": "ONNX Runtime int8"}
+    for role, variants in (("teacher", result.report.teacher), ("student", result.report.student)):
+        for k, v in variants.items():
+            table.add_row(f"{role}, {names[k]}", f"{v.size_bytes / 1024:,.0f} KiB", f"{v.latency_ms_p50:.3f} ms",
+                          f"{v.accuracy:.3f}", "–" if k == "pytorch" else f"{v.max_abs_logit_diff:.2g}",
+                          "–" if k == "pytorch" else pts(-v.accuracy_drop))
+    out.print(table)
+    where = (f"results attached to {result.model_name} version {result.version}" if result.version is not None
+             else "not attached to a model version (no `kd run` registration for it)")
+    out.print(f"wrote {result.out / 'model.onnx'} and model.int8.onnx (input 'features': raw rows in model.json's "
+              f"feature order; output 'logits'); {where}")
+
+
+@app.command("export", epilog=examples(
+    "kd export", "kd export --version 2", "kd export --version 2 --out edge/"),
+    help="Export the student to ONNX and int8 ONNX, check both against PyTorch on the test set, time them "
+         "and attach the results to the model version (what the `export` stage runs).")
+def export_cmd(
+    version: Annotated[int | None, typer.Option("--version", "-v", help="export this registered version "
+                                                "instead of the current student", min=1)] = None,
+    dest: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: paths.onnx, or "
+                                              "paths.onnx-vN for a version)")] = None,
+) -> None:
+    export(project_root(), version, dest)
