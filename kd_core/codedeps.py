@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import io
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = "kd_core"
@@ -29,10 +30,28 @@ def _module_file(name: str, root: Path) -> Path | None:
     return file if file.exists() else None
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node that can run: the bodies of `if TYPE_CHECKING:` (annotations only) are skipped."""
+    for child in ast.iter_child_nodes(tree):
+        if _is_type_checking(child):
+            yield from (n for stmt in child.orelse for n in _runtime_nodes(stmt))
+            continue
+        yield child
+        yield from _runtime_nodes(child)
+
+
 def _imported(tree: ast.AST, root: Path) -> set[str]:
-    """Dotted kd_core modules a module imports, wherever in it the import statement stands."""
+    """Dotted kd_core modules a module imports, wherever in it the import statement stands (inside a
+    function too: a lazy import is still code the stage may run)."""
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:

@@ -32,3 +32,15 @@ def test_repro_noop_and_temperature_rerun(project):
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stdout + third.stderr
     assert ran(third.stdout) == {"train_student", "evaluate", "register", "export", "report"}
+
+    # a code change makes exactly the stages that import the changed module stale (dvc.yaml's deps are
+    # generated from the import closures: kd_core/codedeps.py)
+    for module, stale in (("kd_core/card/figures.py", {"report"}), ("kd_core/export.py", {"export"}),
+                          ("kd_core/losses.py", {"teacher", "cache_logits", "train_student", "train_baseline"})):
+        path = project / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        status = dvc(project, "status", "--json")
+        path.write_text(original)
+        assert status.returncode == 0, status.stderr
+        assert set(json.loads(status.stdout)) == stale, (module, status.stdout)

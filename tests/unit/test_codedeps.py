@@ -32,7 +32,8 @@ def test_closure_follows_lazy_imports_submodule_names_and_package_inits(tmp_path
     _package(tmp_path, {
         "kd_core/__init__.py": "",
         "kd_core/stages/__init__.py": "",
-        "kd_core/stages/a.py": "from kd_core import b, c\n",
+        "kd_core/stages/a.py": "from typing import TYPE_CHECKING\nfrom kd_core import b, c\n"
+                               "if TYPE_CHECKING:\n    from kd_core import unused\n",
         "kd_core/b.py": "def f():\n    from kd_core.sub.d import g\n    return g\n",
         "kd_core/c.py": "import os\n",
         "kd_core/sub/__init__.py": "from kd_core import e\n",
