@@ -38,9 +38,10 @@ from torch import nn
 from kd_core import losses, models
 from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key
 from kd_core.data import Schema
+from kd_core.distributed import pick_device
 from kd_core.evaluate import count_macs
 from kd_core.stages._common import validation_rows
-from kd_core.train import FitConfig, fit, pick_device
+from kd_core.train import FitConfig, fit
 
 FEATURES, CLASSES, LABELLED = 40, 10, 4000
 T, ALPHA = 2.0, 0.9
@@ -149,7 +150,8 @@ def main() -> None:
     device = pick_device(args.device)
     x, y = dataset(args.rows)
     teacher = models.build(TEACHER, x, 0).eval()
-    macs_t, macs_s = count_macs(teacher, FEATURES), count_macs(models.build(STUDENT, x, 0), FEATURES)
+    one = torch.zeros(1, FEATURES)
+    macs_t, macs_s = count_macs(teacher, one), count_macs(models.build(STUDENT, x, 0), one)
     teacher = teacher.to(device)
 
     @torch.inference_mode()

@@ -21,15 +21,11 @@ The loop knows nothing of KD: the loss function decides.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import subprocess
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +38,7 @@ from safetensors.torch import safe_open, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kd_core.distributed import no_buffer_sync, pick_device, ranks
 from kd_core.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> per-row loss (B,)
@@ -70,60 +67,14 @@ class FitConfig:
 
 # --- devices and processes ------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    """`auto` prefers CUDA, then Apple MPS, then CPU, so one config runs on any machine.
-
-    Under torchrun each process takes the GPU of its LOCAL_RANK.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    if name == "auto":
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    return torch.device(name)
 
 
-def launched() -> bool:
-    """True in a process that torchrun started: it sets LOCAL_RANK in each, so they never relaunch."""
-    return "LOCAL_RANK" in os.environ
 
 
-def launch(nproc: int, args: list[str], cwd: Path) -> None:
-    """Run `python -m torch.distributed.run --standalone --nproc-per-node N ARGS` in `cwd` and wait.
-
-    The ranks' stdout (each would print the stage summary) is dropped; their stderr, with any
-    error, reaches the user. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    rc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, check=False).returncode
-    if rc != 0:
-        raise UserError(f"training on {nproc} processes (torch.distributed.run) failed with exit code {rc}; "
-                        "the ranks' errors are above")
 
 
-@contextmanager
-def process_group(device_name: str) -> Iterator[tuple[int, int]]:
-    """Join the process group torchrun described in the environment; yields (rank, world size).
-
-    NCCL on GPUs, gloo on CPU. Outside torchrun (WORLD_SIZE unset or 1) it does nothing: (0, 1).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield _ranks()
-        return
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield _ranks()
-    finally:
-        dist.destroy_process_group()
 
 
-def _ranks() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any:
@@ -348,12 +299,6 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
     return out
 
 
-def _no_buffer_sync() -> dict[str, bool]:
-    """DDP's switch for 'do not re-broadcast buffers every forward': `forward_sync_buffers` where this
-    torch has it, else the older `broadcast_buffers` (which also skips the one sync at start-up; every
-    rank builds the same buffers from the same rows, so nothing is lost)."""
-    params = inspect.signature(DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -> nn.Module:
@@ -361,7 +306,7 @@ def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -
     model = net
     if world > 1:  # buffers (the standardisation) are constants: synced once at init, not every step
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                        **_no_buffer_sync())
+                                        **no_buffer_sync())
     return torch.compile(model) if cfg.compile else model
 
 
@@ -377,7 +322,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     trained on, agreement with the teacher when soft labels are given, and the validation scores.
     `extra(rows)` adds a per-row term computed after each forward (kd_core.features.extra_loss).
     """
-    rank, world = _ranks()
+    rank, world = ranks()
     device = pick_device(cfg.device)
     val = np.sort(val) if val is not None and len(val) else None
     rows = np.setdiff1d(np.arange(len(x)), val) if val is not None else np.arange(len(x))  # (N_train,)

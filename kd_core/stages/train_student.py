@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_core import data, features, losses, models, progress, tasks, train
+from kd_core import data, distributed, features, losses, models, progress, tasks, train
 from kd_core.cache import LogitCache, expected_keys
 from kd_core.config import Params
 from kd_core.curves import read_curve, write_curve
@@ -39,11 +39,11 @@ def run(params: Params, workdir: Path) -> StudentResult:
 
     The relaunched ranks are `kd stage train_student` processes: they read params.yaml in `workdir`.
     """
-    if params.train.nproc > 1 and not train.launched():
-        train.launch(params.train.nproc, ["-m", "kd_core.cli", "stage", "train_student"], workdir)
+    if params.train.nproc > 1 and not distributed.launched():
+        distributed.launch(params.train.nproc, ["-m", "kd_core.cli", "stage", "train_student"], workdir)
         history = read_curve(workdir / params.paths.metrics / CURVE)
         return StudentResult.from_history("student", params.student.arch, history, None, params.train.nproc)
-    with train.process_group(params.train.device) as (rank, world):
+    with distributed.process_group(params.train.device) as (rank, world):
         return _distil(params, workdir, rank, world)
 
 
