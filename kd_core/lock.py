@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kd_core import tracking
-from kd_core.errors import UserError
+from kd_core.errors import TransientError
 from kd_core.provenance import current_user
 
 LOCK_LEASE_S = 600.0  # a registration takes seconds; a lock held ten minutes belongs to a dead process
@@ -25,6 +25,11 @@ LOCK_LEASE_S = 600.0  # a registration takes seconds; a lock held ten minutes be
 LOCK_TIMEOUT_S = 900.0  # a waiter outlasts one full lease, then gives up with one line
 
 LOCK_POLL_S = 0.5
+
+
+class LockTimeout(TransientError):
+    """The lock stayed held past the wait: its holder is still working or its lease has yet to run
+    out (a holder cut off by an outage cannot release), so a later attempt succeeds: exit 75, retried."""
 
 
 def _now_ms() -> int:
@@ -80,9 +85,9 @@ class _RegistryLock:
         return False
 
     def _break(self, token: str) -> None:
-        """Break the expired lock with `token`; never a newer holder's lock."""
-        if self._take_aside(f"{self.name}.broken.{token}", token):
-            return  # the dead holder's lock stays aside under its token, for the record
+        """Break the expired lock with `token`, never a newer holder's: it stays aside under its token,
+        for the record."""
+        self._take_aside(f"{self.name}.broken.{token}", token)
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -92,7 +97,7 @@ class _RegistryLock:
                     "acquired_at": str(now), "expires_at": str(now + int(self.lease_s * 1000))}
             try:
                 self.client.create_registered_model(self.name, tags=tags,
-                                                    description="kd: registration lock (see kd_core/registry.py)")
+                                                    description="kd: registration lock (see kd_core/lock.py)")
                 self.token = token
                 return
             except MlflowException as exc:
@@ -104,7 +109,7 @@ class _RegistryLock:
                 continue
             if time.monotonic() > deadline:
                 who = held.get("holder", "an unknown process") if held else "another process"
-                raise UserError(f"registry lock {self.name} is held by {who}; gave up after {self.timeout_s:.0f} s")
+                raise LockTimeout(f"registry lock {self.name} is held by {who}; gave up after {self.timeout_s:.0f} s")
             time.sleep(LOCK_POLL_S)
 
     def release(self) -> None:
@@ -133,7 +138,7 @@ def registry_lock(uri: str, name: str, lease_s: float = LOCK_LEASE_S,
             with filelock.FileLock(path, timeout=timeout_s):
                 yield
         except filelock.Timeout:
-            raise UserError(f"{path}: another registration has held the lock for {timeout_s:.0f} s") from None
+            raise LockTimeout(f"{path}: another registration has held the lock for {timeout_s:.0f} s") from None
         return
     lock = _RegistryLock(tracking.mlflow_client(uri), name, lease_s, timeout_s)
     lock.acquire()

@@ -117,9 +117,10 @@ def decide_promotion(candidate: dict, teacher: dict, baseline: dict, champion: C
     """Promote only if every rule passes, in RULES order:
 
     the student keeps enough of the teacher's accuracy; beats the hard-label baseline (KD helped); is
-    fast enough next to the teacher (latencies measured in one process, so machine noise cancels) and
-    small enough; and, when a champion exists (scored on today's test rows, paired with the student),
-    loses no class by more than the margin, beats it by at least epsilon, and the win is significant.
+    fast enough next to the teacher (batch-1 latencies timed interleaved in one process by
+    kd_core.evaluate.batch1_latencies_ms, so machine noise hits both alike) and small enough; and,
+    when a champion exists (scored on today's test rows, paired with the student), loses no class by
+    more than the margin, beats it by at least epsilon, and the win is significant.
     """
     student = accuracy(candidate, "student")
     teacher_acc, baseline_acc = accuracy(teacher, "teacher"), accuracy(baseline, "baseline")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import mlflow
@@ -27,6 +28,8 @@ from kd_core.errors import UserError
 MODEL_ARTIFACT = "kd_model"  # name of the kd model directory inside the pyfunc model's artifacts
 
 MODEL_NAME_IN_RUN = "model"
+
+PACKAGE = "kd_core"  # logged with every model (code_paths); the model code imports from it
 
 OUTPUTS = ("classes", "probabilities")  # what predict(params={"output": ...}) can return
 
@@ -127,21 +130,42 @@ def download_model_dir(uri: str, dest: Path, root: Path | None = None) -> Path:
                     "give a model kd registered or a logged kd model directory")
 
 
+def _kd_modules() -> dict[str, ModuleType]:
+    return {n: m for n, m in sys.modules.items() if n == PACKAGE or n.startswith(f"{PACKAGE}.")}
+
+
+def _kd_error(exc: BaseException) -> bool:
+    """A kd error (UserError and its kin) from this kd_core or from the copy a model carries."""
+    return any(c.__module__ == f"{PACKAGE}.errors" for c in type(exc).__mro__)
+
+
 @contextmanager
 def scoring(failure: str, hint: str) -> Iterator[None]:
-    """Load and score a registered model: one line on failure, and this process's imports kept.
+    """Load and score a registered model with its own code: one line on failure, this process kept.
 
-    Loading prepends the model's code dir to sys.path; MLflow's schema errors open with a dump of
-    the input and end with their cause, which is all the user needs.
+    A kd model carries the kd_core it was logged with (code_paths) and its model code imports from
+    it, as `mlflow models serve` runs it. Here kd_core is already imported and would shadow that
+    copy, so a version logged by another kd release (its model code may name a module this one no
+    longer has: `kd_core.registry` before the split) could not load. So this process's kd_core is
+    set aside while the model loads and scores, and put back after, with sys.path (which loading
+    prepends the model's code dir to). MLflow's schema errors open with a dump of the input and end
+    with their cause, which is all the user needs.
     """
-    saved_path = list(sys.path)
+    saved_path, ours = list(sys.path), _kd_modules()
+    for name in ours:
+        del sys.modules[name]
     try:
         yield
-    except (MlflowException, UserError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, MlflowException) and not _kd_error(exc):
+            raise
         text = str(exc)
         cause = text.rsplit("Error: ", 1)[-1] if "Error: " in text else text
         raise UserError(f"{failure}: {cause.splitlines()[0]}{hint}") from None
     finally:
+        for name in _kd_modules():
+            del sys.modules[name]
+        sys.modules.update(ours)
         sys.path[:] = saved_path
 
 

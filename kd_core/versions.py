@@ -131,7 +131,7 @@ def predict_table(root: Path, name: str, version: int | None, frame: pd.DataFram
     with tracking.tracking_errors(uri):
         v = int(_version(tracking.mlflow_client(uri), name, version, uri).version)
         with serving.scoring(f"{name} version {v} cannot score this table",
-                      " (hint: it needs the feature columns the model was trained on, by name)"):
+                             " (hint: it needs the feature columns the model was trained on, by name)"):
             model = mlflow.pyfunc.load_model(f"models:/{name}/{v}")
             classes = np.asarray(model.predict(frame, params={"output": "classes"}), dtype=object)
             probabilities = pd.DataFrame(model.predict(frame, params={"output": "probabilities"}))

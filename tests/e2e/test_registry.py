@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -283,7 +287,8 @@ def test_registry_lock_excludes_and_breaks_a_dead_holders_lock(root: Path):
     first = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
     first.acquire()
     waiter = lock._RegistryLock(client, NAME, lease_s=60, timeout_s=1.0)
-    with pytest.raises(UserError, match=rf"registry lock {NAME}.lock is held by .* pid {os.getpid()}; gave up"):
+    # a busy lock is worth waiting for (its holder finishes or its lease runs out): exit 75, retried
+    with pytest.raises(TransientError, match=rf"registry lock {NAME}.lock is held by .* pid {os.getpid()}; gave up"):
         waiter.acquire()
     first.release()
     waiter.acquire()  # free again
@@ -428,6 +433,68 @@ def test_unreachable_server_fails_with_one_line(root: Path, monkeypatch: pytest.
     # a teacher from that store (teacher.source: models:/…) is the same transient outage, not exit 1
     with pytest.raises(TransientError, match=r"unreachable"):
         serving.download_model_dir(f"models:/{NAME}/1", root / ".kd/dl", root)
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """A tracking server that is up but failing: every request answers 503."""
+
+    def _answer(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    try:
+        yield uri
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_answering_5xx_is_a_transient_outage(root: Path, failing_server: str):
+    """The probe passes (the server answers), then every MLflow call fails with 503: register, the
+    registry lock and a teacher download from that store fail with exit 75 (retried), not exit 1."""
+    with pytest.raises(TransientError, match=rf"MLflow at {failing_server} is unavailable") as exc:
+        register.run(PARAMS, root)
+    assert "\n" not in str(exc.value)
+    assert not (root / "metrics/register.json").exists()
+
+    with pytest.raises(TransientError), tracking.tracking_errors(failing_server), \
+            lock.registry_lock(failing_server, NAME):
+        pass
+    with pytest.raises(TransientError, match="unavailable"):
+        serving.download_model_dir(f"models:/{NAME}/1", root / ".kd/dl", root)
+
+
+def test_a_version_logged_by_another_kd_release_scores_with_its_own_code(root: Path):
+    """A model's code imports KDPyfuncModel by module path (`kd_core.registry` before the split) from
+    the kd_core logged with it. Scored in this process (register compares with the champion), this
+    kd_core must not shadow that copy; and this process's modules are back afterwards."""
+    register.run(PARAMS, root)
+    client = MlflowClient()
+    stored = Path(urllib.parse.urlparse(client.get_model_version_download_uri(NAME, "1")).path)
+    (stored / "code/kd_core/serving.py").rename(stored / "code/kd_core/served_before.py")  # another release's layout
+    code = stored / "kd_pyfunc_model.py"
+    code.write_text(code.read_text().replace("kd_core.serving", "kd_core.served_before"))
+    ours = sys.modules["kd_core.serving"]
+    test = pd.read_parquet(root / PARAMS.paths.prepared / "test.parquet")
+
+    predictions = serving.predict_registered(f"models:/{NAME}/1", test.drop(columns=["label"]))
+
+    assert predictions.tolist() == test["label"].tolist()
+    assert sys.modules["kd_core.serving"] is ours and "kd_core.served_before" not in sys.modules
 
 
 def git(cwd: Path, *args: str) -> str:
