@@ -148,8 +148,9 @@ def scoring(failure: str, hint: str) -> Iterator[None]:
     copy, so a version logged by another kd release (its model code may name a module this one no
     longer has: `kd_core.registry` before the split) could not load. So this process's kd_core is
     set aside while the model loads and scores, and put back after, with sys.path (which loading
-    prepends the model's code dir to). MLflow's schema errors open with a dump of the input and end
-    with their cause, which is all the user needs.
+    prepends the model's code dir to). A store that does not answer is TrackingUnavailable (exit 75);
+    MLflow's schema errors open with a dump of the input and end with their cause, which is all the
+    user needs.
     """
     saved_path, ours = list(sys.path), _kd_modules()
     for name in ours:
@@ -159,6 +160,9 @@ def scoring(failure: str, hint: str) -> Iterator[None]:
     except Exception as exc:
         if not isinstance(exc, MlflowException) and not _kd_error(exc):
             raise
+        transient = tracking.unavailable(exc, mlflow.get_tracking_uri()) if isinstance(exc, MlflowException) else None
+        if transient is not None:  # the store, not the model: exit 75, retried
+            raise transient from None
         text = str(exc)
         cause = text.rsplit("Error: ", 1)[-1] if "Error: " in text else text
         raise UserError(f"{failure}: {cause.splitlines()[0]}{hint}") from None
@@ -174,8 +178,3 @@ def predict_registered(model_uri: str, features: pd.DataFrame) -> np.ndarray:
     with scoring(f"{model_uri} cannot score the current test set", "; remove its alias if the data changed shape"):
         return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(features), dtype=object)
 
-
-def score_model(model_uri: str, test: pd.DataFrame, label_column: str) -> float:
-    """Accuracy of a registered model on raw test rows, through MLflow's own loading path."""
-    predictions = predict_registered(model_uri, test.drop(columns=[label_column]))
-    return float(np.mean(predictions == test[label_column].to_numpy(dtype=object)))

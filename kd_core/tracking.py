@@ -108,16 +108,25 @@ def check_tracking(root: Path) -> None:
         raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {reason}") from None
 
 
+def unavailable(exc: MlflowException, uri: str) -> TrackingUnavailable | None:
+    """TrackingUnavailable for a store that did not answer (refused, timed out, 5xx after MLflow's own
+    retries, a busy sqlite file), one line naming it; None for anything else."""
+    line = (str(exc).splitlines() or [""])[0]
+    if line.startswith("API request to") or "database is locked" in line:
+        return TrackingUnavailable(f"MLflow at {uri} is unavailable: {line[:300]}")
+    return None
+
+
 @contextmanager
 def tracking_errors(uri: str) -> Iterator[None]:
     """Turn MLflow's connection failures into TrackingUnavailable, one line naming the store."""
     try:
         yield
     except MlflowException as exc:
-        line = (str(exc).splitlines() or [""])[0]
-        if line.startswith("API request to") or "database is locked" in line:
-            raise TrackingUnavailable(f"MLflow at {uri} is unavailable: {line[:300]}") from None
-        raise
+        transient = unavailable(exc, uri)
+        if transient is None:
+            raise
+        raise transient from None
 
 
 def key(name: str) -> str:

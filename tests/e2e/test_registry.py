@@ -465,7 +465,8 @@ def failing_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def test_a_server_answering_5xx_is_a_transient_outage(root: Path, failing_server: str):
     """The probe passes (the server answers), then every MLflow call fails with 503: register, the
-    registry lock and a teacher download from that store fail with exit 75 (retried), not exit 1."""
+    registry lock, loading the champion to score it and a teacher download from that store fail with
+    exit 75 (retried), not exit 1."""
     with pytest.raises(TransientError, match=rf"MLflow at {failing_server} is unavailable") as exc:
         register.run(PARAMS, root)
     assert "\n" not in str(exc.value)
@@ -474,6 +475,9 @@ def test_a_server_answering_5xx_is_a_transient_outage(root: Path, failing_server
     with pytest.raises(TransientError), tracking.tracking_errors(failing_server), \
             lock.registry_lock(failing_server, NAME):
         pass
+    mlflow.set_tracking_uri(failing_server)  # as register_candidate does before scoring the champion
+    with pytest.raises(TransientError, match="unavailable"):  # was "cannot score": exit 1, never retried
+        serving.predict_registered(f"models:/{NAME}/1", pd.DataFrame({"f0": [0.0]}))
     with pytest.raises(TransientError, match="unavailable"):
         serving.download_model_dir(f"models:/{NAME}/1", root / ".kd/dl", root)
 
