@@ -1,7 +1,8 @@
 """The content-addressed cache store under `<paths.work>/cache/`: list, collect garbage, lock.
 
 A build holds the lock of its key for its whole run; `gc_store` takes each victim's lock without
-waiting and skips (and reports) a cache whose lock is held, so it never deletes a cache being built.
+waiting and skips (and reports) a cache whose lock is held, so it never deletes a cache being built;
+`list_store` probes each lock the same way to say which caches are being built.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class StoredCache:
     bytes: int
     modified: float  # the store directory's mtime
     teacher_fingerprint: str | None
+    building: bool = False  # a build holds its key's lock right now
 
 
 def list_store(work: Path) -> list[StoredCache]:
@@ -41,14 +43,26 @@ def list_store(work: Path) -> list[StoredCache]:
         except UserError:
             m = None
         out.append(StoredCache(d.name, d, m is not None, m and m["rows"], size, d.stat().st_mtime,
-                               m and m.get("teacher_fingerprint")))
+                               m and m.get("teacher_fingerprint"), _held(work, d.name)))
     return sorted(out, key=lambda c: (c.modified, c.key), reverse=True)
 
 
 def _lock_file(work: Path, key: str) -> Path:
-    """Locks live beside the store, not in it: the store holds one directory per key and nothing else,
-    and removing a cache must not remove its lock."""
+    """Locks live beside the store, not in it: the store holds one directory per key and nothing else.
+
+    A lock file is never deleted (it is empty): a build waiting on it holds it open, and unlinking it
+    would let the next locker create a second file under the same name, so two would hold "the" lock.
+    """
     return work / f"{STORE}.locks" / f"{key}.lock"
+
+
+def _held(work: Path, key: str) -> bool:
+    """Whether a build holds the lock of `key` now (probed without waiting)."""
+    try:
+        with key_lock(work, key, timeout=0):
+            return False
+    except filelock.Timeout:
+        return True
 
 
 @contextmanager
@@ -72,7 +86,6 @@ def gc_store(work: Path, keep: set[str]) -> tuple[list[StoredCache], list[Stored
         try:
             with key_lock(work, c.key, timeout=0):
                 shutil.rmtree(c.path)
-            _lock_file(work, c.key).unlink(missing_ok=True)
             removed.append(c)
         except filelock.Timeout:
             busy.append(c)

@@ -47,7 +47,8 @@ def cache_ls() -> None:
     for col in ("key", "state", "rows", "MiB", "teacher"):
         table.add_column(col)
     for c in list_store(root / load_params(root).paths.work):
-        state = "current" if c.key in current else ("complete" if c.complete else "partial (resumable)")
+        state = ("building" if c.building else "current" if c.key in current
+                 else "complete" if c.complete else "partial (resumable)")
         table.add_row(c.key[:12], state, str(c.rows or "?"), f"{c.bytes / 2**20:.1f}",
                       (c.teacher_fingerprint or "?")[:12])
     out.print(table)
@@ -66,7 +67,8 @@ def cache_gc(
     others = [c.key for c in list_store(work) if c.key not in current]
     protected = set(others[:keep]) | current
     if dry_run:
-        doomed, busy = [c for c in list_store(work) if c.key not in protected], []
+        candidates = [c for c in list_store(work) if c.key not in protected]
+        doomed, busy = [c for c in candidates if not c.building], [c for c in candidates if c.building]
     else:
         doomed, busy = gc_store(work, protected)
     verb = "would remove" if dry_run else "removed"

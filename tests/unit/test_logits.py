@@ -1,6 +1,6 @@
 """The soft-label cache: round trip, keys, stale refusal, resume and verification."""
 
-
+import os
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +169,35 @@ def test_gc_keeps_a_cache_whose_build_holds_the_lock(tmp_path):
 
     _, key = _build(tmp_path, _teacher_logits())
     with key_lock(tmp_path / "work", key):  # as build_cache holds it while it computes shards
+        assert [c.building for c in list_store(tmp_path / "work")] == [True]  # `kd cache ls` says so
         removed, busy = gc_store(tmp_path / "work", keep=set())
     assert removed == [] and [c.key for c in busy] == [key]
+    assert [c.building for c in list_store(tmp_path / "work")] == [False]
     assert [c.key for c in list_store(tmp_path / "work")] == [key]
     removed, busy = gc_store(tmp_path / "work", keep=set())  # released: now it goes
     assert [c.key for c in removed] == [key] and busy == [] and list_store(tmp_path / "work") == []
+
+
+def test_gc_keeps_the_lock_file_a_waiting_build_holds_open(tmp_path):
+    """A build waiting on a key's lock has its file open and locks it once gc lets go. Had gc unlinked
+    the file, the next gc would lock a new file of the same name and delete the cache being rebuilt."""
+    import fcntl
+
+    from kd_core.cache import gc_store
+    from kd_core.cache.store import _lock_file
+
+    work = tmp_path / "work"
+    _, key = _build(tmp_path, _teacher_logits())
+    fd = os.open(_lock_file(work, key), os.O_RDWR)  # the waiting build
+    try:
+        removed, _ = gc_store(work, keep=set())
+        assert [c.key for c in removed] == [key]
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # gc released it: the build takes it and starts again
+        (work / "cache" / key).mkdir(parents=True)
+        removed, busy = gc_store(work, keep=set())
+        assert removed == [] and [c.key for c in busy] == [key]
+    finally:
+        os.close(fd)
 
 
 def test_shard_temporaries_are_unique_per_writer(tmp_path, monkeypatch):
