@@ -1,7 +1,7 @@
 """Intermediate-representation distillation: teacher activations cached once, student hints trained from them.
 
 The teacher side runs in cache_logits: forward hooks capture the `cache.features` modules in the same
-pass as the logits, `pool` reduces them, and the cache stores them (kd_core.logits). The student side
+pass as the logits, `pool` reduces them, and the cache stores them (kd_core.cache). The student side
 runs in train_student: `HintedStudent` wraps the student with hooks on the `distill.features` modules
 and one learned projection per hint whose shapes differ; the projections train with the student and
 are never saved, so the saved and exported student is the same network as without hints.

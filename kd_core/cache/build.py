@@ -22,14 +22,12 @@ import numpy as np
 import torch
 
 from kd_core.cache.format import (
-    _STORAGE,
     FORMAT_VERSION,
     MANIFEST,
     STORE,
     CacheSettings,
     Compute,
     Features,
-    _split,
     bytes_per_row,
     encode,
     encode_features,
@@ -38,6 +36,7 @@ from kd_core.cache.format import (
     sha256_file,
     shard_file,
     shard_ranges,
+    storage_dtype,
     verify_manifest,
 )
 from kd_core.cache.store import key_lock
@@ -115,6 +114,11 @@ def _compute_and_write(compute: Compute, settings: CacheSettings, store: Path, i
     _check_shape(logits, start, stop, n_classes)
     _check_features(feats, start, stop, shapes)
     return write_shard(store, i, encode(logits, settings) | encode_features(feats, settings))
+
+
+def _split(out: torch.Tensor | tuple[torch.Tensor, Features]) -> tuple[torch.Tensor, Features]:
+    """A compute's result as (logits, features); a bare tensor is logits without features."""
+    return (out, []) if isinstance(out, torch.Tensor) else out
 
 
 def _check_shape(logits: torch.Tensor, start: int, stop: int, n_classes: int) -> None:
@@ -236,7 +240,7 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
         if progress is not None:
             progress(n_rows, n_rows)
     manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
-                "storage_dtype": np.dtype(_STORAGE[settings.dtype]).name, "rows": n_rows, "classes": n_classes,
+                "storage_dtype": storage_dtype(settings.dtype).name, "rows": n_rows, "classes": n_classes,
                 **_feature_manifest(settings, feature_shapes), "bytes_per_row": row_bytes,
                 "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
                                                              for r in settings.roles()}}

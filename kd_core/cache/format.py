@@ -69,13 +69,18 @@ class CacheSettings:
         return logit_roles + tuple(feature_role(j) for j in range(len(self.features)))
 
 
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a cache of `dtype` is stored as (bfloat16 as its 16-bit pattern)."""
+    return np.dtype(_STORAGE[dtype])
+
+
 def feature_role(j: int) -> str:
     return f"feature{j}"
 
 
 def bytes_per_row(settings: CacheSettings, n_classes: int, feature_shapes: tuple[tuple[int, ...], ...]) -> int:
     """Bytes one cached row costs on disk (npy headers aside): logits or top-k arrays plus every feature."""
-    item = np.dtype(_STORAGE[settings.dtype]).itemsize
+    item = storage_dtype(settings.dtype).itemsize
     logits = settings.top_k * (item + 4) + 4 if settings.top_k else n_classes * item  # + int32 indices, tail
     return logits + sum(int(np.prod(shape)) * item for shape in feature_shapes)
 
@@ -141,13 +146,8 @@ def encode_features(feats: Features, settings: CacheSettings) -> dict[str, np.nd
     return {feature_role(j): _store(f.float(), settings.dtype) for j, f in enumerate(feats)}
 
 
-def _split(out: torch.Tensor | tuple[torch.Tensor, Features]) -> tuple[torch.Tensor, Features]:
-    """A compute's result as (logits, features); a bare tensor is logits without features."""
-    return (out, []) if isinstance(out, torch.Tensor) else out
-
-
 def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
-    storage = np.dtype(_STORAGE[manifest["dtype"]])
+    storage = storage_dtype(manifest["dtype"])
     features = {f["role"]: f["shape"] for f in manifest.get("features", [])}
     if role in features:
         return (rows, *features[role]), storage
@@ -166,7 +166,6 @@ def sha256_file(path: Path) -> str:
 
 def shard_file(i: int, role: str) -> str:
     return f"shard-{i:05d}.{role}.npy"
-
 
 
 def read_manifest(path: Path) -> dict:
@@ -221,5 +220,3 @@ def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:
 def verify_cache(path: Path) -> list[str]:
     """`kd cache verify`: every problem found in the cache at `path`. Empty means sound."""
     return verify_manifest(path, read_manifest(path))
-
-

@@ -131,7 +131,10 @@ class LogitCache:
         return out
 
     def take_topk(self, idx: np.ndarray) -> TopK:
-        """Top-k view of rows `idx` (a dense cache is cut to its own top-k on the fly)."""
+        """Rows `idx` of a top-k cache: values, indices and the tail's log-sum-exp.  # (B,) -> (B, K'), (B, K'), (B,)
+
+        The tail is clamped again on read (format.clamp_tail), so caches written before the clamp read alike.
+        """
         if not self.top_k:
             raise UserError(f"{self.path} is a dense cache; it has no top-k arrays")
         k = self.top_k

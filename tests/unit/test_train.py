@@ -131,6 +131,30 @@ def test_a_loss_that_averages_is_refused():
         fit(_model(), x, y, lambda s, _t, yb: losses.hard_ce(s, yb).mean(), CFG)
 
 
+def test_a_top_k_cache_trains_from_its_top_k_as_the_dense_cache_would(tmp_path, monkeypatch):
+    """`fit` reads a top-k cache as top-k (`targets`: values, indices, tail), never its dense (B, C) view;
+    with a one-class tail the bucketed KL is the exact KL, so training matches the dense cache's."""
+    from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key
+    from kd_core.config import DistillParams
+
+    x, y, teacher = _data()
+    settings = CacheSettings("float32", 128, K - 1)  # top-(K-1): the tail is one class
+    key = cache_key("t", "d", settings)
+    build_cache(lambda a, b: torch.from_numpy(teacher[a:b]), N, K, tmp_path / "c", tmp_path / "w", key, settings, {})
+    cache = LogitCache(tmp_path / "c", key)
+    monkeypatch.setattr(LogitCache, "take", lambda *_: pytest.fail("the dense view of a top-k cache was read"))
+    distill = DistillParams(temperature=2.0, alpha=0.5)
+    topk, dense = _model(), _model()
+    h_topk = fit(topk, x, y, losses.build(distill, cache.top_k), CFG, soft=cache.targets, val=np.arange(0, 60))
+    h_dense = _fit(dense, CFG, val=np.arange(0, 60))
+    for a, b in zip(h_topk, h_dense, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["agreement_with_teacher"] == b["agreement_with_teacher"]
+        assert a["val_agreement_with_teacher"] == b["val_agreement_with_teacher"]
+    for p, q in zip(topk.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
+
+
 def _rank(rank: int, world: int, store: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
