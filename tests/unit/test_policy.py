@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -222,3 +225,10 @@ def test_schedule_params_are_validated():
                      ({"alert_webhook": "ftp://x"}, "schedule.alert_webhook")]:
         with pytest.raises(UserError, match=key):
             parse_params({"schedule": bad})
+
+
+def test_the_policy_imports_no_mlflow():
+    """Pure rules, unit-tested without a tracking store (ARCHITECTURE: policy.py)."""
+    code = "import sys, kd_core.policy; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
