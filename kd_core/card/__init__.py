@@ -1,5 +1,17 @@
 """The model card: content (what it says), figures, rendering (markdown, and HTML from it)."""
 
-from kd_core.card.content import DATA_DOCS, FIGURES, HTML_FILE, MD_FILE, CardInputs, now, score_test_split, write_card
+from kd_core.card.content import (
+    DATA_DOCS,
+    FIGURES,
+    HTML_FILE,
+    MD_FILE,
+    CardInputs,
+    loss_label,
+    now,
+    score_test_split,
+    teacher_description,
+    write_card,
+)
 
-__all__ = ["DATA_DOCS", "FIGURES", "HTML_FILE", "MD_FILE", "CardInputs", "now", "score_test_split", "write_card"]
+__all__ = ["DATA_DOCS", "FIGURES", "HTML_FILE", "MD_FILE", "CardInputs", "loss_label", "now", "score_test_split",
+           "teacher_description", "write_card"]

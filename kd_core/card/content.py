@@ -14,7 +14,7 @@ import numpy as np
 from kd_core import data, tasks
 from kd_core.card.figures import fig_accuracy_vs, fig_confusion, fig_reliability, fig_training_curves
 from kd_core.card.render import Block, Bullets, Code, Heading, Image, Para, Table, to_html, to_markdown
-from kd_core.config import Params
+from kd_core.config import Params, TeacherParams
 from kd_core.evaluate import ECE_BINS
 from kd_core.metrics_table import ROLES, kib, models_table, pts
 
@@ -46,6 +46,33 @@ def score_test_split(params: Params, model_dirs: dict[str, Path], prepared: Path
     splits = data.read_prepared(prepared)
     x, y = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)  # (N, ...), (N,)
     return {r: task.predict_logits(task.load(d)[0], x) for r, d in model_dirs.items()}, y, splits
+
+
+_LOSSES = {"hinton": "KL·T² + CE", "dkd": "DKD (α·TCKD + β·NCKD)·T² + CE", "mse": "MSE on logits + CE",
+           "mse_l2": "MSE on logits + λ‖w‖²"}  # kd_core.losses, by `distill.loss`
+
+
+def loss_label(params: Params) -> str:
+    """The student's training loss as the card names it: `distill.loss` (a user's factory by its
+    name), the top-k form a top-k cache gives `hinton`, and the feature hints."""
+    d = params.distill
+    label = ("top-k KL·T² (cached top-k + tail bucket) + CE" if params.cache.top_k and d.loss == "hinton"
+             else _LOSSES.get(d.loss, d.loss))
+    if d.features:
+        label += f" + {len(d.features)} feature hint(s) ({', '.join(sorted({h.loss for h in d.features}))})"
+    return label
+
+
+def teacher_description(params: Params) -> str:
+    """The teacher the student learned from: the one `teacher`, or the ensemble of the `teachers`
+    list (then `teacher:` is unused and describing it would name a model nobody trained)."""
+    def one(t: TeacherParams) -> str:
+        return f"{t.arch} {dict(t.options)} (source: {t.source}, {t.epochs} epochs)"
+
+    if not params.teachers:
+        return one(params.teacher)
+    how = "mean logits" if params.distill.ensemble == "logits" else "mean probabilities"
+    return f"ensemble of {len(params.teachers)} ({how}): " + "; ".join(one(t) for t in params.teachers)
 
 
 def _ms(v: float) -> str:
@@ -152,8 +179,9 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
                    Bullets([f"`{r}`" for r in reg["reasons"]])]
     blocks += [
         Heading("Training curves"),
-        Image(figures["training"], "Loss and accuracy per epoch: student (KD) against the hard-label baseline "
-                                   "(`metrics/train_*.csv`); dotted: held-out validation rows."),
+        Image(figures["training"], f"Loss and accuracy per epoch: student (KD loss: {f.get('loss', '?')}) against "
+                                   "the hard-label baseline (`metrics/train_*.csv`); dotted: held-out validation "
+                                   "rows."),
         Heading("Accuracy against cost"),
         Image(figures["size"], "Test accuracy against weights file size (log scale)."),
         Image(figures["latency"], "Test accuracy against batch-1 CPU latency (log scale; int8 on ONNX Runtime)."),
@@ -213,7 +241,7 @@ def write_card(inp: CardInputs, out: Path, data_docs: str | None = None) -> dict
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {
-        "training": fig_training_curves(inp.curves, fig_dir / "training_curves.png", inp.facts.get("loss", "KD loss")),
+        "training": fig_training_curves(inp.curves, fig_dir / "training_curves.png", inp.facts.get("loss", "?")),
         "size": fig_accuracy_vs(inp.evals, inp.export, "size_bytes", "model file size (KiB)", 1 / 1024,
                                 fig_dir / "accuracy_vs_size.png"),
         "latency": fig_accuracy_vs(inp.evals, inp.export, "latency_ms_p50", "latency p50 (ms, batch 1)", 1.0,

@@ -36,29 +36,6 @@ class ReportResult:
 
 
 EXPORT_FILE = "export.json"  # written by the export stage
-_LOSSES = {"hinton": "KL·T² + CE", "dkd": "DKD (α·TCKD + β·NCKD)·T² + CE", "mse": "MSE on logits + CE",
-           "mse_l2": "MSE on logits + λ‖w‖²"}
-
-
-def loss_label(params: Params) -> str:
-    """The student's training loss as the card names it: `distill.loss`, its top-k form, and hints."""
-    d = params.distill
-    label = ("top-k KL·T² (cached top-k + tail bucket) + CE" if params.cache.top_k and d.loss == "hinton"
-             else _LOSSES.get(d.loss, d.loss))
-    if d.features:
-        label += f" + {len(d.features)} feature hint(s) ({', '.join(sorted({h.loss for h in d.features}))})"
-    return label
-
-
-def _teacher_fact(params: Params) -> str:
-    """The teacher the student learned from: one teacher, or the ensemble of the `teachers` list."""
-    def one(t) -> str:
-        return f"{t.arch} {dict(t.options)} (source: {t.source}, {t.epochs} epochs)"
-
-    if not params.teachers:
-        return one(params.teacher)
-    how = "mean logits" if params.distill.ensemble == "logits" else "mean probabilities"
-    return f"ensemble of {len(params.teachers)} ({how}): " + "; ".join(one(t) for t in params.teachers)
 
 
 def _json(path: Path) -> dict | None:
@@ -76,7 +53,7 @@ def inputs(params: Params, workdir: Path) -> card.CardInputs:
     validation_summary = _json(workdir / params.paths.validation / validation.SUMMARY_FILE) or {}
     register = _json(metrics / REGISTER_FILE)
     facts = {"generated": card.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
-             "source": params.data.source, "teacher": _teacher_fact(params), "loss": loss_label(params),
+             "source": params.data.source, "teacher": card.teacher_description(params), "loss": card.loss_label(params),
              "student": f"{params.student.arch} {dict(params.student.options)}",
              "distill": f"loss {params.distill.loss}, temperature {params.distill.temperature}, "
                         f"alpha {params.distill.alpha}",

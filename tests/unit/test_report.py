@@ -10,6 +10,7 @@ import pytest
 
 from kd_core import card
 from kd_core.card import content, figures, render
+from kd_core.config import parse_params
 from kd_core.metrics_table import ROLES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -140,3 +141,41 @@ def test_validation_table_links_each_tables_data_docs_page(tmp_path: Path):
     rel = page.relative_to(tmp_path).as_posix()
     assert f"| train | 400 | 12 | 0 | [results]({rel}) |" in (tmp_path / card.MD_FILE).read_text()
     assert f'<a href="{rel}">results</a>' in (tmp_path / card.HTML_FILE).read_text()
+
+
+def _markdown(inp: card.CardInputs, **facts: str) -> str:
+    """The card's markdown without drawing the figures."""
+    inp = content.CardInputs(**{**inp.__dict__, "facts": {**inp.facts, **facts}})
+    names = {k: f"{card.FIGURES}/{k}.png" for k in ("training", "size", "latency", "reliability", "confusion")}
+    return render.to_markdown(content.build_blocks(inp, names, None))
+
+
+def test_card_describes_the_ensemble_of_teachers_not_the_unused_teacher_section():
+    """With a `teachers` list the card used to describe `teacher:`, a model no stage trained."""
+    params = parse_params({"teacher": {"arch": "mlp", "options": {"hidden": [999]}},
+                           "teachers": [{"arch": "cnn1d", "options": {"channels": 8}},
+                                        {"arch": "mlp", "options": {"hidden": [16]}, "source": "models:/t@champion"}],
+                           "distill": {"ensemble": "probs"}})
+    described = card.teacher_description(params)
+    assert described.startswith("ensemble of 2 (mean probabilities): cnn1d {'channels': 8}")
+    assert "mlp {'hidden': [16]} (source: models:/t@champion" in described and "999" not in described
+    assert card.teacher_description(parse_params({})).startswith("cnn1d {}")
+
+    assert f"`teacher`: {described}" in _markdown(card_inputs(), teacher=described)
+
+
+@pytest.mark.parametrize(("raw", "label"), [
+    ({}, "KL·T² + CE"),
+    ({"distill": {"loss": "dkd"}}, "DKD (α·TCKD + β·NCKD)·T² + CE"),
+    ({"distill": {"loss": "mse"}}, "MSE on logits + CE"),
+    ({"distill": {"loss": "mse_l2"}}, "MSE on logits + λ‖w‖²"),
+    ({"cache": {"top_k": 4}}, "top-k KL·T² (cached top-k + tail bucket) + CE"),
+    ({"cache": {"top_k": 4}, "distill": {"loss": "dkd"}}, "DKD (α·TCKD + β·NCKD)·T² + CE"),  # dense view of top-k
+    ({"cache": {"features": [{"module": "net.convs.1", "pool": "mean"}]},
+      "distill": {"features": [{"teacher": "net.convs.1", "student": "net.0", "loss": "cosine"}]}},
+     "KL·T² + CE + 1 feature hint(s) (cosine)"),
+])
+def test_card_names_the_loss_the_student_trained_with(raw: dict, label: str):
+    """Every training curve used to be labelled "KL·T² + CE", whatever `distill.loss` was."""
+    assert card.loss_label(parse_params(raw)) == label
+    assert f"student (KD loss: {label})" in _markdown(card_inputs(), loss=label)
