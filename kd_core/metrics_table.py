@@ -1,6 +1,7 @@
-"""The one table of teacher / baseline / student metrics, shared by `kd run`'s summary, `kd compare`
-and the model card, so the three can never show the same number two ways. Pure: rows of strings;
-rich renders it on the console, the card as markdown / HTML.
+"""The tables of the run's numbers, each built once: teacher / baseline / student metrics (eval.json),
+shared by `kd run`'s summary, `kd compare` and the model card, and the edge export (export.json),
+shared by `kd export` and the card, so no view can show a number another way. Pure: rows of strings;
+rich renders them on the console, the card as markdown / HTML.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 @dataclass(frozen=True)
 class MetricsTable:
     header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]  # one per model; "–" where a model lacks a metric
+    rows: tuple[tuple[str, ...], ...]  # one per model; "–" where a model lacks a metric (or has none to show)
 
 
 def models_table(evals: dict, export: dict | None = None) -> MetricsTable:
@@ -48,6 +49,23 @@ def models_table(evals: dict, export: dict | None = None) -> MetricsTable:
         models.append((INT8, int8))
     rows = tuple((name, *(fmt(m[key]) if key in m else "–" for _, key, fmt in COLUMNS)) for name, m in models)
     return MetricsTable(("model", *(label for label, _, _ in COLUMNS)), rows)
+
+
+RUNTIMES = {"pytorch": "PyTorch (fp32)", "onnx": "ONNX Runtime (fp32)", "onnx_int8": "ONNX Runtime (int8)"}
+
+
+def export_table(export: dict) -> MetricsTable:
+    """One row per model and runtime of export.json; the PyTorch rows are the reference, so their
+    differences to PyTorch are "–"."""
+    rows = []
+    for role in ("teacher", "student"):
+        for k, v in export.get(role, {}).items():
+            vs_pytorch = ("–", "–", "–") if k == "pytorch" else (
+                f"{v['max_abs_logit_diff']:.2g}", f"{v['agreement_with_pytorch']:.3f}", pts(-v["accuracy_drop"]))
+            rows.append((f"{role}, {RUNTIMES.get(k, k)}", kib(v["size_bytes"]), f"{v['latency_ms_p50']:.3f} ms",
+                         f"{v['accuracy']:.3f}", *vs_pytorch))
+    return MetricsTable(("model, runtime", "file size", "latency p50 (batch 1)", "accuracy",
+                         "max abs. logit diff vs PyTorch", "same class as PyTorch", "accuracy vs PyTorch"), tuple(rows))
 
 
 def headline(evals: dict) -> str:

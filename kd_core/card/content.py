@@ -16,7 +16,7 @@ from kd_core.card.figures import fig_accuracy_vs, fig_confusion, fig_reliability
 from kd_core.card.render import Block, Bullets, Code, Heading, Image, Para, Table, to_html, to_markdown
 from kd_core.config import Params, TeacherParams
 from kd_core.evaluate import ECE_BINS
-from kd_core.metrics_table import ROLES, kib, models_table, pts
+from kd_core.metrics_table import ROLES, MetricsTable, export_table, kib, models_table, pts
 
 MD_FILE, HTML_FILE, FIGURES = "model_card.md", "model_card.html", "figures"
 DATA_DOCS = "data_docs"  # Great Expectations Data Docs, built next to the card
@@ -79,23 +79,9 @@ def _ms(v: float) -> str:
     return f"{v:.3f} ms"
 
 
-def metrics_table(evals: dict, export: dict | None) -> Table:
-    """The headline table, the same rows and formats as `kd compare` and `kd run`'s summary."""
-    t = models_table(evals, export)
+def table(t: MetricsTable) -> Table:
+    """A kd_core.metrics_table table as a card block: the same rows the console shows."""
     return Table(t.header, t.rows)
-
-
-def export_table(export: dict) -> Table:
-    names = {"pytorch": "PyTorch (fp32)", "onnx": "ONNX Runtime (fp32)", "onnx_int8": "ONNX Runtime (int8)"}
-    rows = []
-    for role in ("teacher", "student"):
-        for k, v in export.get(role, {}).items():
-            rows.append([f"{role}, {names.get(k, k)}", kib(v["size_bytes"]), _ms(v["latency_ms_p50"]),
-                         f"{v['accuracy']:.3f}", f"{v['max_abs_logit_diff']:.2g}" if k != "pytorch" else "—",
-                         f"{v['agreement_with_pytorch']:.3f}" if k != "pytorch" else "—",
-                         pts(-v["accuracy_drop"]) if k != "pytorch" else "—"])
-    return Table(["model, runtime", "file size", "latency p50 (batch 1)", "accuracy", "max abs. logit diff vs PyTorch",
-                  "same class as PyTorch", "accuracy vs PyTorch"], rows)
 
 
 def per_class_blocks(evals: dict, classes: tuple, limit: int = 40) -> list[Block]:
@@ -164,7 +150,7 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
             f"({f.get('threads', '?')} threads); re-measure on the target device.",
             "Probabilities are only as calibrated as the reliability diagrams show; do not read them as exact risks.",
         ]),
-        Heading("Metrics on the test set"), metrics_table(inp.evals, inp.export),
+        Heading("Metrics on the test set"), table(models_table(inp.evals, inp.export)),
     ]
     if inp.export:
         blocks += [Heading("Edge export (ONNX)"),
@@ -172,7 +158,7 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
                         "quantization, per-channel weights), each checked against PyTorch on the test rows. "
                         "Latencies are measured in one process, interleaved, so machine noise hits all alike; "
                         "the PyTorch rows are re-measured here and can differ from the table above by noise."),
-                   export_table(inp.export)]
+                   table(export_table(inp.export))]
     if reg:
         blocks += [Heading("Promotion decision"),
                    Para(f"**{reg['decision']}**: one line per rule of `policy` in `params.yaml`."),

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from kd_core.errors import UserError
+
+if TYPE_CHECKING:
+    from kd_core.metrics_table import MetricsTable
 
 out = Console()
 
@@ -46,3 +51,14 @@ def project_root() -> Path:
 def quiet_mlflow() -> None:
     """MLflow draws tqdm bars when it downloads artifacts; the CLI's tables are the output."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def rich_table(t: MetricsTable, title: str) -> Table:
+    """A kd_core.metrics_table table for the console (the card renders the same rows as markdown / HTML):
+    names left, numbers right, the candidate's row in bold."""
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(t.header):
+        table.add_column(col, justify="right" if i else "left")
+    for row in t.rows:
+        table.add_row(*row, style="bold" if row[0] == "student" else None)
+    return table

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from kd_core.cli.app import app, examples, out, project_root, quiet_mlflow
+from kd_core.cli.app import app, examples, out, project_root, quiet_mlflow, rich_table
 from kd_core.config import load_params
 from kd_core.errors import UserError
-from kd_core.metrics_table import headline, models_table, pts
+from kd_core.metrics_table import export_table, headline, kib, models_table, pts
 
 if TYPE_CHECKING:
     from kd_core.config import Params
@@ -27,17 +26,11 @@ def compare(root: Path) -> None:
     ev = json.loads(path.read_text())
     export_path = metrics / "export.json"
     export = json.loads(export_path.read_text()) if export_path.exists() else None
-    t = models_table(ev, export)
-    table = Table(title="teacher / baseline / student on the test set (metrics/eval.json)", title_justify="left")
-    for col in t.header:
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for row in t.rows:
-        table.add_row(*row, style="bold" if row[0] == "student" else None)
-    out.print(table)
+    out.print(rich_table(models_table(ev, export), "teacher / baseline / student on the test set (metrics/eval.json)"))
     out.print(headline(ev))
     q = (export or {}).get("student", {}).get("onnx_int8")
     if q:
-        out.print(f"int8 ONNX: {q['size_bytes'] / 1024:.0f} KiB, accuracy {q['accuracy']:.3f} "
+        out.print(f"int8 ONNX: {kib(q['size_bytes'])}, accuracy {q['accuracy']:.3f} "
                   f"({pts(-q['accuracy_drop'])} vs PyTorch), max |Δlogit| {q['max_abs_logit_diff']:.2g}, "
                   f"{q['latency_ms_p50']:.3f} ms (ONNX Runtime)")
     card = root / params.paths.reports / "model_card.html"
@@ -65,6 +58,7 @@ def _registered_dir(root: Path, params: Params, version: int) -> Path:
                         f"has {list(prepared)[:4]}…; export checks a model on matching test rows")
     return model_dir
 
+
 def export(root: Path, version: int | None, dest: Path | None) -> None:
     from kd_core.stages import export as stage
 
@@ -76,17 +70,7 @@ def export(root: Path, version: int | None, dest: Path | None) -> None:
         model_dir = _registered_dir(root, params, version) if version else root / params.paths.student
         dest = dest or root / f"{params.paths.onnx}-v{version}"
         result = stage.export_model(params, root, model_dir, dest, dest / stage.OUTPUT_FILE, version)
-    table = Table(title=f"edge export -> {result.out}", title_justify="left")
-    for col in ("model, runtime", "file size", "latency p50 (batch 1)", "accuracy", "max |Δlogit| vs PyTorch",
-                "accuracy vs PyTorch"):
-        table.add_column(col, justify="left" if col == "model, runtime" else "right")
-    names = {"pytorch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "onnx_int8": "ONNX Runtime int8"}
-    for role, variants in (("teacher", result.report.teacher), ("student", result.report.student)):
-        for k, v in variants.items():
-            table.add_row(f"{role}, {names[k]}", f"{v.size_bytes / 1024:,.0f} KiB", f"{v.latency_ms_p50:.3f} ms",
-                          f"{v.accuracy:.3f}", "–" if k == "pytorch" else f"{v.max_abs_logit_diff:.2g}",
-                          "–" if k == "pytorch" else pts(-v.accuracy_drop))
-    out.print(table)
+    out.print(rich_table(export_table(result.report.to_json()), f"edge export -> {result.out}"))
     where = (f"results attached to {result.model_name} version {result.version}" if result.version is not None
              else "not attached to a model version (no `kd run` registration for it)")
     out.print(f"wrote {result.out / 'model.onnx'} and model.int8.onnx (input 'features': raw rows in model.json's "

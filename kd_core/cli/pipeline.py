@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from kd_core.cli.app import app, examples, out, project_root
+from kd_core.cli.app import app, examples, out, project_root, rich_table
 from kd_core.cli.progress_bars import progress_bars
 from kd_core.config import load_params, set_params
 from kd_core.errors import UserError
@@ -31,6 +30,7 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}
     with progress_bars():  # rows/s and ETA for caching and training, on a terminal
         result = module.run(params, root)
     print(f"{name}: {result.summary()}")
+
 
 @app.command(epilog=examples("kd run", "kd run --set distill.temperature=2 --set train.epochs=60",
                                      "kd run -S data.source=parquet -S data.train=data/raw/train.parquet "
@@ -63,12 +63,7 @@ def _print_summary(metrics: Path) -> None:
     ev = json.loads((metrics / "eval.json").read_text())
     export = metrics / "export.json"
     t = models_table(ev, json.loads(export.read_text()) if export.exists() else None)
-    table = Table(title="teacher / baseline / student (test set)", title_justify="left")
-    for col in t.header:
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for row in t.rows:
-        table.add_row(*row)
-    out.print(table)
+    out.print(rich_table(t, "teacher / baseline / student (test set)"))
     out.print(headline(ev))
     reg_path = metrics / "register.json"
     if reg_path.exists():

@@ -1,7 +1,10 @@
 """The model card: every figure referenced and a valid PNG, numbers as in eval.json, calibration bins as ECE."""
 
 import base64
+import io
+import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -11,7 +14,9 @@ import pytest
 from kd_core import card
 from kd_core.card import content, figures, render
 from kd_core.config import parse_params
-from kd_core.metrics_table import ROLES
+from kd_core.metrics_table import ROLES, export_table
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -179,3 +184,36 @@ def test_card_names_the_loss_the_student_trained_with(raw: dict, label: str):
     """Every training curve used to be labelled "KL·T² + CE", whatever `distill.loss` was."""
     assert card.loss_label(parse_params(raw)) == label
     assert f"student (KD loss: {label})" in _markdown(card_inputs(), loss=label)
+
+
+def _table_rows(text: str, sep: str) -> list[list[str]]:
+    """The cells of every table row of a markdown (`|`) or rich console (`│`) table."""
+    return [[c.strip() for c in line.split(sep)[1:-1]] for line in text.splitlines()
+            if line.strip().startswith(sep) and not set(line) <= set(f"{sep}-: ")]
+
+
+def test_console_views_and_card_show_the_same_metrics_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`kd compare`, `kd run`'s summary and the card render one table model: the same cells, row by row
+    (they were three renderings with their own formats)."""
+    from rich.console import Console
+
+    from kd_core.cli import outputs, pipeline
+
+    inp = card_inputs()
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text(json.dumps(inp.evals))
+    (tmp_path / "metrics/export.json").write_text(json.dumps(inp.export))
+    monkeypatch.chdir(tmp_path)
+    card_rows = _table_rows(_markdown(inp), "|")
+    for view, run in (("compare", lambda: outputs.compare(tmp_path)),
+                      ("summary", lambda: pipeline._print_summary(tmp_path / "metrics"))):
+        console = Console(file=io.StringIO(), width=400)
+        monkeypatch.setattr(outputs, "out", console)
+        monkeypatch.setattr(pipeline, "out", console)
+        run()
+        shown = _table_rows(console.file.getvalue(), "│")
+        assert len(shown) == len(ROLES) + 1, view  # three models and the int8 student
+        assert all(row in card_rows for row in shown), view
+    assert [list(r) for r in export_table(inp.export).rows] == [r for r in card_rows if r[0].startswith("student,")]
