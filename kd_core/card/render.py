@@ -36,7 +36,6 @@ class Table:
     align_right: bool = True  # numbers right-aligned; the first column stays left
 
 
-
 @dataclass(frozen=True)
 class Image:
     file: str  # relative to the card, e.g. figures/reliability.png

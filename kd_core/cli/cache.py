@@ -26,6 +26,7 @@ def cache_verify(path: Annotated[Path, typer.Argument(help="cache directory, e.g
     print(f"{path}: ok: {m['rows']} rows × {m['classes']} classes, {len(m['shards'])} shard(s), "
           f"key {m['key'][:12]}")
 
+
 def _current_keys(root: Path) -> set[str]:
     """The keys of the caches the current params use (one per teacher)."""
     from kd_core.cache import read_manifest
@@ -35,6 +36,7 @@ def _current_keys(root: Path) -> set[str]:
         with contextlib.suppress(UserError):
             keys.add(read_manifest(root / d)["key"])
     return keys
+
 
 @cache_app.command("ls", epilog=examples("kd cache ls"))
 def cache_ls() -> None:
@@ -52,6 +54,7 @@ def cache_ls() -> None:
         table.add_row(c.key[:12], state, str(c.rows or "?"), f"{c.bytes / 2**20:.1f}",
                       (c.teacher_fingerprint or "?")[:12])
     out.print(table)
+
 
 @cache_app.command("gc", epilog=examples("kd cache gc --dry-run", "kd cache gc --keep 1"))
 def cache_gc(

@@ -29,6 +29,7 @@ class RateColumn(ProgressColumn):
         unit = task.fields.get("unit", "it")
         return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else f"– {unit}/s", style="cyan")
 
+
 class RichReporter:
     """kd_core.progress.Reporter drawing one rich bar per loop (rows/s, elapsed, ETA) on stderr."""
 
@@ -48,6 +49,7 @@ class RichReporter:
                 self.bars.update(task_id, completed=done, total=total)
 
         return update
+
 
 @contextmanager
 def progress_bars(console: Console | None = None) -> Iterator[RichReporter | None]:

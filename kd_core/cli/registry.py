@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 def _num(metrics: dict[str, float], key: str, fmt: str, scale: float = 1.0) -> str:
     return f"{metrics[key] * scale:{fmt}}" if key in metrics else "–"
 
+
 def _status_row(v: VersionInfo) -> dict[str, str]:
     m = v.metrics
     color = {"promoted": "green", "rejected": "red"}.get(v.decision)
@@ -95,6 +96,7 @@ def promote(
 
     print(registry.promote(root, load_params(root), version, reason, by or provenance.current_user()).summary())
 
+
 @app.command(epilog=examples('kd rollback --reason "canary error rate"'))
 def rollback(
     reason: Annotated[str, typer.Option("--reason", help="why (goes into the audit trail)")],
@@ -118,6 +120,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"{path} is not a readable parquet table ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}); hint: pandas' df.to_parquet(path) writes one") from None
 
+
 def default_predictions_path(root: Path, params: Params, table_path: Path) -> Path:
     """Next to the table, unless that folder is one the pipeline reads or writes (data/raw,
     data/prepared, artifacts/, …): a new file there changes a DVC dependency or output, and the
@@ -126,6 +129,7 @@ def default_predictions_path(root: Path, params: Params, table_path: Path) -> Pa
     pipeline_dirs = [(root / p).resolve() for k, p in params.paths.model_dump().items() if k != "work"]
     inside = any(table.is_relative_to(d) for d in pipeline_dirs)
     return (root / "predictions" if inside else table_path.parent) / f"{table_path.stem}.predictions.parquet"
+
 
 def predict(root: Path, table_path: Path, version: int | None, dest: Path | None) -> None:
     import pandas as pd
