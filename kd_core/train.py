@@ -65,18 +65,6 @@ class FitConfig:
     patience: int | None = None  # epochs below the best validation accuracy before stopping; None: never
 
 
-# --- devices and processes ------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
 def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any:
     """Soft targets to the device: dense logits as one tensor; a top-k batch moves itself (`.to`)."""
     return _to_device(t, device) if isinstance(t, np.ndarray) else t.to(device)
@@ -297,8 +285,6 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
     if soft is not None:
         out["val_agreement_with_teacher"] = scores[1].item()
     return out
-
-
 
 
 def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -> nn.Module:
