@@ -22,7 +22,7 @@ from kd_core.provenance import current_user
 
 LOCK_LEASE_S = 600.0  # a registration takes seconds; a lock held ten minutes belongs to a dead process
 
-LOCK_TIMEOUT_S = 900.0  # a waiter outlasts one full lease, then gives up with one line
+LOCK_TIMEOUT_S = 900.0  # a waiter outlasts one full lease, then gives up with one line (LockTimeout, exit 75)
 
 LOCK_POLL_S = 0.5
 
