@@ -137,7 +137,7 @@ class TrainParams(_Section):
 
 
 class PolicyParams(_Section):
-    """Thresholds of the promotion rules (kd_core.registry.decide_promotion); all must pass."""
+    """Thresholds of the promotion rules (kd_core.policy.decide_promotion); all must pass."""
 
     min_teacher_retention: float = Field(0.85, ge=0.0)
     min_gain_over_baseline: float = Field(0.0, ge=-1.0, le=1.0)

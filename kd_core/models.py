@@ -163,9 +163,10 @@ class ModelSpec:
     arch: str
     options: dict[str, Any]
     schema: Schema
+    task: str = "tabular"  # kd_core.tasks: what the model reads, so serving asks the right task
 
     def to_json(self) -> dict:
-        return {"arch": self.arch, "options": self.options, **self.schema.to_json()}
+        return {"arch": self.arch, "options": self.options, "task": self.task, **self.schema.to_json()}
 
 
 def build(spec: ModelSpec, x_train: np.ndarray | None = None, seed: int | None = None) -> KDModel:
@@ -201,7 +202,7 @@ def load(path: Path) -> tuple[KDModel, ModelSpec]:
     if not meta_path.exists() or not weights.exists():
         raise UserError(f"{path} is not a kd model directory (needs {META_FILE} and {WEIGHTS_FILE})")
     meta = json.loads(meta_path.read_text())
-    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta))
+    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "tabular"))
     model = build(spec)
     try:
         state = load_file(str(weights))

@@ -238,7 +238,7 @@ def _recorded(client: MlflowClient, name: str, mv: ModelVersion) -> RegisterOutc
 def _predict_candidate(model_dir: Path, ev: _Evidence) -> np.ndarray:
     """The candidate's class names on the test rows, (N,), checked against what eval.json says."""
     model, spec = models.load(model_dir)
-    predictions = np.asarray(serving.predict_frame(model, spec.schema, ev.features), dtype=object)
+    predictions = np.asarray(serving.predict_frame(model, spec, ev.features), dtype=object)
     said = accuracy(ev.evals["student"], "student")
     scored = float(np.mean(predictions == ev.labels))
     if abs(said - scored) > 0.5 / len(ev.labels):  # more than one row apart: not the same model or rows

@@ -22,7 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from kd_core import data, models, tracking
+from kd_core import models, tasks, tracking
 from kd_core.errors import UserError
 
 MODEL_ARTIFACT = "kd_model"  # name of the kd model directory inside the pyfunc model's artifacts
@@ -45,16 +45,14 @@ mlflow.models.set_model(KDPyfuncModel())
 '''
 
 
-def predict_frame(model: models.KDModel, schema: data.Schema, frame: pd.DataFrame,
+def predict_frame(model: models.KDModel, spec: models.ModelSpec, frame: pd.DataFrame,
                   output: str = "classes") -> np.ndarray | pd.DataFrame:
-    """Raw rows (columns by name, any order, extras ignored) -> class names or probabilities."""
+    """Raw inputs -> class names or probabilities; the model's task reads the frame (for a table:
+    columns by name, any order, extras ignored)."""
     if output not in OUTPUTS:
         raise UserError(f"unknown output {output!r}; choose one of {list(OUTPUTS)}")
-    missing = [c for c in schema.features if c not in frame.columns]
-    if missing:
-        raise UserError(f"input lacks feature column(s) {missing[:5]} ({len(missing)} of the "
-                        f"{len(schema.features)} the model reads)")
-    logits = models.predict_logits(model, data.features_array(frame, schema))
+    task, schema = tasks.TASKS[spec.task], spec.schema
+    logits = task.predict_logits(model, task.serving_inputs(frame, schema))
     logits = logits.reshape(len(frame), len(schema.classes))  # (N, K), also when N == 0
     if output == "probabilities":
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)
@@ -71,7 +69,7 @@ class KDPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray | pd.DataFrame:
         output = (params or {}).get("output", "classes")
-        return predict_frame(self._model, self._spec.schema, model_input, output)
+        return predict_frame(self._model, self._spec, model_input, output)
 
 
 def _requirement(package: str) -> str:
@@ -79,18 +77,11 @@ def _requirement(package: str) -> str:
     return f"{package}=={version(package).split('+')[0]}"
 
 
-def _input_example(test: pd.DataFrame, features: tuple[str, ...]) -> pd.DataFrame:
-    """A few raw test rows; float columns as double, since JSON numbers arrive as float64 and
-    MLflow's schema check refuses float64 -> float32 (it does accept float32 -> double)."""
-    rows = test[list(features)].head(5)
-    return rows.astype({c: "float64" for c in features if rows[c].dtype.kind == "f"})
-
-
 def log_model(model_dir: Path, test: pd.DataFrame) -> str:
     """Log `model_dir` as a pyfunc into the active run; returns the model URI to register."""
     model, spec = models.load(model_dir)
-    example = _input_example(test, spec.schema.features)
-    classes = predict_frame(model, spec.schema, example).tolist()
+    example = tasks.TASKS[spec.task].input_example(test, spec.schema)
+    classes = predict_frame(model, spec, example).tolist()
     signature = infer_signature(example, classes, params={"output": OUTPUTS[0]})
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "kd_pyfunc_model.py"

@@ -54,6 +54,13 @@ class Task(Protocol):
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         """Logits for whole-split inputs on the CPU.  # (N, C)"""
 
+    def serving_inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+        """Raw inputs as a served model receives them (a table by column name) -> model inputs;
+        what is missing is a one-line UserError naming it."""
+
+    def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        """A few raw rows in the types a client sends: the served model's signature and example."""
+
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         """`batch` zero input rows: for MAC counting and latency (batch 1), shape probes and export."""
 

@@ -12,6 +12,7 @@ from torch import nn
 from kd_core import data, evaluate, models
 from kd_core.config import DataParams, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
+from kd_core.errors import UserError
 from kd_core.models import KDModel, ModelSpec
 
 
@@ -34,7 +35,7 @@ class TabularTask:
                                self.inputs(splits.transfer, splits.schema)])
 
     def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
-        return ModelSpec(section.arch, dict(section.options), schema)
+        return ModelSpec(section.arch, dict(section.options), schema, self.name)
 
     def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None) -> KDModel:
         return models.build(spec, x_train, seed)
@@ -53,6 +54,19 @@ class TabularTask:
 
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         return models.predict_logits(model, x)
+
+    def serving_inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+        missing = [c for c in schema.features if c not in frame.columns]
+        if missing:
+            raise UserError(f"input lacks feature column(s) {missing[:5]} ({len(missing)} of the "
+                            f"{len(schema.features)} the model reads)")
+        return self.inputs(frame, schema)  # (N, F): columns by name, any order, extras ignored
+
+    def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        """Float columns as double: JSON numbers arrive as float64, and MLflow's schema check refuses
+        float64 -> float32 (it does accept float32 -> double)."""
+        rows = frame[list(schema.features)].head(5)
+        return rows.astype({c: "float64" for c in schema.features if rows[c].dtype.kind == "f"})
 
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(spec.schema.features))  # (batch, F)

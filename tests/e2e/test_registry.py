@@ -62,7 +62,7 @@ def write_eval(root: Path, teacher: float = 1.0, baseline: float = 0.3, student:
     on the test split (register refuses a stale eval.json), unless `student` overrides it."""
     model, spec = models.load(root / PARAMS.paths.student)
     test = pd.read_parquet(root / PARAMS.paths.prepared / "test.parquet")
-    ok = serving.predict_frame(model, spec.schema, test) == test["label"].to_numpy(dtype=object)
+    ok = serving.predict_frame(model, spec, test) == test["label"].to_numpy(dtype=object)
     per_class = {c: float(ok[test["label"].to_numpy() == c].mean()) for c in SCHEMA.classes}
     extra = {"ece": 0.02, "nll": 0.2, "agreement_with_teacher": 0.95, "params": 15, "macs": 12,
              "latency_ms_p50": 0.05, "size_bytes": 400}
@@ -378,17 +378,18 @@ def test_champion_serves_class_names_from_raw_rows(root: Path):
 
 def test_predict_frame_names_missing_columns_and_keeps_integer_classes():
     schema = data.Schema(FEATURES, "label", (3, 5, 7))
-    model = models.build(models.ModelSpec("mlp", {"hidden": []}, schema))
+    spec = models.ModelSpec("mlp", {"hidden": []}, schema)
+    model = models.build(spec)
     with torch.no_grad():
         model.net[0].weight.copy_(torch.eye(3, 4))
         model.net[0].bias.zero_()
     frame = pd.DataFrame([[0.0, 0.0, 2.0, 9.0], [1.0, 0.0, 0.0, 9.0]], columns=list(FEATURES))
 
-    assert serving.predict_frame(model, schema, frame).tolist() == [7, 3]
+    assert serving.predict_frame(model, spec, frame).tolist() == [7, 3]
     with pytest.raises(UserError, match=r"lacks feature column\(s\) \['f1'\]"):
-        serving.predict_frame(model, schema, frame.drop(columns=["f1"]))
+        serving.predict_frame(model, spec, frame.drop(columns=["f1"]))
     with pytest.raises(UserError, match="unknown output 'logits'"):
-        serving.predict_frame(model, schema, frame, output="logits")
+        serving.predict_frame(model, spec, frame, output="logits")
 
 
 def test_registered_model_downloads_as_a_kd_model_dir(root: Path):

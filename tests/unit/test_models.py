@@ -69,3 +69,19 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
 def test_unknown_architecture_lists_choices():
     with pytest.raises(UserError, match=r"choose one of \['cnn1d', 'ensemble', 'mlp'\]"):
         build(ModelSpec("resnet", {}, SCHEMA))
+
+
+def test_model_json_records_the_task_and_older_directories_load_as_tables(tmp_path):
+    """Serving asks the model's own task how to read raw inputs, so the task travels in model.json."""
+    import json
+
+    from kd_core import models as m
+    from kd_core.data import Schema
+
+    spec = m.ModelSpec("mlp", {"hidden": [4]}, Schema(("a", "b"), "y", (0, 1)))
+    m.save(m.build(spec), spec, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / m.META_FILE).read_text())["task"] == "tabular"
+    meta = json.loads((tmp_path / "new" / m.META_FILE).read_text())
+    del meta["task"]  # a directory written before tasks existed
+    (tmp_path / "new" / m.META_FILE).write_text(json.dumps(meta))
+    assert m.load(tmp_path / "new")[1].task == "tabular"
