@@ -53,12 +53,21 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def rich_table(t: MetricsTable, title: str) -> Table:
+def rich_table(t: MetricsTable, title: str, width: int = 400) -> Table:
     """A kd_core.metrics_table table for the console (the card renders the same rows as markdown / HTML):
-    names left, numbers right, the candidate's row in bold."""
+    names left, numbers right, the candidate's row in bold. On a console too narrow for one row per
+    model (`width` columns), models become the columns instead, so no number is ever cut or wrapped."""
+    cells = [max(len(h), *(len(r[i]) for r in t.rows)) + 3 for i, h in enumerate(t.header)]
     table = Table(title=title, title_justify="left")
-    for i, col in enumerate(t.header):
-        table.add_column(col, justify="right" if i else "left")
+    if sum(cells) + 1 <= width:
+        for i, col in enumerate(t.header):
+            table.add_column(col, justify="right" if i else "left")
+        for row in t.rows:
+            table.add_row(*row, style="bold" if row[0] == "student" else None)
+        return table
+    table.add_column("metric", no_wrap=True)
     for row in t.rows:
-        table.add_row(*row, style="bold" if row[0] == "student" else None)
+        table.add_column(row[0], justify="right", style="bold" if row[0] == "student" else None)
+    for i, metric in enumerate(t.header[1:], start=1):
+        table.add_row(metric, *(row[i] for row in t.rows))
     return table

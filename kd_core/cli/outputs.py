@@ -26,7 +26,8 @@ def compare(root: Path) -> None:
     ev = json.loads(path.read_text())
     export_path = metrics / "export.json"
     export = json.loads(export_path.read_text()) if export_path.exists() else None
-    out.print(rich_table(models_table(ev, export), "teacher / baseline / student on the test set (metrics/eval.json)"))
+    title = "teacher / baseline / student on the test set (metrics/eval.json)"
+    out.print(rich_table(models_table(ev, export), title, out.width))
     out.print(headline(ev))
     q = (export or {}).get("student", {}).get("onnx_int8")
     if q:
@@ -70,7 +71,7 @@ def export(root: Path, version: int | None, dest: Path | None) -> None:
         model_dir = _registered_dir(root, params, version) if version else root / params.paths.student
         dest = dest or root / f"{params.paths.onnx}-v{version}"
         result = stage.export_model(params, root, model_dir, dest, dest / stage.OUTPUT_FILE, version)
-    out.print(rich_table(export_table(result.report.to_json()), f"edge export -> {result.out}"))
+    out.print(rich_table(export_table(result.report.to_json()), f"edge export -> {result.out}", out.width))
     where = (f"results attached to {result.model_name} version {result.version}" if result.version is not None
              else "not attached to a model version (no `kd run` registration for it)")
     out.print(f"wrote {result.out / 'model.onnx'} and model.int8.onnx (input 'features': raw rows in model.json's "

@@ -63,7 +63,7 @@ def _print_summary(metrics: Path) -> None:
     ev = json.loads((metrics / "eval.json").read_text())
     export = metrics / "export.json"
     t = models_table(ev, json.loads(export.read_text()) if export.exists() else None)
-    out.print(rich_table(t, "teacher / baseline / student (test set)"))
+    out.print(rich_table(t, "teacher / baseline / student (test set)", out.width))
     out.print(headline(ev))
     reg_path = metrics / "register.json"
     if reg_path.exists():

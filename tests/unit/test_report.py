@@ -217,3 +217,20 @@ def test_console_views_and_card_show_the_same_metrics_rows(tmp_path: Path, monke
         assert len(shown) == len(ROLES) + 1, view  # three models and the int8 student
         assert all(row in card_rows for row in shown), view
     assert [list(r) for r in export_table(inp.export).rows] == [r for r in card_rows if r[0].startswith("student,")]
+
+
+def test_a_narrow_console_gets_models_as_columns_and_every_number_whole():
+    """On an 80-column terminal one row per model would cut numbers; the table turns, cells stay whole."""
+    from rich.console import Console
+
+    from kd_core.cli.app import rich_table
+    from kd_core.metrics_table import models_table
+
+    inp = card_inputs()
+    t = models_table(inp.evals, inp.export)
+    console = Console(file=io.StringIO(), width=80)
+    console.print(rich_table(t, "models", console.width))
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for row in t.rows:
+        assert all(cell in text for cell in row[1:]), row
