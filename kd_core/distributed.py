@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -80,3 +81,11 @@ def no_buffer_sync() -> dict[str, bool]:
     rank builds the same buffers from the same rows, so nothing is lost)."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host batch -> device. On CUDA from pinned memory, non-blocking: the copy overlaps queued kernels."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -38,7 +38,7 @@ from safetensors.torch import safe_open, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_core.distributed import no_buffer_sync, pick_device, ranks
+from kd_core.distributed import no_buffer_sync, pick_device, ranks, to_device
 from kd_core.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> per-row loss (B,)
@@ -67,20 +67,12 @@ class FitConfig:
 
 def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any:
     """Soft targets to the device: dense logits as one tensor; a top-k batch moves itself (`.to`)."""
-    return _to_device(t, device) if isinstance(t, np.ndarray) else t.to(device)
+    return to_device(t, device) if isinstance(t, np.ndarray) else t.to(device)
 
 
 def _teacher_class(t: np.ndarray | torch.Tensor | Any) -> np.ndarray | torch.Tensor:
     """The teacher's class per row from dense logits (argmax over classes) or a top-k batch (its own)."""
     return t.argmax(axis=-1) if isinstance(t, np.ndarray | torch.Tensor) else t.argmax()
-
-
-def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host batch -> device. On CUDA from pinned memory, non-blocking: the copy overlaps queued kernels."""
-    t = torch.from_numpy(a)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 # --- early stopping: pure functions of the history ------------------------------------------------
@@ -230,7 +222,7 @@ def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, or
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]  # (B,) the global batch
         mine = batch[st.rank::st.world]  # (b,) this rank's share
-        idx = _to_device(mine, st.device)  # (b,)
+        idx = to_device(mine, st.device)  # (b,)
         xb, yb = r.x[idx], r.y[idx]  # (b, F), (b,)
         tb = _targets_to(soft(mine), st.device) if soft is not None else None  # (b, K), or top-k (b, K')
         with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
@@ -273,7 +265,7 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
     for start in range(0, len(val), VAL_BATCH):
         idx = val[start:start + VAL_BATCH]  # (b,)
         with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
-            pred = net(r.x[_to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,)
+            pred = net(r.x[to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,)
         correct += int((pred == r.y_host[idx]).sum())
         if soft is not None:
             agree += int((pred == _teacher_class(soft(idx))).sum())

@@ -42,12 +42,11 @@ class TopK:
         return np.take_along_axis(self.indices, self.values.argmax(axis=-1)[:, None], axis=-1)[:, 0]
 
     def to(self, device: torch.device) -> TopKTensors:
-        """The batch as tensors on `device` (pinned and non-blocking on CUDA)."""
-        def move(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+        """The batch as tensors on `device`, moved as dense batches are (kd_core.distributed.to_device)."""
+        from kd_core.distributed import to_device
 
-        return TopKTensors(move(self.values), move(self.indices), move(self.tail_lse), self.n_tail)
+        return TopKTensors(to_device(self.values, device), to_device(self.indices, device),
+                           to_device(self.tail_lse, device), self.n_tail)
 
 
 IN_MEMORY_MAX_BYTES = 1 << 30  # dense caches up to 1 GiB of float32 are read into RAM for training
