@@ -17,6 +17,10 @@ def kib(n: float) -> str:
     return f"{n / 1024:,.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:,.1f} KiB"
 
 
+def ms(v: float) -> str:
+    return f"{v:.3f} ms"
+
+
 def pts(fraction: float) -> str:
     """A change of accuracy in percentage points, signed; never '-0.0'."""
     return f"{round(fraction * 100, 1) + 0.0:+.1f} pts"
@@ -31,7 +35,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("params", "params", lambda v: f"{v:,.0f}"),
     ("MACs", "macs", lambda v: f"{v:,.0f}"),
     ("size", "size_bytes", kib),
-    ("latency p50 (batch 1, CPU)", "latency_ms_p50", lambda v: f"{v:.3f} ms"),
+    ("latency p50 (batch 1, CPU)", "latency_ms_p50", ms),
 )
 
 
@@ -62,16 +66,33 @@ def export_table(export: dict) -> MetricsTable:
         for k, v in export.get(role, {}).items():
             vs_pytorch = ("–", "–", "–") if k == "pytorch" else (
                 f"{v['max_abs_logit_diff']:.2g}", f"{v['agreement_with_pytorch']:.3f}", pts(-v["accuracy_drop"]))
-            rows.append((f"{role}, {RUNTIMES.get(k, k)}", kib(v["size_bytes"]), f"{v['latency_ms_p50']:.3f} ms",
+            rows.append((f"{role}, {RUNTIMES.get(k, k)}", kib(v["size_bytes"]), ms(v["latency_ms_p50"]),
                          f"{v['accuracy']:.3f}", *vs_pytorch))
     return MetricsTable(("model, runtime", "file size", "latency p50 (batch 1)", "accuracy",
                          "max abs. logit diff vs PyTorch", "same class as PyTorch", "accuracy vs PyTorch"), tuple(rows))
 
 
+@dataclass(frozen=True)
+class Ratios:
+    """The student against the teacher and the baseline: what every summary says, computed once."""
+
+    kept: float  # student accuracy / teacher accuracy
+    macs: float  # teacher MACs / student MACs
+    latency: float  # teacher latency / student latency
+    size: float  # teacher weights / student weights
+    gain: float  # student accuracy - baseline accuracy
+
+
+def ratios(evals: dict) -> Ratios:
+    t, b, s = (evals[r] for r in ROLES)
+    return Ratios(s["accuracy"] / t["accuracy"], t["macs"] / max(s["macs"], 1),
+                  t["latency_ms_p50"] / s["latency_ms_p50"], t["size_bytes"] / s["size_bytes"],
+                  s["accuracy"] - b["accuracy"])
+
+
 def headline(evals: dict) -> str:
     """The sentence every view leads with: what the student keeps and what distillation adds."""
-    t, b, s = (evals[r] for r in ROLES)
-    return (f"the student keeps {s['accuracy'] / t['accuracy'] * 100:.1f} % of the teacher's accuracy with "
-            f"1/{t['macs'] / max(s['macs'], 1):.1f} of its MACs and {t['latency_ms_p50'] / s['latency_ms_p50']:.1f}× "
-            f"lower latency; distillation adds {(s['accuracy'] - b['accuracy']) * 100:+.1f} points over the "
+    r = ratios(evals)
+    return (f"the student keeps {r.kept * 100:.1f} % of the teacher's accuracy with 1/{r.macs:.1f} of its MACs "
+            f"and {r.latency:.1f}× lower latency; distillation adds {r.gain * 100:+.1f} points over the "
             "hard-label baseline")

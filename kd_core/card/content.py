@@ -16,7 +16,7 @@ from kd_core.card.figures import fig_accuracy_vs, fig_confusion, fig_reliability
 from kd_core.card.render import Block, Bullets, Code, Heading, Image, Para, Table, to_html, to_markdown
 from kd_core.config import Params, TeacherParams
 from kd_core.evaluate import ECE_BINS
-from kd_core.metrics_table import ROLES, MetricsTable, export_table, kib, models_table, pts
+from kd_core.metrics_table import ROLES, MetricsTable, export_table, kib, models_table, ms, pts, ratios
 
 MD_FILE, HTML_FILE, FIGURES = "model_card.md", "model_card.html", "figures"
 DATA_DOCS = "data_docs"  # Great Expectations Data Docs, built next to the card
@@ -75,10 +75,6 @@ def teacher_description(params: Params) -> str:
     return f"ensemble of {len(params.teachers)} ({how}): " + "; ".join(one(t) for t in params.teachers)
 
 
-def _ms(v: float) -> str:
-    return f"{v:.3f} ms"
-
-
 def table(t: MetricsTable) -> Table:
     """A kd_core.metrics_table table as a card block: the same rows the console shows."""
     return Table(t.header, t.rows)
@@ -99,12 +95,12 @@ def per_class_blocks(evals: dict, classes: tuple, limit: int = 40) -> list[Block
 
 def _summary(inp: CardInputs) -> list[str]:
     t, b, s = (inp.evals[r] for r in ROLES)
+    r = ratios(inp.evals)
     items = [
         f"The student reaches accuracy **{s['accuracy']:.3f}** on {inp.split_rows['test']:,} test rows: "
-        f"{s['accuracy'] / t['accuracy'] * 100:.1f} % of the teacher's {t['accuracy']:.3f} with "
-        f"1/{t['macs'] / max(s['macs'], 1):.1f} of its MACs, {t['latency_ms_p50'] / s['latency_ms_p50']:.1f}× lower "
-        f"latency and {t['size_bytes'] / s['size_bytes']:.1f}× smaller weights.",
-        f"Distillation is worth **{(s['accuracy'] - b['accuracy']) * 100:+.1f} points** over the same network "
+        f"{r.kept * 100:.1f} % of the teacher's {t['accuracy']:.3f} with 1/{r.macs:.1f} of its MACs, "
+        f"{r.latency:.1f}× lower latency and {r.size:.1f}× smaller weights.",
+        f"Distillation is worth **{r.gain * 100:+.1f} points** over the same network "
         f"trained on the labels alone (baseline {b['accuracy']:.3f}); calibration error (ECE) "
         f"{b['ece']:.3f} → {s['ece']:.3f}.",
     ]
@@ -112,12 +108,12 @@ def _summary(inp: CardInputs) -> list[str]:
         q = inp.export["student"]["onnx_int8"]
         fp32 = inp.export["student"].get("onnx", {})
         items.append(f"Edge: the int8 ONNX student is {kib(q['size_bytes'])}, accuracy {q['accuracy']:.3f} "
-                     f"({pts(-q['accuracy_drop'])} vs PyTorch), {_ms(q['latency_ms_p50'])} per row with ONNX "
-                     f"Runtime (fp32 ONNX: {kib(fp32.get('size_bytes', 0))}, {_ms(fp32.get('latency_ms_p50', 0))}).")
+                     f"({pts(-q['accuracy_drop'])} vs PyTorch), {ms(q['latency_ms_p50'])} per row with ONNX "
+                     f"Runtime (fp32 ONNX: {kib(fp32.get('size_bytes', 0))}, {ms(fp32.get('latency_ms_p50', 0))}).")
     if inp.register:
-        r = inp.register
-        items.append(f"Registry: `{r['model_name']}` version {r['version']} was **{r['decision']}** "
-                     f"(aliases: {', '.join(r['aliases']) or 'none'}).")
+        reg = inp.register
+        items.append(f"Registry: `{reg['model_name']}` version {reg['version']} was **{reg['decision']}** "
+                     f"(aliases: {', '.join(reg['aliases']) or 'none'}).")
     return items
 
 
