@@ -36,26 +36,29 @@ TINY = {"data": {"transfer_size": 3000}, "teacher": {"epochs": 8}, "train": {"ep
         "cache": {"shard_rows": 1024}}
 
 
+def _dvc_config(config_dir: Path, cache: Path) -> str:
+    """A DVC global-config folder whose cache is `cache`; returns the folder for DVC_GLOBAL_CONFIG_DIR."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config").write_text(f"[core]\n    analytics = false\n[cache]\n    dir = {cache}\n")
+    return str(config_dir)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_dvc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One DVC cache for every test project of the session, through DVC's global config level; under
     pytest-xdist the workers share it too (DVC writes cache objects and run-cache entries atomically)."""
-    config_dir = tmp_path_factory.mktemp("dvc-global")
     base = tmp_path_factory.getbasetemp()
     cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "dvc-shared-cache"
-    (config_dir / "config").write_text(f"[core]\n    analytics = false\n[cache]\n    dir = {cache}\n")
-    os.environ["DVC_GLOBAL_CONFIG_DIR"] = str(config_dir)  # inherited by every dvc and kd subprocess
-    return cache
+    os.environ["DVC_GLOBAL_CONFIG_DIR"] = _dvc_config(tmp_path_factory.mktemp("dvc-global"), cache)
+    return cache  # DVC_GLOBAL_CONFIG_DIR is inherited by every dvc and kd subprocess
 
 
 @pytest.fixture
 def own_dvc_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A DVC cache of this test's own, for a test that must see every stage compute (live metrics)."""
-    config_dir = tmp_path / "dvc-global"
-    config_dir.mkdir()
-    (config_dir / "config").write_text(f"[core]\n    analytics = false\n[cache]\n    dir = {config_dir / 'cache'}\n")
-    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(config_dir))
-    return config_dir / "cache"
+    cache = tmp_path / "dvc-cache"
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", _dvc_config(tmp_path / "dvc-global", cache))
+    return cache
 
 
 def deep_update(base: dict, extra: dict) -> dict:
