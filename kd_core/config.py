@@ -29,7 +29,7 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: Literal["mnist1d", "parquet"] = "mnist1d"
+    source: Literal["mnist1d", "parquet", "fortunes"] = "mnist1d"  # fortunes: the text demo (task text)
     transfer_size: int = Field(50_000, ge=0)
     seed: int = 42
     train: str | None = None
@@ -37,6 +37,10 @@ class DataParams(_Section):
     transfer: str | None = None
     label_column: str = "label"
     feature_columns: tuple[str, ...] | None = None
+    text_column: str = Field("text", min_length=1)  # task text: the column holding each document
+    max_length: int = Field(128, ge=8, le=8192)  # task text: tokens per document the models read (truncated)
+    per_class: int | None = Field(200, ge=2)  # fortunes: labelled documents per class (balanced); null: all
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # fortunes: share of each class held out as test
 
     @model_validator(mode="after")
     def _parquet_needs_files(self) -> DataParams:
@@ -50,11 +54,13 @@ class DataParams(_Section):
 class ValidationParams(_Section):
     min_rows_per_class: int = Field(5, ge=1)
     max_duplicate_frac: float = Field(0.05, ge=0.0, le=1.0)
+    max_truncated_frac: float = Field(0.2, ge=0.0, le=1.0)  # task text: documents longer than data.max_length
 
 
 class TeacherParams(_Section):
     source: str = "train"
     arch: str = "cnn1d"
+    init: str | None = None  # task text: pretrained encoder directory to fine-tune (null: the MiniLM package)
     options: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -202,7 +208,7 @@ class PathParams(_Section):
 
 
 class Params(_Section):
-    task: Literal["tabular"] = "tabular"  # what a row is (kd_core/tasks): today numeric tables
+    task: Literal["tabular", "text"] = "tabular"  # what a row is (kd_core/tasks): a table row, a document
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
     teacher: TeacherParams = TeacherParams()
@@ -225,6 +231,19 @@ class Params(_Section):
             raise ValueError("teachers: an ensemble of teachers needs a dense cache; set cache.top_k to null")
         if self.teachers and self.cache.features:
             raise ValueError("teachers: feature hints (cache.features) need a single teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _source_fits_task(self) -> Params:
+        """A source makes rows of one kind: a mismatch is named here, not by a stage deep in the DAG."""
+        text_sources, table_sources = ("fortunes",), ("mnist1d",)
+        if self.task == "text" and self.data.source in table_sources:
+            raise ValueError(f"task 'text' reads documents: data.source {self.data.source!r} is a table "
+                             "(use fortunes or parquet with data.text_column)")
+        if self.task == "tabular" and self.data.source in text_sources:
+            raise ValueError(f"data.source {self.data.source!r} is text: set task: text")
+        if self.task == "text" and self.teachers:
+            raise ValueError("teachers: an ensemble of text teachers is not supported; use the teacher section")
         return self
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,17 +30,19 @@ MNIST1D_LABEL = "label"
 class Schema:
     """What a model needs to serve raw rows: feature order, label column and class names."""
 
-    features: tuple[str, ...]
+    features: tuple[str, ...]  # task text: the one text column
     label_column: str
     classes: tuple  # class names (ints or strings) in logit order
+    # task text: how documents become token ids (kd_core.text_data.TextInfo as a dict); None for tables
+    text: dict | None = None
 
     def to_json(self) -> dict:
-        return {"features": list(self.features), "label_column": self.label_column,
-                "classes": list(self.classes)}
+        out = {"features": list(self.features), "label_column": self.label_column, "classes": list(self.classes)}
+        return out | ({"text": self.text} if self.text is not None else {})
 
     @classmethod
     def from_json(cls, obj: dict) -> Schema:
-        return cls(tuple(obj["features"]), obj["label_column"], tuple(obj["classes"]))
+        return cls(tuple(obj["features"]), obj["label_column"], tuple(obj["classes"]), obj.get("text"))
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def _check_same_columns(train: pd.DataFrame, test: pd.DataFrame, train_path: Pat
                         f"table {train_path}; add them there, or list the features in data.feature_columns")
 
 
-def _sorted_classes(labels: pd.Series) -> tuple:
+def sorted_classes(labels: pd.Series) -> tuple:
     values = labels.dropna().unique().tolist()
     try:
         return tuple(sorted(v.item() if hasattr(v, "item") else v for v in values))
@@ -164,7 +167,7 @@ def parquet_splits(params: DataParams, root: Path) -> Splits:
     else:
         transfer = train[list(features)].iloc[:0]
     cols = [*features, label]
-    schema = Schema(tuple(features), label, _sorted_classes(train[label]))
+    schema = Schema(tuple(features), label, sorted_classes(train[label]))
     return Splits(train[cols].reset_index(drop=True), test[cols].reset_index(drop=True),
                   transfer.reset_index(drop=True), schema)
 
@@ -175,8 +178,13 @@ def load_source(params: DataParams, root: Path) -> Splits:
 
 # --- prepared splits ------------------------------------------------------------------------------
 
-def write_prepared(splits: Splits, out: Path) -> None:
+TOKENIZER_FILE = "tokenizer.json"  # task text: the teacher's tokenizer, beside the splits it tokenised
+
+
+def write_prepared(splits: Splits, out: Path, tokenizer: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     for name in SPLITS:
         getattr(splits, name).to_parquet(out / f"{name}.parquet", index=False)
     (out / SCHEMA_FILE).write_text(json.dumps(splits.schema.to_json(), indent=2))
@@ -194,7 +202,8 @@ def read_prepared(prepared: Path) -> Splits:
 def data_fingerprint(prepared: Path) -> str:
     """sha256 over the prepared files: identifies exactly the rows a teacher and student saw."""
     h = hashlib.sha256()
-    for name in [*(f"{s}.parquet" for s in SPLITS), SCHEMA_FILE]:
+    extra = [TOKENIZER_FILE] if (prepared / TOKENIZER_FILE).exists() else []  # text: ids depend on it
+    for name in [*(f"{s}.parquet" for s in SPLITS), SCHEMA_FILE, *extra]:
         h.update(name.encode())
         h.update(hashlib.sha256((prepared / name).read_bytes()).digest())
     return h.hexdigest()

@@ -1,7 +1,8 @@
 """Edge export: a kd model as ONNX and as int8 ONNX, checked against PyTorch and timed on CPU.
 
-The exported graph is the whole `KDModel` (standardisation included), so an edge runtime feeds it
-raw rows in the model's feature order (`model.json`) and gets logits over its classes. int8 is
+The exported graph is the whole model as its task loads it: a table model with its standardisation,
+fed raw rows in the model's feature order (`model.json`); a text model fed padded token ids of its
+own tokenizer (dynamic batch and sequence axes). Either returns logits over the model's classes. int8 is
 ONNX Runtime's dynamic quantization: weights stored as int8 (per output channel), activations
 quantized on the fly, so it needs no calibration data. No MLflow here: the stage logs the result.
 """
@@ -25,10 +26,12 @@ from torch import nn
 from kd_core import models
 from kd_core.errors import UserError
 from kd_core.evaluate import interleaved_medians_ms
+from kd_core.tasks import Task
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
-INPUT, OUTPUT = "features", "logits"  # tensor names in the graph: (B, F) raw rows -> (B, K) logits
+OUTPUT = "logits"  # (B, K); the input is the task's: `features` (B, F) rows or `input_ids` (B, L) tokens
+ONNX_BATCH = 256  # rows per ONNX Runtime call when scoring a split
 FP32_TOLERANCE = 1e-3  # fp32 ONNX may differ from PyTorch only by float reordering (~1e-5 seen)
 
 
@@ -76,15 +79,15 @@ def _quiet() -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
-def to_onnx(model: nn.Module, n_features: int, path: Path) -> None:
-    """Export with a dynamic batch axis into one self-contained file (no external weights)."""
+def to_onnx(model: nn.Module, task: Task, spec: models.ModelSpec, path: Path) -> None:
+    """Export with the task's dynamic axes (batch; text: also sequence) into one self-contained file."""
     model.eval()
-    example = (torch.zeros(2, n_features),)  # (B, F); B = 2 so the exporter cannot specialise on 1
+    example = (task.example(spec, batch=2),)  # B = 2 so the exporter cannot specialise on 1
+    dims = {a: torch.export.Dim(("batch", "sequence")[a] if a < 2 else f"axis{a}") for a in task.dynamic_axes}
     try:
         with _quiet():
-            torch.onnx.export(model, example, str(path), input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
-                              external_data=False, verbose=False)
+            torch.onnx.export(model, example, str(path), input_names=[task.input_name], output_names=[OUTPUT],
+                              dynamic_shapes=(dims,), dynamo=True, external_data=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; any of them means "not exportable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot export {type(model.net).__name__ if hasattr(model, 'net') else 'model'} "
@@ -122,21 +125,21 @@ def session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _run_onnx(sess, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    out = [sess.run([OUTPUT], {INPUT: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+def _run_onnx(sess, x: np.ndarray, batch_size: int = ONNX_BATCH) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    out = [sess.run([OUTPUT], {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(out)  # (N, K)
 
 
-def _torch_call(model: nn.Module, n_features: int) -> Callable[[], object]:
-    """Batch-1 forward; call it under torch.inference_mode(), entered once as evaluate does."""
-    x = torch.randn(1, n_features)
+def _torch_call(model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
+    """Batch-1 forward on the task's example; call it under torch.inference_mode(), as evaluate does."""
     model.eval()
-    return lambda: model(x)
+    return lambda: model(example)
 
 
-def _onnx_call(sess, n_features: int) -> Callable[[], object]:
-    x = np.random.default_rng(0).standard_normal((1, n_features)).astype(np.float32)
-    return lambda: sess.run([OUTPUT], {INPUT: x})
+def _onnx_call(sess, example: torch.Tensor) -> Callable[[], object]:
+    x, name = example.numpy(), sess.get_inputs()[0].name
+    return lambda: sess.run([OUTPUT], {name: x})
 
 
 def _compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, size: int, latency: float) -> Variant:
@@ -145,35 +148,36 @@ def _compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, size: int, late
                    float((logits.argmax(1) == ref.argmax(1)).mean()), ref_acc - acc)
 
 
-def export_and_check(student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path,
+def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path,
                      teacher_dir: Path | None = None) -> ExportReport:
     """Write `out/model.onnx` and `out/model.int8.onnx` for the student in `student_dir`, check both
-    against PyTorch on rows `x` (N, F) with class indices `y` (N,), and time batch-1 CPU inference
-    of every variant (the teacher too, in PyTorch and fp32 ONNX, when `teacher_dir` is given)."""
+    against PyTorch on the task's inputs `x` (N, ...) with class indices `y` (N,), and time batch-1 CPU
+    inference of every variant (the teacher too, in PyTorch and fp32 ONNX, when `teacher_dir` is given)."""
     if len(x) == 0:
         raise UserError("export needs test rows to check the ONNX models against PyTorch; the test split is empty")
     threads = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
-    student, spec = models.load(student_dir)
-    n_features = len(spec.schema.features)
-    to_onnx(student, n_features, out / ONNX_FILE)
+    student, spec = task.load(student_dir)
+    example = task.example(spec)  # (1, ...): batch-1 timing input
+    to_onnx(student, task, spec, out / ONNX_FILE)
     quantize_int8(out / ONNX_FILE, out / INT8_FILE)
     sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
-    ref = models.predict_logits(student, x)  # (N, K)
+    ref = task.predict_logits(student, x)  # (N, K)
     fp32_diff = float(np.abs(_run_onnx(sessions["onnx"], x) - ref).max())
     if not fp32_diff <= FP32_TOLERANCE:
         raise UserError(f"the ONNX export of {student_dir} disagrees with PyTorch: max |logit difference| "
                         f"{fp32_diff:.3g} > {FP32_TOLERANCE}; the architecture uses an op the exporter mistranslates")
-    calls = {"student.pytorch": _torch_call(student, n_features),
-             **{f"student.{k}": _onnx_call(s, n_features) for k, s in sessions.items()}}
+    calls = {"student.pytorch": _torch_call(student, example),
+             **{f"student.{k}": _onnx_call(s, example) for k, s in sessions.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         if teacher_dir is not None:
-            teacher, _ = models.load(teacher_dir)
-            to_onnx(teacher, n_features, Path(tmp) / ONNX_FILE)
+            teacher, teacher_spec = task.load(teacher_dir)
+            to_onnx(teacher, task, teacher_spec, Path(tmp) / ONNX_FILE)
             teacher_sess = session(Path(tmp) / ONNX_FILE, threads)
-            calls |= {"teacher.pytorch": _torch_call(teacher, n_features),
-                      "teacher.onnx": _onnx_call(teacher_sess, n_features)}
-            teacher_ref = models.predict_logits(teacher, x)
+            teacher_example = task.example(teacher_spec)
+            calls |= {"teacher.pytorch": _torch_call(teacher, teacher_example),
+                      "teacher.onnx": _onnx_call(teacher_sess, teacher_example)}
+            teacher_ref = task.predict_logits(teacher, x)
             teacher_onnx = _run_onnx(teacher_sess, x)
             teacher_size = (Path(tmp) / ONNX_FILE).stat().st_size
         with torch.inference_mode():

@@ -208,7 +208,7 @@ def load(path: Path) -> tuple[KDModel, ModelSpec]:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
-    _load_into(model, state, f"{weights} does not match architecture {spec.arch!r}")
+    load_into(model, state, f"{weights} does not match architecture {spec.arch!r}")
     return model.eval(), spec
 
 
@@ -239,11 +239,11 @@ def load_checkpoint(path: Path, spec: ModelSpec) -> KDModel:
     model = build(spec)  # identity scaling: the checkpoint's own preprocessing is inside its net
     state = _read_state(path)
     target = model if any(k.startswith(("net.", "scale.")) for k in state) else model.net
-    _load_into(target, state, f"{path} does not match architecture {spec.arch!r} {spec.options}")
+    load_into(target, state, f"{path} does not match architecture {spec.arch!r} {spec.options}")
     return model.eval()
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
     """load_state_dict with a one-line account of what does not fit (keys or shapes)."""
     try:
         result = module.load_state_dict(state, strict=False)

@@ -25,7 +25,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from kd_core import data, models, serving, tracking
+from kd_core import data, serving, tasks, tracking
 from kd_core.config import Params
 from kd_core.errors import UserError
 from kd_core.lock import registry_lock
@@ -237,7 +237,7 @@ def _recorded(client: MlflowClient, name: str, mv: ModelVersion) -> RegisterOutc
 
 def _predict_candidate(model_dir: Path, ev: _Evidence) -> np.ndarray:
     """The candidate's class names on the test rows, (N,), checked against what eval.json says."""
-    model, spec = models.load(model_dir)
+    model, spec = tasks.load_model(model_dir)
     predictions = np.asarray(serving.predict_frame(model, spec, ev.features), dtype=object)
     said = accuracy(ev.evals["student"], "student")
     scored = float(np.mean(predictions == ev.labels))

@@ -52,7 +52,7 @@ def predict_frame(model: models.KDModel, spec: models.ModelSpec, frame: pd.DataF
     if output not in OUTPUTS:
         raise UserError(f"unknown output {output!r}; choose one of {list(OUTPUTS)}")
     task, schema = tasks.TASKS[spec.task], spec.schema
-    logits = task.predict_logits(model, task.serving_inputs(frame, schema))
+    logits = task.predict_logits(model, task.serving_inputs(model, spec, frame))
     logits = logits.reshape(len(frame), len(schema.classes))  # (N, K), also when N == 0
     if output == "probabilities":
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)
@@ -64,7 +64,7 @@ class KDPyfuncModel(mlflow.pyfunc.PythonModel):
     """A kd model directory served on raw rows; answers class names (or probabilities on request)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self._model, self._spec = models.load(Path(context.artifacts[MODEL_ARTIFACT]))
+        self._model, self._spec = tasks.load_model(Path(context.artifacts[MODEL_ARTIFACT]))
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray | pd.DataFrame:
@@ -79,7 +79,7 @@ def _requirement(package: str) -> str:
 
 def log_model(model_dir: Path, test: pd.DataFrame) -> str:
     """Log `model_dir` as a pyfunc into the active run; returns the model URI to register."""
-    model, spec = models.load(model_dir)
+    model, spec = tasks.load_model(model_dir)
     example = tasks.TASKS[spec.task].input_example(test, spec.schema)
     classes = predict_frame(model, spec, example).tolist()
     signature = infer_signature(example, classes, params={"output": OUTPUTS[0]})
@@ -89,7 +89,8 @@ def log_model(model_dir: Path, test: pd.DataFrame) -> str:
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={MODEL_ARTIFACT: str(model_dir)},
             code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
-            input_example=example, pip_requirements=[_requirement(p) for p in SERVING_PACKAGES])
+            input_example=example,
+            pip_requirements=[_requirement(p) for p in (*SERVING_PACKAGES, *tasks.TASKS[spec.task].requirements)])
     return info.model_uri
 
 

@@ -78,26 +78,54 @@ def _duplicate_expectation(df: pd.DataFrame, features: list[str], max_frac: floa
     return []
 
 
+TOKENS = "kd_tokens"  # kd_core.text_data.TOKENS: a document's length in tokens, before truncation
+LENGTH_QUANTILES = (0.5, 0.9, 0.99)  # reported for every text split
+
+
+def _text_expectations(df: pd.DataFrame, col: str, max_length: int, params: ValidationParams) -> list[Expectation]:
+    """Documents: text, present, not blank, not too often truncated, not repeated; lengths reported."""
+    if col not in df.columns:
+        return []
+    out = [gxe.ExpectColumnValuesToNotBeNull(column=col),
+           gxe.ExpectColumnValuesToBeOfType(column=col, type_="str", meta={"check": "text_type"}),
+           gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S", meta={"check": "blank_text"}),
+           gxe.ExpectColumnValuesToBeUnique(column=col, mostly=1.0 - params.max_duplicate_frac,
+                                            meta={"check": "duplicate_text"})]
+    if TOKENS in df.columns:
+        out += [gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=max_length,
+                                                  mostly=1.0 - params.max_truncated_frac,
+                                                  meta={"check": "truncated", "max_length": max_length}),
+                gxe.ExpectColumnQuantileValuesToBeBetween(
+                    column=TOKENS, quantile_ranges={"quantiles": list(LENGTH_QUANTILES),
+                                                    "value_ranges": [[0, None]] * len(LENGTH_QUANTILES)})]
+    return out
+
+
 def split_expectations(name: str, splits: Splits, params: ValidationParams) -> list[Expectation]:
-    """The suite for one split: schema, types, nulls, finite values, labels and duplicates."""
+    """The suite for one split: schema, types, nulls, finite values (tables) or documents (text),
+    labels and duplicates."""
     df, schema = getattr(splits, name), splits.schema
     features, label = list(schema.features), schema.label_column
+    inputs = [c for c in df.columns if c not in (*features, label)] if schema.text else []  # ids, lengths
     if name == "train":
-        columns, reference = [*features, label], "schema.json (features + label)"
+        columns, reference = [*features, label, *inputs], "schema.json (features + label)"
     elif name == "test":  # agreement with train; train itself is checked against schema.json
         columns, reference = list(splits.train.columns), "the train split's columns"
     else:
-        columns, reference = features, "schema.json features"
+        columns, reference = [*features, *inputs], "schema.json features"
     out: list[Expectation] = [gxe.ExpectTableColumnsToMatchOrderedList(
         column_list=columns, meta={"reference": reference})]
-    out += _feature_expectations(df, features)
+    if schema.text:
+        out += _text_expectations(df, features[0], schema.text["max_length"], params)
+    else:
+        out += _feature_expectations(df, features)
     if name != "transfer" and label in df.columns:
         out.append(gxe.ExpectColumnValuesToNotBeNull(column=label))
         if name == "train":
             out.append(gxe.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2))
         else:
             out.append(gxe.ExpectColumnValuesToBeInSet(column=label, value_set=list(schema.classes)))
-    return out + _duplicate_expectation(df, features, params.max_duplicate_frac)
+    return out + ([] if schema.text else _duplicate_expectation(df, features, params.max_duplicate_frac))
 
 
 def class_counts(splits: Splits) -> pd.DataFrame:
@@ -169,6 +197,25 @@ def _rows_per_class(kw: dict, r: dict, p: ValidationParams) -> str:
     return f"{len(bad)} classes have fewer rows than {limit} ({shown}{more})"
 
 
+def _text_type(kw: dict, r: dict, _p: ValidationParams) -> str:
+    return f"column {kw['column']!r} has {r['unexpected_count']} value(s) that are not text{_examples(r)}"
+
+
+def _blank(kw: dict, r: dict, _p: ValidationParams) -> str:
+    return f"column {kw['column']!r} has {r['unexpected_count']} empty or blank document(s)"
+
+
+def _duplicate_text(kw: dict, r: dict, p: ValidationParams) -> str:
+    return (f"{r['unexpected_count']} of {r['element_count']} documents ({r['unexpected_percent']:.1f}%) repeat "
+            f"another one, more than validation.max_duplicate_frac={p.max_duplicate_frac}")
+
+
+def _truncated(kw: dict, r: dict, p: ValidationParams) -> str:
+    return (f"{r['unexpected_count']} of {r['element_count']} documents ({r['unexpected_percent']:.1f}%) are longer "
+            f"than data.max_length={kw['max_value']} tokens, more than validation.max_truncated_frac="
+            f"{p.max_truncated_frac}; raise data.max_length")
+
+
 _DESCRIBE: dict[str, Callable[[dict, dict, ValidationParams], str]] = {
     "expect_table_columns_to_match_ordered_list": _columns,
     "expect_column_values_to_not_be_null": _nulls,
@@ -179,6 +226,10 @@ _DESCRIBE: dict[str, Callable[[dict, dict, ValidationParams], str]] = {
     "expect_compound_columns_to_be_unique": _duplicates,
     "expect_column_values_to_be_unique": _duplicates,
     "rows_per_class": _rows_per_class,  # a between-expectation on the class-count frame
+    "text_type": _text_type,
+    "blank_text": _blank,
+    "duplicate_text": _duplicate_text,
+    "truncated": _truncated,
 }
 
 

@@ -31,7 +31,7 @@ class CardInputs:
     logits: dict[str, np.ndarray]  # role -> (N, K) test logits
     labels: np.ndarray  # (N,) class indices
     classes: tuple
-    features: tuple[str, ...]
+    row: str  # what one input is (kd_core.tasks: Task.describe)
     split_rows: dict[str, int]
     validation: dict  # reports/validation/summary.json
     register: dict | None = None  # metrics/register.json
@@ -131,13 +131,13 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
              "`metrics/register.json` and `metrics/train_*.csv` of the same run."),
         Heading("Summary"), Bullets(_summary(inp)),
         Heading("Intended use"),
-        Para(f"Classifies a row of {len(inp.features)} numeric features (`{inp.features[0]}` … `{inp.features[-1]}`) "
+        Para(f"Classifies {inp.row} "
              f"into one of {len(inp.classes)} classes ({', '.join(map(str, inp.classes[:12]))}"
              f"{', …' if len(inp.classes) > 12 else ''}). Student `{f.get('student', '?')}` distilled from teacher "
              f"`{f.get('teacher', '?')}` on {inp.split_rows.get('train', 0):,} labelled and "
              f"{inp.split_rows.get('transfer', 0):,} unlabelled rows ({f.get('source', '?')}). Serve the registered "
-             "model with MLflow (it takes raw rows and answers class names), or the ONNX files on an edge device "
-             "(raw rows in feature order in, logits out)."),
+             "model with MLflow (it takes raw inputs and answers class names), or the ONNX files on an edge device "
+             "(the model's inputs in, logits out)."),
         Heading("Limitations"),
         Bullets([
             f"Measured on one test split of {inp.split_rows['test']:,} rows from the same source as the training "

@@ -47,12 +47,12 @@ def compare_cmd() -> None:
 
 def _registered_dir(root: Path, params: Params, version: int) -> Path:
     """Version `version`'s kd model directory, downloaded; it must read the prepared test rows."""
-    from kd_core import data, models, serving
+    from kd_core import data, serving, tasks
 
     name = params.registry.model_name
     model_dir = serving.download_model_dir(f"models:/{name}/{version}", root / params.paths.work / "export-download",
                                             root=root)
-    features = models.load(model_dir)[1].schema.features
+    features = tasks.load_model(model_dir)[1].schema.features
     prepared = data.read_prepared(root / params.paths.prepared).schema.features
     if features != prepared:
         raise UserError(f"{name} version {version} reads features {list(features)[:4]}…, the prepared test split "

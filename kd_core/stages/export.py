@@ -52,7 +52,7 @@ def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metr
     x, y = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)
     teacher = workdir / params.paths.teacher
     with atomic_dir(out) as tmp:
-        report = export.export_and_check(model_dir, x, y, tmp, teacher if teacher.is_dir() else None)
+        report = export.export_and_check(task, model_dir, x, y, tmp, teacher if teacher.is_dir() else None)
     atomic_write_text(metrics_file, json.dumps(report.to_json(), indent=2) + "\n")
     if version is not None:
         from kd_core import tracking, versions  # mlflow loads only when there is a version to attach to

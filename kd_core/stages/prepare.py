@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_core import data, tasks
+from kd_core import tasks
 from kd_core.config import Params
 from kd_core.fs import atomic_dir
 
@@ -37,8 +37,7 @@ def _warn_untracked(params: Params, workdir: Path) -> None:
 def run(params: Params, workdir: Path) -> PrepareResult:
     if params.data.source == "parquet":
         _warn_untracked(params, workdir)
-    splits = tasks.for_params(params).load_source(params.data, workdir)
     with atomic_dir(workdir / params.paths.prepared) as out:
-        data.write_prepared(splits, out)
+        splits = tasks.for_params(params).prepare(params, workdir, out)
     return PrepareResult(len(splits.train), len(splits.test), len(splits.transfer),
                          len(splits.schema.features), len(splits.schema.classes))

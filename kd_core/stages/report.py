@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kd_core import card, validation
+from kd_core import card, tasks, validation
 from kd_core.config import Params
 from kd_core.curves import read_curve
 from kd_core.errors import UserError
@@ -64,7 +64,8 @@ def inputs(params: Params, workdir: Path) -> card.CardInputs:
     return card.CardInputs(
         evals=evals,
         curves={r: read_curve(metrics / f"train_{r}.csv") for r in ("student", "baseline")},
-        logits=logits, labels=y, classes=splits.schema.classes, features=splits.schema.features,
+        logits=logits, labels=y, classes=splits.schema.classes,
+        row=tasks.for_params(params).describe(splits.schema),
         split_rows={"train": len(splits.train), "test": len(splits.test), "transfer": len(splits.transfer)},
         validation=validation_summary, register=register, export=_json(metrics / EXPORT_FILE), facts=facts)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +31,6 @@ def _is_mlflow_uri(source: str) -> bool:
     return source.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
 
 
-def _check_schema(spec: models.ModelSpec, schema: data.Schema, source: str) -> None:
-    """A loaded teacher must read the same features and predict the same classes as the data."""
-    if spec.schema.features != schema.features:
-        raise UserError(f"teacher {source} expects features {list(spec.schema.features)[:5]}…, "
-                        f"the prepared data has {list(schema.features)[:5]}…")
-    if tuple(map(str, spec.schema.classes)) != tuple(map(str, schema.classes)):
-        raise UserError(f"teacher {source} predicts classes {list(spec.schema.classes)}, "
-                        f"the training labels are {list(schema.classes)}")
-
-
 def run(params: Params, workdir: Path) -> TeacherResult:
     """The teacher; with a `teachers` list each member in its own directory, plus their ensemble as
     the teacher directory's model, so evaluation and export treat it as one teacher."""
@@ -68,31 +57,20 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
     if tp.source == "train":
         x, y = labelled_arrays(task, splits)
         spec = task.spec(tp, splits.schema)
-        model = task.build(spec, x, seed)
+        model = task.build(spec, x, seed, task.init_dir(params, workdir))
         features.check(params, model, splits.schema)  # a bad feature name must not cost a teacher's training
         cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
         history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
                       on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"))
         task.save(model, spec, out)
-        return TeacherResult(tp.arch, "train", history[-1]["accuracy"], sum(p.numel() for p in model.parameters()))
+        return TeacherResult(spec.arch, "train", history[-1]["accuracy"], sum(p.numel() for p in model.parameters()))
     if _is_mlflow_uri(tp.source):
         from kd_core import serving
 
         src = serving.download_model_dir(tp.source, workdir / params.paths.work / f"{name}-download", root=workdir)
     else:
         src = workdir / tp.source
-    if src.is_file():  # a bare weights file for teacher.arch
-        if src.suffix not in models.CHECKPOINT_SUFFIXES:
-            raise UserError(f"{name}.source {tp.source}: expected a kd model directory or a weights file "
-                            f"({', '.join(models.CHECKPOINT_SUFFIXES)})")
-        spec = task.spec(tp, splits.schema)
-        model = models.load_checkpoint(src, spec)
-        models.save(model, spec, out)
-        return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
     if not src.exists():
         raise UserError(f"{name}.source {tp.source} not found")
-    model, spec = task.load(src)
-    _check_schema(spec, splits.schema, tp.source)
-    for file in (models.WEIGHTS_FILE, models.META_FILE):
-        shutil.copy2(src / file, out / file)
-    return TeacherResult(spec.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
+    model = task.adopt(src, tp, splits.schema, out)
+    return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))

@@ -39,7 +39,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
         scaled["patience"] = max(1, round(tp.patience * steps_ratio))
     cfg = fit_config(tp.model_copy(update=scaled))
     spec = task.spec(params.student, splits.schema)
-    model = task.build(spec, x, tp.seed)
+    model = task.build(spec, x, tp.seed, task.init_dir(params, workdir))
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
               "data": data.data_fingerprint(workdir / params.paths.prepared)}
     ckpt = checkpoint_path(workdir, params, "train_baseline", inputs, 1)

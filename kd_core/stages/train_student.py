@@ -69,7 +69,7 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     y = np.concatenate([y_lab, np.full(len(splits.transfer), losses.UNLABELLED)])  # (N,)
     val = validation_rows(len(y_lab), params.train.val_fraction, params.train.seed)  # (V,)
     spec = task.spec(params.student, splits.schema)
-    model = task.build(spec, x, params.train.seed)
+    model = task.build(spec, x, params.train.seed, task.init_dir(params, workdir))
     inputs = {"params": params.model_dump(mode="json", include={"student", "distill", "train"}), "cache": keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed, lead = train.checkpoint_epochs(ckpt), rank == 0

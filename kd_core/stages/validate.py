@@ -26,8 +26,8 @@ class ValidateResult:
 
 def sources(params: DataParams) -> dict[str, str]:
     """Name each split by what the user can fix: their own file, not the prepared copy."""
-    if params.source == "mnist1d":
-        return {name: f"mnist1d {name}" for name in data.SPLITS}
+    if params.source in ("mnist1d", "fortunes"):  # built in: name the split of the source
+        return {name: f"{params.source} {name}" for name in data.SPLITS}
     return {name: f"data.{name} ({getattr(params, name) or 'not set: no transfer rows'})"
             for name in data.SPLITS}
 

@@ -14,17 +14,24 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core.config import DataParams, StudentParams, TeacherParams
+from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
-from kd_core.models import KDModel, ModelSpec
+from kd_core.models import ModelSpec
 
 
 class Task(Protocol):
     name: str
     headline: str  # the metric the policy and the card lead with ("accuracy", "perplexity")
+    requirements: tuple[str, ...]  # packages a served model needs beyond kd_core's own
+    input_name: str  # the exported ONNX graph's input
+    dynamic_axes: tuple[int, ...]  # its axes of any size (batch; sequence for text)
 
-    def load_source(self, params: DataParams, root: Path) -> Splits:
-        """The prepared splits from the configured source; bad input raises one-line UserErrors."""
+    def prepare(self, params: Params, root: Path, out: Path) -> Splits:
+        """Read the configured source and write the prepared splits into `out`; bad input raises
+        one-line UserErrors."""
+
+    def describe(self, schema: Schema) -> str:
+        """What one input row is, for summaries and the model card ("40 numeric features")."""
 
     def inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         """Model inputs for the rows of one split.  # (N, ...)"""
@@ -38,12 +45,19 @@ class Task(Protocol):
     def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
         """The model spec of a teacher or student section for this data."""
 
-    def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None) -> KDModel:
-        """A fresh model (fitted preprocessing where the task has any)."""
+    def init_dir(self, params: Params, root: Path) -> Path | None:
+        """Pretrained weights new models start from (text: the teacher's encoder); None: random init."""
 
-    def save(self, model: KDModel, spec: ModelSpec, out: Path) -> None: ...
+    def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None,
+              init: Path | None = None) -> nn.Module:
+        """A fresh model (fitted preprocessing where the task has any; weights from `init` where given)."""
 
-    def load(self, path: Path) -> tuple[KDModel, ModelSpec]: ...
+    def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> nn.Module:
+        """A given teacher (a model file or directory) checked against the data and saved into `out`."""
+
+    def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None: ...
+
+    def load(self, path: Path) -> tuple[nn.Module, ModelSpec]: ...
 
     def fingerprint(self, path: Path) -> str:
         """Identity of a saved model (weights + config + anything that shapes its inputs)."""
@@ -54,8 +68,8 @@ class Task(Protocol):
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         """Logits for whole-split inputs on the CPU.  # (N, C)"""
 
-    def serving_inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
-        """Raw inputs as a served model receives them (a table by column name) -> model inputs;
+    def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> np.ndarray:
+        """Raw inputs as a served model receives them (a table by column name, raw text) -> model inputs;
         what is missing is a one-line UserError naming it."""
 
     def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from kd_core import data, evaluate, models
-from kd_core.config import DataParams, StudentParams, TeacherParams
+from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
 from kd_core.errors import UserError
 from kd_core.models import KDModel, ModelSpec
@@ -19,9 +20,18 @@ from kd_core.models import KDModel, ModelSpec
 class TabularTask:
     name = "tabular"
     headline = "accuracy"
+    requirements = ()
+    input_name = "features"  # the ONNX input: (B, F) raw rows
+    dynamic_axes = (0,)
 
-    def load_source(self, params: DataParams, root: Path) -> Splits:
-        return data.load_source(params, root)
+    def prepare(self, params: Params, root: Path, out: Path) -> Splits:
+        splits = data.load_source(params.data, root)
+        data.write_prepared(splits, out)
+        return splits
+
+    def describe(self, schema: Schema) -> str:
+        f = schema.features
+        return f"a row of {len(f)} numeric features (`{f[0]}` … `{f[-1]}`)"
 
     def inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         return data.features_array(frame, schema)  # (N, F) float32
@@ -37,8 +47,28 @@ class TabularTask:
     def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
         return ModelSpec(section.arch, dict(section.options), schema, self.name)
 
-    def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None) -> KDModel:
+    def init_dir(self, params: Params, root: Path) -> Path | None:
+        return None
+
+    def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None,
+              init: Path | None = None) -> KDModel:
         return models.build(spec, x_train, seed)
+
+    def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> KDModel:
+        """A weights file for `section.arch` (trained on raw features), or a kd model directory."""
+        if src.is_file():
+            if src.suffix not in models.CHECKPOINT_SUFFIXES:
+                raise UserError(f"teacher {src}: expected a kd model directory or a weights file "
+                                f"({', '.join(models.CHECKPOINT_SUFFIXES)})")
+            spec = self.spec(section, schema)
+            model = models.load_checkpoint(src, spec)
+            models.save(model, spec, out)
+            return model
+        model, spec = models.load(src)
+        _check_schema(spec, schema, str(src))
+        for file in (models.WEIGHTS_FILE, models.META_FILE):
+            shutil.copy2(src / file, out / file)
+        return model
 
     def save(self, model: KDModel, spec: ModelSpec, out: Path) -> None:
         models.save(model, spec, out)
@@ -55,7 +85,8 @@ class TabularTask:
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         return models.predict_logits(model, x)
 
-    def serving_inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> np.ndarray:
+        schema = spec.schema
         missing = [c for c in schema.features if c not in frame.columns]
         if missing:
             raise UserError(f"input lacks feature column(s) {missing[:5]} ({len(missing)} of the "
@@ -75,3 +106,13 @@ class TabularTask:
                 teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
         return evaluate.model_metrics(model, self.example(spec), logits, y, teacher_pred, spec.schema.classes,
                                       weights_file, latency_ms)
+
+
+def _check_schema(spec: ModelSpec, schema: Schema, source: str) -> None:
+    """A loaded teacher must read the same features and predict the same classes as the data."""
+    if spec.schema.features != schema.features:
+        raise UserError(f"teacher {source} expects features {list(spec.schema.features)[:5]}…, "
+                        f"the prepared data has {list(schema.features)[:5]}…")
+    if tuple(map(str, spec.schema.classes)) != tuple(map(str, schema.classes)):
+        raise UserError(f"teacher {source} predicts classes {list(spec.schema.classes)}, "
+                        f"the training labels are {list(schema.classes)}")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kd_core import export, models
+from kd_core import export, models, tasks
 from kd_core.data import Schema
 from kd_core.errors import UserError
 
@@ -20,7 +20,7 @@ def test_fp32_and_int8_exports_pass_the_checker_and_match_pytorch(tmp_path: Path
     x = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
     spec = models.ModelSpec("mlp", {"hidden": [16]}, SCHEMA)
     model = models.build(spec, x, seed=0)
-    export.to_onnx(model, 5, tmp_path / export.ONNX_FILE)
+    export.to_onnx(model, tasks.TASKS["tabular"], spec, tmp_path / export.ONNX_FILE)
     export.quantize_int8(tmp_path / export.ONNX_FILE, tmp_path / export.INT8_FILE)
     got = export._run_onnx(export.session(tmp_path / export.ONNX_FILE, 1), x)
     assert np.abs(got - models.predict_logits(model, x)).max() < export.FP32_TOLERANCE

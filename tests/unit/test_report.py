@@ -55,7 +55,7 @@ def card_inputs(classes: tuple = ("cat", "dog", "eel"), n: int = 300, with_extra
                 "model_name": "kd-student", "version": 3, "aliases": ["challenger", "champion"]}
     return card.CardInputs(
         evals=_evals(rng, classes), curves={"student": curve, "baseline": [dict(r) for r in curve]},
-        logits=logits, labels=y, classes=classes, features=("f0", "f1", "f2"),
+        logits=logits, labels=y, classes=classes, row="a row of 3 numeric features (`f0` … `f2`)",
         split_rows={"train": 400, "test": n, "transfer": 1000},
         validation={"splits": {"train": {"rows": 400, "expectations": 12, "failed_expectations": 0}}},
         register=register if with_extras else None, export=export if with_extras else None,

@@ -1,0 +1,147 @@
+"""`task: text` — a row is a document: its token ids under the teacher's tokenizer; models are Hugging
+Face sequence classifiers (kd_core.text_models), the teacher fine-tuned from a local encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from kd_core import data, evaluate, text_data, text_models
+from kd_core.config import Params, StudentParams, TeacherParams
+from kd_core.data import TOKENIZER_FILE, Schema, Splits
+from kd_core.errors import UserError
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
+from kd_core.text_models import CONFIG_FILE, STUDENT_ARCHS, TextClassifier
+
+TEACHER_ARCH = "finetune"  # the teacher's spec: the init encoder with a new classification head
+
+
+class TextTask:
+    name = "text"
+    headline = "accuracy"
+    requirements = ("transformers", "tokenizers")
+    input_name = "input_ids"  # the ONNX input: (B, L) padded token ids
+    dynamic_axes = (0, 1)
+
+    def prepare(self, params: Params, root: Path, out: Path) -> Splits:
+        """Read the documents and tokenise them with the teacher's own tokenizer (copied beside them)."""
+        splits = text_data.load_source(params.data, root)
+        tokenizer = text_data.teacher_source_dir(params.teacher, root) / TOKENIZER_FILE
+        splits = text_data.tokenised(splits, tokenizer, params.data.max_length)
+        data.write_prepared(splits, out, tokenizer)
+        return splits
+
+    def describe(self, schema: Schema) -> str:
+        return (f"a document (column `{schema.features[0]}`, up to {schema.text['max_length']} tokens of the "
+                "teacher's tokenizer)")
+
+    def inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+        info = schema.text
+        return text_data.pad(frame[text_data.IDS], info["max_length"], info["pad_id"])  # (N, L) int64
+
+    def labels(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+        return data.label_indices(frame, schema)  # (N,)
+
+    def cache_inputs(self, splits: Splits) -> np.ndarray:
+        """Labelled train documents, then transfer documents: the cache's row order.  # (N, L)"""
+        return np.concatenate([self.inputs(splits.train, splits.schema),
+                               self.inputs(splits.transfer, splits.schema)])
+
+    def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
+        if isinstance(section, TeacherParams):
+            return ModelSpec(TEACHER_ARCH, {}, schema, self.name)
+        if section.arch not in STUDENT_ARCHS and not Path(section.arch).is_dir():
+            raise UserError(f"student.arch {section.arch!r}: not a text student; choose one of {list(STUDENT_ARCHS)} "
+                            "or a Hugging Face config directory")
+        return ModelSpec(section.arch, dict(section.options), schema, self.name)
+
+    def init_dir(self, params: Params, root: Path) -> Path | None:
+        """The encoder the teacher is fine-tuned from, or the given teacher: students start from it too."""
+        return text_data.teacher_source_dir(params.teacher, root)
+
+    def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None,
+              init: Path | None = None) -> TextClassifier:
+        if init is None:
+            raise UserError("a text model is built from a pretrained encoder directory (teacher.init)")
+        tokenizer = (init / TOKENIZER_FILE).read_bytes()
+        if hashlib.sha256(tokenizer).hexdigest() != spec.schema.text["tokenizer_sha256"]:
+            raise UserError(f"{init / TOKENIZER_FILE}: not the tokenizer the prepared data was tokenised with; "
+                            "run the prepare stage again")
+        if seed is not None:
+            torch.manual_seed(seed)  # the new classification head
+        source = text_models.pretrained(init, spec.schema.classes)
+        options = dict(spec.options)
+        try:
+            if spec.arch == TEACHER_ARCH:
+                net = source
+            elif spec.arch == "layers":
+                net = text_models.layer_subset(source, list(options.pop("layers")), **options)
+            elif spec.arch == "narrow":
+                net = text_models.narrow(source, seed, **options)
+            else:
+                text_models.check_tokenizer(Path(spec.arch), spec.schema.text["tokenizer_sha256"])
+                net = text_models.from_config_dir(Path(spec.arch), source, spec.schema.classes, seed, **options)
+        except (TypeError, KeyError) as exc:
+            raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
+        return TextClassifier(net, spec.schema.text["pad_id"], tokenizer)
+
+    def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> TextClassifier:
+        """A fine-tuned classifier: a kd text model directory, or a Hugging Face one with a trained head."""
+        if not src.is_dir():
+            raise UserError(f"teacher.source {src}: a text teacher is a model directory, not a file")
+        if (src / META_FILE).is_file():
+            model, spec = text_models.load(src)
+            if tuple(map(str, spec.schema.classes)) != tuple(map(str, schema.classes)):
+                raise UserError(f"teacher {src} predicts classes {list(spec.schema.classes)}, "
+                                f"the training labels are {list(schema.classes)}")
+            for file in (WEIGHTS_FILE, META_FILE, CONFIG_FILE, TOKENIZER_FILE):
+                shutil.copy2(src / file, out / file)
+            return model
+        net = text_models.pretrained(src, schema.classes, require_head=True)
+        model = TextClassifier(net, schema.text["pad_id"], (src / TOKENIZER_FILE).read_bytes())
+        text_models.save(model, ModelSpec(TEACHER_ARCH, {"source": src.name}, schema, self.name), out)
+        return model
+
+    def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
+        text_models.save(model, spec, out)
+
+    def load(self, path: Path) -> tuple[TextClassifier, ModelSpec]:
+        return text_models.load(path)
+
+    def fingerprint(self, path: Path) -> str:
+        return text_models.fingerprint(path)
+
+    def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch)  # (B, L) -> (B, C): one document is one cache row
+
+    def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        return text_models.predict_logits(model, x)
+
+    def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> np.ndarray:
+        """Raw text in the model's text column -> its padded ids under the model's own tokenizer."""
+        col, info = spec.schema.features[0], spec.schema.text
+        if col not in frame.columns:
+            raise UserError(f"input lacks the text column {col!r} (columns: {list(frame.columns)[:8]})")
+        values = frame[col].tolist()
+        if bad := [i for i, v in enumerate(values) if not isinstance(v, str)]:
+            raise UserError(f"input column {col!r}: {len(bad)} row(s) are not text, e.g. row {bad[0]}: "
+                            f"{values[bad[0]]!r}")
+        ids, _ = text_data.encode(text_models.tokenizer(model), values, info["max_length"])
+        return text_data.pad(pd.Series(ids, dtype=object), info["max_length"], info["pad_id"])  # (N, L)
+
+    def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        return frame[[schema.features[0]]].head(5).astype(object)
+
+    def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
+        return text_models.example_ids(spec, batch)  # (batch, median length)
+
+    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
+                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
+        return evaluate.model_metrics(model, self.example(spec), logits, y, teacher_pred, spec.schema.classes,
+                                      weights_file, latency_ms)

@@ -1,0 +1,261 @@
+"""Transformer text classifiers for `task: text`: the teacher, both kinds of student, and their directory.
+
+Every model is a Hugging Face `AutoModelForSequenceClassification` inside `TextClassifier`, which takes
+right-padded token ids and returns logits. Students come from the encoder the teacher was made from
+(`teacher.init`, or the given teacher): `layers` keeps a subset of its layers with their weights
+(DistilBERT's initialisation), `narrow` is a thinner transformer whose word embeddings are the encoder's
+projected onto their top principal components, and a config directory is any architecture that reads the
+same vocabulary. transformers is imported inside the functions: the table task never pays for it.
+
+A model directory holds `model.safetensors` (the weights, never a pickle), `config.json` (the Hugging
+Face config), `tokenizer.json` (the teacher's) and `model.json` (kd's spec: task, classes, TextInfo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kd_core.data import TOKENIZER_FILE
+from kd_core.errors import UserError
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
+
+CONFIG_FILE = "config.json"
+STUDENT_ARCHS = ("layers", "narrow")  # or a directory holding a Hugging Face config.json
+NARROW_DEFAULTS = {"hidden": 128, "layers": 2, "heads": 2, "intermediate": 512}
+
+
+class TextClassifier(nn.Module):
+    """Token ids (B, L), right-padded with `pad_id` -> logits (B, K).
+
+    Columns that are padding in every row of a batch are dropped before the encoder runs (`trim`), so a
+    batch of short documents costs what its longest one costs; export switches this off, as ONNX graphs
+    take the sequence length as given.
+    """
+
+    def __init__(self, net: nn.Module, pad_id: int, tokenizer_json: bytes) -> None:
+        super().__init__()
+        self.net, self.pad_id, self.tokenizer_json, self.trim = net, pad_id, tokenizer_json, True
+        self.mask: torch.Tensor | None = None  # the last forward's (B, L) padding mask, for feature pooling
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, K)
+        mask = ids != self.pad_id  # (B, L)
+        if self.trim and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            used = mask.any(dim=0).nonzero()
+            keep = int(used[-1]) + 1 if len(used) else 1
+            ids, mask = ids[:, :keep], mask[:, :keep]
+        self.mask = mask
+        return self.net(input_ids=ids, attention_mask=mask.long()).logits
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers reports every freshly initialised head at warning level; the stages say what they built."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _labels(classes: tuple) -> dict:
+    return {"num_labels": len(classes), "id2label": {i: str(c) for i, c in enumerate(classes)},
+            "label2id": {str(c): i for i, c in enumerate(classes)}}
+
+
+def pretrained(path: Path, classes: tuple, require_head: bool = False) -> nn.Module:
+    """A local encoder (or classifier) as a sequence classifier over `classes`; safetensors only.
+    `require_head`: the directory must hold a trained head for these classes (a given teacher)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{path}: no {CONFIG_FILE}; a text teacher is a local Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{path}: no safetensors weights (pickled .bin weights are not loaded)")
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+        names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+        if names and set(names) == set(map(str, classes)) and names != list(map(str, classes)):
+            raise UserError(f"{path}: predicts classes {names}, the data's class order is {list(classes)}")
+        try:
+            net, info = AutoModelForSequenceClassification.from_pretrained(
+                path, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
+                **_labels(classes))
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{path}: cannot load as a sequence classifier: {str(exc).splitlines()[0][:200]}") from None
+    new = [*info.get("missing_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))]
+    if require_head and new:
+        raise UserError(f"teacher.source {path}: no trained classification head for {len(classes)} classes "
+                        f"({len(new)} weights missing, e.g. {sorted(new)[0]}); to fine-tune it, set "
+                        f"teacher.source: train and teacher.init: {path}")
+    return net
+
+
+def from_config(config) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    with quiet_transformers():
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def encoder_layers(net: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers: the ModuleList as long as the config's layer count."""
+    n = net.config.num_hidden_layers
+    for module in net.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"{type(net).__name__}: no list of {n} layers found to take a subset of")
+
+
+def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
+    """DistilBERT's initialisation: `source` with only the listed layers, each keeping its weights."""
+    n = source.config.num_hidden_layers
+    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= n:
+        raise UserError(f"student.options.layers {layers}: give increasing, distinct layer numbers in 0..{n - 1}")
+    student = copy.deepcopy(source)
+    stack = encoder_layers(student)
+    kept = [stack[i] for i in layers]
+    for i in reversed(range(len(stack))):
+        del stack[i]
+    stack.extend(kept)
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+def pca_projection(embeddings: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (H,) and the top-`width` principal directions (H, width) of an embedding matrix (V, H)."""
+    mean = embeddings.mean(dim=0)
+    _, _, vt = torch.linalg.svd(embeddings - mean, full_matrices=False)  # rows of vt: directions by variance
+    return mean, vt[:width].T
+
+
+def narrow(source: nn.Module, seed: int | None, hidden: int = 128, layers: int = 2, heads: int = 2,
+           intermediate: int = 512) -> nn.Module:
+    """A thin transformer on the source's vocabulary: word embeddings = the source's, centred and projected
+    onto their top `hidden` principal components; every other weight random (seeded)."""
+    h_src = source.config.hidden_size
+    if hidden > h_src or hidden % heads:
+        raise UserError(f"student.options: hidden {hidden} must be ≤ the teacher's {h_src} and a multiple of "
+                        f"heads {heads}")
+    config = copy.deepcopy(source.config)
+    config.hidden_size, config.num_hidden_layers = hidden, layers
+    config.num_attention_heads, config.intermediate_size = heads, intermediate
+    if seed is not None:
+        torch.manual_seed(seed)
+    student = from_config(config)
+    src_emb, dst_emb = source.get_input_embeddings().weight, student.get_input_embeddings().weight  # (V, H)
+    mean, proj = pca_projection(src_emb.detach().float(), hidden)
+    with torch.no_grad():
+        dst_emb.copy_((src_emb.float() - mean) @ proj)  # (V, hidden)
+    return student
+
+
+def from_config_dir(path: Path, source: nn.Module, classes: tuple, seed: int | None) -> nn.Module:
+    """Any architecture from a Hugging Face config directory, on the teacher's vocabulary (random weights)."""
+    from transformers import AutoConfig
+
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"student.arch {path}: not a Hugging Face config directory (no {CONFIG_FILE}); "
+                        f"or choose one of {list(STUDENT_ARCHS)}")
+    config = AutoConfig.from_pretrained(path, **_labels(classes))
+    if config.vocab_size != source.config.vocab_size:
+        raise UserError(f"student.arch {path}: vocabulary of {config.vocab_size} tokens, the teacher's tokenizer "
+                        f"has {source.config.vocab_size}; a student must read the teacher's tokens")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return from_config(config)
+
+
+def check_tokenizer(path: Path, teacher_sha256: str) -> None:
+    """A directory that brings its own tokenizer must bring the teacher's."""
+    own = path / TOKENIZER_FILE
+    if own.is_file() and hashlib.sha256(own.read_bytes()).hexdigest() != teacher_sha256:
+        raise UserError(f"{own}: differs from the teacher's tokenizer; a student must read the teacher's tokens "
+                        "(cached logits are per token sequence of the teacher's tokenizer)")
+
+
+# --- the model directory --------------------------------------------------------------------------
+
+def save(model: TextClassifier, spec: ModelSpec, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    model.net.config.to_json_file(str(out / CONFIG_FILE))
+    (out / TOKENIZER_FILE).write_bytes(model.tokenizer_json)
+    (out / META_FILE).write_text(json.dumps(spec.to_json(), indent=2))
+
+
+def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
+    """A kd text model directory; weights through safetensors, so loading never executes code."""
+    from transformers import AutoConfig
+
+    from kd_core.data import Schema
+
+    files = (META_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+    if missing := [f for f in files if not (path / f).is_file()]:
+        raise UserError(f"{path} is not a kd text model directory (missing {', '.join(missing)})")
+    meta = json.loads((path / META_FILE).read_text())
+    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "text"))
+    with quiet_transformers():
+        net = from_config(AutoConfig.from_pretrained(path))
+    model = TextClassifier(net, spec.schema.text["pad_id"], (path / TOKENIZER_FILE).read_bytes())
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{path / WEIGHTS_FILE}: not a valid safetensors file: {exc}") from None
+    load_into(model, state, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}")
+    return model.eval(), spec
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key."""
+    h = hashlib.sha256()
+    for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
+        h.update(hashlib.sha256((path / name).read_bytes()).digest())
+    h.update(json.dumps(json.loads((path / META_FILE).read_text()), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def tokenizer(model: TextClassifier):  # -> tokenizers.Tokenizer
+    """The model's own tokenizer, parsed once per loaded model."""
+    from kd_core.text_data import load_tokenizer
+
+    if getattr(model, "_tokenizer", None) is None:
+        model._tokenizer = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
+    return model._tokenizer
+
+
+def example_ids(spec: ModelSpec, batch: int) -> torch.Tensor:
+    """`batch` documents of the data's median length in tokens, no padding.  # (batch, L)"""
+    info = spec.schema.text
+    return torch.full((batch, info["example_tokens"]), info["pad_id"] + 1, dtype=torch.int64)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of padded id rows, batched by length (each batch trimmed to its longest row).  # (N, L) -> (N, K)"""
+    model.eval()
+    pad = model.pad_id if isinstance(model, TextClassifier) else 0
+    order = np.argsort((ids != pad).sum(axis=1), kind="stable")  # (N,)
+    out = [model(torch.from_numpy(ids[order[i:i + batch_size]])).float().numpy()
+           for i in range(0, len(ids), batch_size)]
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    logits = np.empty((len(ids), out[0].shape[1]), np.float32)
+    logits[order] = np.concatenate(out)
+    return logits
