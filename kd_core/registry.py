@@ -188,11 +188,13 @@ class _Evidence:
     eval_path: Path
     test: pd.DataFrame  # the prepared test split, labels included
     label_column: str
+    inputs: tuple[str, ...]  # the columns a served model reads (features, or the text column)
     fingerprints: Fingerprints
 
     @property
     def features(self) -> pd.DataFrame:
-        return self.test.drop(columns=[self.label_column])
+        """The raw test inputs as a client sends them (text: the documents, not the prepared ids)."""
+        return self.test[list(self.inputs)]
 
     @property
     def labels(self) -> np.ndarray:
@@ -218,7 +220,8 @@ def _evidence(root: Path, params: Params) -> _Evidence:
     splits = data.read_prepared(root / params.paths.prepared)
     if len(splits.test) == 0:
         raise UserError(f"{root / params.paths.prepared}: the test split is empty")
-    return _Evidence(evals, path, splits.test, splits.schema.label_column, fingerprints(root, params))
+    return _Evidence(evals, path, splits.test, splits.schema.label_column, splits.schema.features,
+                     fingerprints(root, params))
 
 
 def _identical_version(client: MlflowClient, name: str, fp: Fingerprints) -> ModelVersion | None:

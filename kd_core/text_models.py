@@ -246,12 +246,16 @@ def example_ids(spec: ModelSpec, batch: int) -> torch.Tensor:
     return torch.full((batch, info["example_tokens"]), info["pad_id"] + 1, dtype=torch.int64)
 
 
+def by_length(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """Row order by number of real tokens: batches of similar length, trimmed to little padding.  # (N,)"""
+    return np.argsort((ids != pad_id).sum(axis=1), kind="stable")
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_logits(model: TextClassifier, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits of padded id rows, batched by length (each batch trimmed to its longest row).  # (N, L) -> (N, K)"""
     model.eval()
-    pad = model.pad_id if isinstance(model, TextClassifier) else 0
-    order = np.argsort((ids != pad).sum(axis=1), kind="stable")  # (N,)
+    order = by_length(ids, model.pad_id)  # (N,)
     out = [model(torch.from_numpy(ids[order[i:i + batch_size]])).float().numpy()
            for i in range(0, len(ids), batch_size)]
     if not out:

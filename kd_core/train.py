@@ -88,6 +88,21 @@ def best_epoch(history: History) -> int:
     return int(history[best]["epoch"])
 
 
+def bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+             span: int = 32) -> np.ndarray:
+    """`order` regrouped so each batch holds rows of similar length: windows of `span` batches are
+    sorted by length, cut into batches, and the full batches shuffled (the short last one stays last).
+    Padded sequences then cost their own length, not the longest row's of a random batch.  # (N,) -> (N,)"""
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), batch_size * span):  # only the last window can end in a short batch
+        window = order[start:start + batch_size * span]
+        window = window[np.argsort(lengths[window], kind="stable")]
+        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    rest = [b for b in batches if len(b) < batch_size]
+    return np.concatenate([full[i] for i in rng.permutation(len(full))] + rest) if batches else order
+
+
 def should_stop(history: History, patience: int | None) -> bool:
     """`patience` epochs have passed since the best one."""
     return patience is not None and bool(history) and history[-1]["epoch"] - best_epoch(history) >= patience
@@ -290,7 +305,8 @@ def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: FitConfig,
         soft: SoftLabels | None = None, val: np.ndarray | None = None, on_epoch: EpochHook | None = None,
-        progress: Progress | None = None, checkpoint: Path | None = None, extra: Extra | None = None) -> History:
+        progress: Progress | None = None, checkpoint: Path | None = None, extra: Extra | None = None,
+        lengths: np.ndarray | None = None) -> History:
     """Train `model` in place on rows `x` (N, F) with labels `y` (N,), -1 marking unlabelled rows.
 
     `val` (row numbers of labelled rows) are held out: never trained on, scored every epoch for
@@ -299,6 +315,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     of metrics per epoch (also passed to `on_epoch`): mean loss, accuracy on the labelled rows
     trained on, agreement with the teacher when soft labels are given, and the validation scores.
     `extra(rows)` adds a per-row term computed after each forward (kd_core.features.extra_loss).
+    `lengths` (N,): rows are padded sequences of these lengths; batches then group similar lengths.
     """
     rank, world = ranks()
     device = pick_device(cfg.device)
@@ -319,6 +336,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     while len(s.history) < cfg.epochs and not should_stop(s.history, cfg.patience):
         epoch, t0 = len(s.history) + 1, time.perf_counter()
         order = rows[s.rng.permutation(len(rows))]  # (N_train,) the same on every rank
+        if lengths is not None:
+            order = bucketed(order, lengths, cfg.batch_size, s.rng)
         tick = None if progress is None else (
             lambda done, e=epoch: progress((e - 1) * len(rows) + done, cfg.epochs * len(rows)))
         row = {"epoch": float(epoch), **_train_epoch(st, s, r, soft, order, loss_fn, cfg.batch_size, tick, extra)}

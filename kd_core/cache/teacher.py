@@ -51,12 +51,16 @@ class TeacherLogits:
     def __call__(self, start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, Features]:
         task = tasks.TASKS[self.task]
         teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir)
+        rows = x[start:stop]
+        order = torch.from_numpy(task.batch_order(teacher, rows))  # (n,) e.g. documents by length: less padding
         outs, feats = [], []
         with features.captured(teacher, [m for m, _ in self.features]) as acts:
-            for i in range(start, stop, self.batch_size):
-                batch = torch.from_numpy(x[i:min(i + self.batch_size, stop)])
+            for i in range(0, len(rows), self.batch_size):
+                batch = torch.from_numpy(rows[order[i:i + self.batch_size].numpy()])
                 outs.append(task.cache_logits(teacher, batch))  # (b, C)
-                feats.append([features.pool(acts[m], p) for m, p in self.features])  # [(b, *S)]
+                mask = features.padding_mask(teacher)
+                feats.append([features.pool(acts[m], p, mask) for m, p in self.features])  # [(b, *S)]
+        back = torch.argsort(order)  # cache order again
         if not self.features:
-            return torch.cat(outs)  # (stop - start, C)
-        return torch.cat(outs), [torch.cat(f) for f in zip(*feats, strict=True)]
+            return torch.cat(outs)[back]  # (stop - start, C)
+        return torch.cat(outs)[back], [torch.cat(f)[back] for f in zip(*feats, strict=True)]

@@ -28,13 +28,13 @@ def _describe(r: cache.CacheReport) -> str:
             f"key {r.key[:12]} ({r.computed} computed, {r.reused} resumed), {r.bytes_per_row} bytes/row")
 
 
-def _feature_shapes(params: Params, task: tasks.Task, teacher_dir: Path,
-                    schema: data.Schema) -> tuple[features.Shape, ...]:
+def _feature_shapes(params: Params, task: tasks.Task, teacher_dir: Path, schema: data.Schema,
+                    workdir: Path) -> tuple[features.Shape, ...]:
     """Check both feature lists against the teacher and student before the teacher runs; the
     captured features' per-row shapes (none without `cache.features`)."""
     if not params.cache.features:
         return ()
-    return features.check(params, task.load(teacher_dir)[0], schema)
+    return features.check(params, task.load(teacher_dir)[0], schema, task.init_dir(params, workdir))
 
 
 def run(params: Params, workdir: Path) -> CacheResult:
@@ -51,7 +51,7 @@ def run(params: Params, workdir: Path) -> CacheResult:
         meta = {"teacher_fingerprint": task.fingerprint(teacher_dir),
                 "data_fingerprint": data.data_fingerprint(prepared_dir),
                 "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
-        shapes = _feature_shapes(params, task, teacher_dir, splits.schema)
+        shapes = _feature_shapes(params, task, teacher_dir, splits.schema, workdir)
         compute = cache.TeacherLogits(task.name, str(teacher_dir.resolve()), str(prepared_dir.resolve()),
                                       params.cache.batch_size, settings.features)
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")

@@ -57,11 +57,13 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
     if tp.source == "train":
         x, y = labelled_arrays(task, splits)
         spec = task.spec(tp, splits.schema)
-        model = task.build(spec, x, seed, task.init_dir(params, workdir))
-        features.check(params, model, splits.schema)  # a bad feature name must not cost a teacher's training
+        init = task.init_dir(params, workdir)
+        model = task.build(spec, x, seed, init)
+        features.check(params, model, splits.schema, init)  # a bad feature name must not cost a teacher's training
         cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
         history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
-                      on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"))
+                      on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"),
+                      lengths=task.lengths(x, splits.schema))
         task.save(model, spec, out)
         return TeacherResult(spec.arch, "train", history[-1]["accuracy"], sum(p.numel() for p in model.parameters()))
     if _is_mlflow_uri(tp.source):

@@ -46,7 +46,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
     resumed = train.checkpoint_epochs(ckpt)
     history = fit(model, x, y, lambda s, _t, yb: losses.hard_ce(s, yb), cfg, val=val,
                   on_epoch=epoch_logger(workdir, "baseline"), progress=progress.bar("training baseline"),
-                  checkpoint=ckpt)
+                  checkpoint=ckpt, lengths=task.lengths(x, splits.schema))
     with atomic_dir(workdir / params.paths.baseline) as out:
         task.save(model, spec, out)
     write_curve(history, workdir / params.paths.metrics / "train_baseline.csv")

@@ -80,7 +80,8 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     net, extra = _hinted(params, caches[0], model, task.example(spec, batch=2))
     history = fit(net, x, y, loss, fit_config(params.train), soft=soft, val=val,
                   on_epoch=epoch_logger(workdir, "student") if lead else None,
-                  progress=progress.bar("training student") if lead else None, checkpoint=ckpt, extra=extra)
+                  progress=progress.bar("training student") if lead else None, checkpoint=ckpt, extra=extra,
+                  lengths=task.lengths(x, splits.schema))
     if isinstance(net, features.HintedStudent):
         net.release()  # hooks off; `model`, saved below, is the bare student: the projections stay behind
     if lead:

@@ -62,6 +62,14 @@ class Task(Protocol):
     def fingerprint(self, path: Path) -> str:
         """Identity of a saved model (weights + config + anything that shapes its inputs)."""
 
+    def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
+        """Real length of each row of padded inputs (text: tokens), for length-grouped batches;
+        None when rows have no length.  # (N,)"""
+
+    def batch_order(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        """The order to run rows `x` through `model` in (text: by length, so batches carry little
+        padding); results are put back in row order.  # (N,)"""
+
     def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         """Model outputs for a batch of cache rows as one logit row per cache row.  # (B, C)"""
 

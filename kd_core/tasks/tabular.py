@@ -79,6 +79,12 @@ class TabularTask:
     def fingerprint(self, path: Path) -> str:
         return models.fingerprint(path)
 
+    def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
+        return None
+
+    def batch_order(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        return np.arange(len(x))  # rows of one width: any order costs the same
+
     def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch)  # (B, F) -> (B, C): one table row is one cache row
 

@@ -117,6 +117,12 @@ class TextTask:
     def fingerprint(self, path: Path) -> str:
         return text_models.fingerprint(path)
 
+    def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
+        return (x != schema.text["pad_id"]).sum(axis=1)  # (N,) tokens
+
+    def batch_order(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        return text_models.by_length(x, model.pad_id)
+
     def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch)  # (B, L) -> (B, C): one document is one cache row
 
