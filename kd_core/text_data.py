@@ -172,7 +172,8 @@ def _check_text(df: pd.DataFrame, col: str, path: Path) -> None:
     values = df[col].dropna()
     if not (pd.api.types.is_string_dtype(df[col]) and values.map(lambda v: isinstance(v, str)).all()):
         bad = values[~values.map(lambda v: isinstance(v, str))]
-        shown = f", e.g. {bad.iloc[0]!r}" if len(bad) else ""
+        first = bad.iloc[0] if len(bad) else None
+        shown = f", e.g. {getattr(first, 'item', lambda: first)()!r}" if len(bad) else ""
         raise UserError(f"{path}: text column {col!r} is not text (dtype {df[col].dtype}{shown})")
 
 

@@ -181,6 +181,23 @@ def from_config_dir(path: Path, source: nn.Module, classes: tuple, seed: int | N
     return from_config(config)
 
 
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}  # positions these keep for padding
+
+
+def max_positions(config) -> int | None:
+    """Token positions a model can read (None: no absolute position embeddings to run out of)."""
+    n = getattr(config, "max_position_embeddings", None)
+    return None if n is None else n - POSITION_OFFSET.get(getattr(config, "model_type", ""), 0)
+
+
+def check_positions(config, max_length: int, where: str) -> None:
+    """Ids up to data.max_length must fit the position embeddings, or training dies on the first long batch."""
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise UserError(f"{where} reads at most {limit} token positions (max_position_embeddings), "
+                        f"data.max_length is {max_length}; set data.max_length to {limit} or less")
+
+
 def check_tokenizer(path: Path, teacher_sha256: str) -> None:
     """A directory that brings its own tokenizer must bring the teacher's."""
     own = path / TOKENIZER_FILE

@@ -16,12 +16,12 @@ class PrepareResult:
     train: int
     test: int
     transfer: int
-    features: int
     classes: int
+    row: str  # what one row is (Task.describe)
 
     def summary(self) -> str:
         return (f"prepared {self.train} train / {self.test} test / {self.transfer} transfer rows, "
-                f"{self.features} features, {self.classes} classes")
+                f"{self.classes} classes; a row is {self.row}")
 
 
 def _warn_untracked(params: Params, workdir: Path) -> None:
@@ -37,7 +37,8 @@ def _warn_untracked(params: Params, workdir: Path) -> None:
 def run(params: Params, workdir: Path) -> PrepareResult:
     if params.data.source == "parquet":
         _warn_untracked(params, workdir)
+    task = tasks.for_params(params)
     with atomic_dir(workdir / params.paths.prepared) as out:
-        splits = tasks.for_params(params).prepare(params, workdir, out)
-    return PrepareResult(len(splits.train), len(splits.test), len(splits.transfer),
-                         len(splits.schema.features), len(splits.schema.classes))
+        splits = task.prepare(params, workdir, out)
+    return PrepareResult(len(splits.train), len(splits.test), len(splits.transfer), len(splits.schema.classes),
+                         task.describe(splits.schema))

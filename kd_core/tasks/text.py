@@ -4,8 +4,10 @@ Face sequence classifiers (kd_core.text_models), the teacher fine-tuned from a l
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -32,7 +34,11 @@ class TextTask:
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         """Read the documents and tokenise them with the teacher's own tokenizer (copied beside them)."""
         splits = text_data.load_source(params.data, root)
-        tokenizer = text_data.teacher_source_dir(params.teacher, root) / TOKENIZER_FILE
+        source = text_data.teacher_source_dir(params.teacher, root)
+        if (source / CONFIG_FILE).is_file():  # without one, pretrained() names the problem at the teacher
+            config = SimpleNamespace(**json.loads((source / CONFIG_FILE).read_text()))
+            text_models.check_positions(config, params.data.max_length, f"the teacher {source}")
+        tokenizer = source / TOKENIZER_FILE
         splits = text_data.tokenised(splits, tokenizer, params.data.max_length)
         data.write_prepared(splits, out, tokenizer)
         return splits
@@ -89,6 +95,8 @@ class TextTask:
                 net = text_models.from_config_dir(Path(spec.arch), source, spec.schema.classes, seed, **options)
         except (TypeError, KeyError) as exc:
             raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
+        where = f"the teacher {init}" if spec.arch == TEACHER_ARCH else f"student.arch {spec.arch}"
+        text_models.check_positions(net.config, spec.schema.text["max_length"], where)
         return TextClassifier(net, spec.schema.text["pad_id"], tokenizer)
 
     def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> TextClassifier:
