@@ -1,7 +1,7 @@
 """The text example's targets, measured: both kinds of student against the fine-tuned teacher and their
 hard-label twins, with and without hidden-state hints.
 
-    .venv/bin/python bench/text_students.py [--teacher DIR] [--epochs 12] [--seeds 0 1]
+    .venv/bin/python bench/text_students.py [--teacher DIR] [--epochs 12] [--transfer 8000] [--seeds 0 1]
 
 examples/text/params.yaml (fortunes, MiniLM fine-tuned as the teacher) in a temporary project: `prepare`,
 `teacher` (or `--teacher`, a kd text model directory trained before, e.g. artifacts/teacher of a text
@@ -52,10 +52,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", help="a fine-tuned kd text model directory to use instead of fine-tuning one")
     ap.add_argument("--epochs", type=int, help="student epochs (default: the example's)")
+    ap.add_argument("--transfer", type=int, help="unlabelled documents (default: the example's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     train = {"device": "cpu", **({"epochs": args.epochs} if args.epochs else {})}
-    base = {"cache": {"features": [{"module": TEACHER_HIDDEN, "pool": "mean"}]}, "train": train}
+    base = {"cache": {"features": [{"module": TEACHER_HIDDEN, "pool": "mean"}]}, "train": train,
+            "data": {"transfer_size": args.transfer} if args.transfer else {}}
     if args.teacher:
         base["teacher"] = {"source": str(Path(args.teacher).resolve())}
     with tempfile.TemporaryDirectory() as tmp:

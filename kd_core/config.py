@@ -54,7 +54,7 @@ class DataParams(_Section):
 class ValidationParams(_Section):
     min_rows_per_class: int = Field(5, ge=1)
     max_duplicate_frac: float = Field(0.05, ge=0.0, le=1.0)
-    max_truncated_frac: float = Field(0.2, ge=0.0, le=1.0)  # task text: documents longer than data.max_length
+    max_truncated_frac: float = Field(0.5, ge=0.0, le=1.0)  # task text: documents longer than data.max_length
 
 
 class TeacherParams(_Section):
@@ -66,6 +66,7 @@ class TeacherParams(_Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.003, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    min_steps: int | None = Field(None, ge=1)  # more epochs on small data, so fine-tuning gets this many updates
 
 
 class StudentParams(_Section):
@@ -140,6 +141,7 @@ class TrainParams(_Section):
     nproc: int = Field(1, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, le=0.5)
     patience: int | None = Field(20, ge=1)
+    min_steps: int | None = Field(None, ge=1)  # more epochs on small data, so the student gets this many updates
 
 
 class PolicyParams(_Section):

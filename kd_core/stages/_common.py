@@ -61,9 +61,18 @@ class StudentResult:
                 f"final loss {self.final_loss:.4f}{kept}")
 
 
-def fit_config(train: TrainParams) -> FitConfig:
-    return FitConfig(train.epochs, train.batch_size, train.lr, train.weight_decay, train.seed, train.device,
-                     train.compile, train.patience)
+def epochs_for(epochs: int, min_steps: int | None, rows: int, batch_size: int) -> int:
+    """`epochs`, raised so that `rows` per epoch in batches of `batch_size` make at least `min_steps`
+    optimizer steps: a recipe tuned on a few thousand rows still trains on a few hundred."""
+    if min_steps is None:
+        return epochs
+    return max(epochs, -(-min_steps // max(1, -(-rows // batch_size))))
+
+
+def fit_config(train: TrainParams, rows: int) -> FitConfig:
+    """The student's loop settings for `rows` trained on per epoch (train.min_steps may add epochs)."""
+    return FitConfig(epochs_for(train.epochs, train.min_steps, rows, train.batch_size), train.batch_size, train.lr,
+                     train.weight_decay, train.seed, train.device, train.compile, train.patience)
 
 
 def validation_rows(n_labelled: int, fraction: float, seed: int) -> np.ndarray:

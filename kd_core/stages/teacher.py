@@ -11,7 +11,7 @@ from kd_core import data, features, models, progress, tasks
 from kd_core.config import MEMBERS, Params, TeacherParams
 from kd_core.errors import UserError
 from kd_core.fs import atomic_dir
-from kd_core.stages._common import epoch_logger, labelled_arrays
+from kd_core.stages._common import epoch_logger, epochs_for, labelled_arrays
 from kd_core.train import FitConfig, fit
 
 
@@ -60,7 +60,8 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
         init = task.init_dir(params, workdir)
         model = task.build(spec, x, seed, init)
         features.check(params, model, splits.schema, init)  # a bad feature name must not cost a teacher's training
-        cfg = FitConfig(tp.epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
+        epochs = epochs_for(tp.epochs, tp.min_steps, len(x), tp.batch_size)
+        cfg = FitConfig(epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
         history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
                       on_epoch=epoch_logger(workdir, name), progress=progress.bar(f"training {name}"),
                       lengths=task.lengths(x, splits.schema))

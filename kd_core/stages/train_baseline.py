@@ -33,11 +33,12 @@ def run(params: Params, workdir: Path) -> StudentResult:
     x, y = labelled_arrays(task, splits)
     tp = params.train
     val = validation_rows(len(x), tp.val_fraction, tp.seed)  # (V,)
-    steps_ratio = (len(splits.train) + len(splits.transfer) - len(val)) / max(len(x) - len(val), 1)
-    scaled = {"epochs": max(1, round(tp.epochs * steps_ratio))}
+    student_rows = len(splits.train) + len(splits.transfer) - len(val)
+    steps_ratio = student_rows / max(len(x) - len(val), 1)
+    scaled = {"epochs": max(1, round(fit_config(tp, student_rows).epochs * steps_ratio)), "min_steps": None}
     if tp.patience is not None:
         scaled["patience"] = max(1, round(tp.patience * steps_ratio))
-    cfg = fit_config(tp.model_copy(update=scaled))
+    cfg = fit_config(tp.model_copy(update=scaled), len(x) - len(val))
     spec = task.spec(params.student, splits.schema)
     model = task.build(spec, x, tp.seed, task.init_dir(params, workdir))
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),

@@ -78,7 +78,7 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     soft = one if len(caches) == 1 else functools.partial(
         losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble)
     net, extra = _hinted(params, caches[0], model, task.example(spec, batch=2))
-    history = fit(net, x, y, loss, fit_config(params.train), soft=soft, val=val,
+    history = fit(net, x, y, loss, fit_config(params.train, len(x) - len(val)), soft=soft, val=val,
                   on_epoch=epoch_logger(workdir, "student") if lead else None,
                   progress=progress.bar("training student") if lead else None, checkpoint=ckpt, extra=extra,
                   lengths=task.lengths(x, splits.schema))

@@ -192,3 +192,13 @@ def test_length_bucketed_batches_keep_every_row_once_and_group_similar_lengths()
     again = train.bucketed(order, lengths, 64, np.random.default_rng(1))
     np.testing.assert_array_equal(out, again)  # seeded: a resumed run draws the same batches
     assert not np.array_equal(out, train.bucketed(order, lengths, 64, np.random.default_rng(2)))
+
+
+def test_min_steps_raises_epochs_on_small_data_only() -> None:
+    """A recipe tuned on thousands of rows must still make enough updates on a hundred (train/teacher.min_steps)."""
+    from kd_core.stages._common import epochs_for
+
+    assert epochs_for(5, None, 120, 32) == 5
+    assert epochs_for(5, 100, 640, 32) == 5  # 20 steps per epoch: 100 already
+    assert epochs_for(5, 100, 120, 32) == 25  # 4 steps per epoch
+    assert epochs_for(5, 100, 0, 32) == 100  # no rows: one (empty) step per epoch, never a division by zero
