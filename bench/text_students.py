@@ -30,13 +30,15 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text" / PARAMS_FIL
 TEACHER_HIDDEN = "net.bert.encoder.layer.5.output"  # MiniLM's last layer: (B, L, 384)
 NARROW = {"arch": "narrow", "options": {"hidden": 128, "layers": 2, "heads": 2, "intermediate": 512}}
 HALF = {"arch": "layers", "options": {"layers": [0, 2, 4]}}  # DistilBERT's every-other-layer init, 3 of 6
-ROWS = [  # (label, student, distill.features)
-    ("(b) narrow 128×2", NARROW, []),
+FINE_TUNE = {"lr": 1e-4}  # pretrained layers: a fine-tuning learning rate (the example's 1e-3 is for `narrow`)
+ROWS = [  # (label, student, distill.features, train)
+    ("(b) narrow 128×2", NARROW, [], {}),
     ("(b) narrow 128×2 + hint", NARROW,
-     [{"teacher": TEACHER_HIDDEN, "student": "net.bert.encoder.layer.1.output", "loss": "cosine", "weight": 1.0}]),
-    ("(a) layers [0, 2, 4]", HALF, []),
+     [{"teacher": TEACHER_HIDDEN, "student": "net.bert.encoder.layer.1.output", "loss": "cosine", "weight": 1.0}], {}),
+    ("(a) layers [0, 2, 4]", HALF, [], FINE_TUNE),
     ("(a) layers [0, 2, 4] + hint", HALF,
-     [{"teacher": TEACHER_HIDDEN, "student": "net.bert.encoder.layer.2.output", "loss": "cosine", "weight": 1.0}]),
+     [{"teacher": TEACHER_HIDDEN, "student": "net.bert.encoder.layer.2.output", "loss": "cosine", "weight": 1.0}],
+     FINE_TUNE),
 ]
 
 
@@ -51,11 +53,12 @@ def example_params(overrides: dict) -> Params:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", help="a fine-tuned kd text model directory to use instead of fine-tuning one")
-    ap.add_argument("--epochs", type=int, help="student epochs (default: the example's)")
+    ap.add_argument("--epochs", type=int, help="exactly this many student epochs (default: the example's)")
     ap.add_argument("--transfer", type=int, help="unlabelled documents (default: the example's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--rows", type=int, nargs="+", help="which rows of ROWS to run (0-based; default: all)")
     args = ap.parse_args()
-    train = {"device": "cpu", **({"epochs": args.epochs} if args.epochs else {})}
+    train = {"device": "cpu", **({"epochs": args.epochs, "min_steps": None} if args.epochs else {})}
     base = {"cache": {"features": [{"module": TEACHER_HIDDEN, "pool": "mean"}]}, "train": train,
             "data": {"transfer_size": args.transfer} if args.transfer else {}}
     if args.teacher:
@@ -71,13 +74,13 @@ def main() -> None:
               "kept of teacher | hard-label twin | gain (pts) | agreement | seconds |")
         print("|---|---|---|---|---|---|---|---|---|")
         twins: dict[tuple, float] = {}
-        for label, student, hints in ROWS:
+        for label, student, hints, student_train in [ROWS[i] for i in (args.rows or range(len(ROWS)))]:
             accs, twin_accs, t0 = [], [], time.perf_counter()
             for seed in args.seeds:
                 p = example_params({**base, "student": student, "distill": {"features": hints},
-                                    "train": {**train, "seed": seed}})
+                                    "train": {**train, **student_train, "seed": seed}})
                 train_student.run(p, work)
-                key = (student["arch"], str(student["options"]), seed)
+                key = (student["arch"], str(student["options"]), str(student_train), seed)
                 if key not in twins:
                     train_baseline.run(p, work)
                 ev = evaluate.run(p, work).metrics

@@ -78,6 +78,9 @@ def _labels(classes: tuple) -> dict:
             "label2id": {str(c): i for i, c in enumerate(classes)}}
 
 
+HEAD_PREFIXES = ("classifier", "score", "pre_classifier", "pooler", "bert.pooler", "roberta.pooler")  # new for a head
+
+
 def pretrained(path: Path, classes: tuple, require_head: bool = False) -> nn.Module:
     """A local encoder (or classifier) as a sequence classifier over `classes`; safetensors only.
     `require_head`: the directory must hold a trained head for these classes (a given teacher)."""
@@ -99,6 +102,9 @@ def pretrained(path: Path, classes: tuple, require_head: bool = False) -> nn.Mod
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"{path}: cannot load as a sequence classifier: {str(exc).splitlines()[0][:200]}") from None
     new = [*info.get("missing_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))]
+    if body := sorted(k for k in new if not k.startswith(HEAD_PREFIXES)):
+        raise UserError(f"{path}: {len(body)} encoder weights are not in its safetensors (e.g. {body[0]}); "
+                        "give a Hugging Face model directory whose weights match its config.json")
     if require_head and new:
         raise UserError(f"teacher.source {path}: no trained classification head for {len(classes)} classes "
                         f"({len(new)} weights missing, e.g. {sorted(new)[0]}); to fine-tune it, set "

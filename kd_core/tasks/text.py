@@ -81,7 +81,8 @@ class TextTask:
                             "run the prepare stage again")
         if seed is not None:
             torch.manual_seed(seed)  # the new classification head
-        source = text_models.pretrained(init, spec.schema.classes)
+        source = (text_models.load(init)[0].net if (init / META_FILE).is_file()  # a kd text model (a given teacher)
+                  else text_models.pretrained(init, spec.schema.classes))
         options = dict(spec.options)
         try:
             if spec.arch == TEACHER_ARCH:

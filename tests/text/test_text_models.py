@@ -237,3 +237,28 @@ def test_load_names_what_is_missing(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text("{}")
     with pytest.raises(UserError, match="missing model.safetensors, config.json, tokenizer.json"):
         text_models.load(tmp_path)
+
+
+def test_students_of_a_given_kd_teacher_start_from_its_weights(tiny_encoder: Path, schema: Schema,
+                                                                tmp_path: Path) -> None:
+    """`teacher.source: <kd text model dir>`: its weights are under `net.` in model.safetensors, which
+    Hugging Face's loader does not read; a student must still start from them, not from random weights."""
+    task = TextTask()
+    teacher = task.build(ModelSpec(TEACHER_ARCH, {}, schema, "text"), None, 0, tiny_encoder)
+    with torch.no_grad():
+        text_models.encoder_layers(teacher.net)[2].output.dense.weight.add_(1.0)  # unlike the encoder's
+    task.save(teacher, ModelSpec(TEACHER_ARCH, {}, schema, "text"), tmp_path / "teacher")
+    student = task.build(ModelSpec("layers", {"layers": [0, 2]}, schema, "text"), None, 1, tmp_path / "teacher")
+    assert states_equal(text_models.encoder_layers(student.net)[1], text_models.encoder_layers(teacher.net)[2])
+    assert torch.equal(student.net.classifier.weight, teacher.net.classifier.weight)  # its trained head too
+
+
+def test_an_encoder_whose_weights_do_not_match_its_config_is_refused(tiny_encoder: Path, tmp_path: Path) -> None:
+    """Loading must not fall back to random weights silently (a teacher trained from noise)."""
+    (tmp_path / "enc").mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / "enc" / name).write_bytes((tiny_encoder / name).read_bytes())
+    from safetensors.torch import save_file
+    save_file({"unrelated.weight": torch.zeros(2, 2)}, str(tmp_path / "enc" / "model.safetensors"))
+    with pytest.raises(UserError, match="encoder weights are not in its safetensors"):
+        text_models.pretrained(tmp_path / "enc", CLASSES)
