@@ -55,8 +55,12 @@ def git_commit(root: Path) -> str:
         return head
     h = hashlib.sha256(diff.encode())
     for name in sorted(filter(None, untracked.split("\0"))):
+        try:
+            content = (root / name).read_bytes()
+        except FileNotFoundError:  # gone since git listed it (a database's journal): not part of the tree
+            continue
         h.update(name.encode())
-        h.update(hashlib.sha256((root / name).read_bytes()).digest())
+        h.update(hashlib.sha256(content).digest())
     return f"{head}-dirty.{h.hexdigest()[:12]}"
 
 
