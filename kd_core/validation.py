@@ -23,6 +23,7 @@ from great_expectations.expectations.expectation import Expectation
 
 from kd_core.config import ValidationParams
 from kd_core.data import SPLITS, Splits
+from kd_core.text_data import TOKENS
 
 # Every split is cast to float32 for the models (data.features_array), so any numeric dtype agrees
 # with any other; bool is left out on purpose, as data.py rejects it as a feature.
@@ -78,7 +79,6 @@ def _duplicate_expectation(df: pd.DataFrame, features: list[str], max_frac: floa
     return []
 
 
-TOKENS = "kd_tokens"  # kd_core.text_data.TOKENS: a document's length in tokens, before truncation
 LENGTH_QUANTILES = (0.5, 0.9, 0.99)  # reported for every text split
 
 

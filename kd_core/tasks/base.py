@@ -90,3 +90,8 @@ class Task(Protocol):
                 teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
         """Every contract metric of `metrics/eval.json` for one model on the test rows (`latency_ms`:
         measured with the other models, interleaved: kd_core.evaluate.batch1_latencies_ms)."""
+
+
+def labelled_then_transfer(task: Task, splits: Splits) -> np.ndarray:
+    """Every task's cache row order: the labelled train rows, then the transfer rows.  # (N, ...)"""
+    return np.concatenate([task.inputs(splits.train, splits.schema), task.inputs(splits.transfer, splits.schema)])

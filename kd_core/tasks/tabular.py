@@ -15,6 +15,7 @@ from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
 from kd_core.errors import UserError
 from kd_core.models import KDModel, ModelSpec
+from kd_core.tasks.base import labelled_then_transfer
 
 
 class TabularTask:
@@ -40,9 +41,7 @@ class TabularTask:
         return data.label_indices(frame, schema)  # (N,)
 
     def cache_inputs(self, splits: Splits) -> np.ndarray:
-        """Labelled train rows, then transfer rows: the cache's row order.  # (N, F)"""
-        return np.concatenate([self.inputs(splits.train, splits.schema),
-                               self.inputs(splits.transfer, splits.schema)])
+        return labelled_then_transfer(self, splits)
 
     def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
         return ModelSpec(section.arch, dict(section.options), schema, self.name)

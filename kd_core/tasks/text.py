@@ -19,6 +19,7 @@ from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
+from kd_core.tasks.base import labelled_then_transfer
 from kd_core.text_models import CONFIG_FILE, STUDENT_ARCHS, TextClassifier
 
 TEACHER_ARCH = "finetune"  # the teacher's spec: the init encoder with a new classification head
@@ -55,9 +56,7 @@ class TextTask:
         return data.label_indices(frame, schema)  # (N,)
 
     def cache_inputs(self, splits: Splits) -> np.ndarray:
-        """Labelled train documents, then transfer documents: the cache's row order.  # (N, L)"""
-        return np.concatenate([self.inputs(splits.train, splits.schema),
-                               self.inputs(splits.transfer, splits.schema)])
+        return labelled_then_transfer(self, splits)
 
     def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
         if isinstance(section, TeacherParams):
