@@ -86,6 +86,8 @@ class CacheParams(_Section):
     top_k: int | None = Field(None, ge=1)
     shard_rows: int = Field(16_384, ge=1)
     batch_size: int = Field(2048, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where the teacher runs; not in the key
+    autocast: bool = True  # bf16 autocast on CUDA (recorded in the manifest); raw logits stored in `dtype`
     runner: Literal["serial", "dask"] = "serial"
     dask_address: str | None = None
     features: tuple[FeatureCapture, ...] = ()  # part of the cache key; empty: logits only

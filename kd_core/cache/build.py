@@ -1,7 +1,8 @@
-"""Building a cache: shards computed by the teacher (serially or on a Dask cluster), each written
-atomically with a sha256 sidecar into the content-addressed store, resumed after a crash, then
-published into the stage output by hard links. A build holds its key's store lock (store.py), so
-`kd cache gc` never deletes a cache while it is being built.
+"""Building a cache: shards computed by the teacher (serially or on a Dask cluster, one worker per
+GPU), encoded on the teacher's device (encode.py), each written atomically with a sha256 sidecar into
+the content-addressed store, resumed after a crash, then published into the stage output by hard
+links. A build holds its key's store lock (store.py), so `kd cache gc` never deletes a cache while
+it is being built.
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd_core.cache.encode import Compute, Encoded, encode_batch, to_host
 from kd_core.cache.format import (
     FORMAT_VERSION,
     MANIFEST,
     STORE,
     CacheSettings,
-    Compute,
     Features,
     bytes_per_row,
-    encode,
-    encode_features,
     feature_role,
+    index_dtype,
     read_manifest,
     sha256_file,
     shard_file,
@@ -109,54 +109,63 @@ class CacheReport:
 
 def _compute_and_write(compute: Compute, settings: CacheSettings, store: Path, i: int, start: int,
                        stop: int, n_classes: int, shapes: tuple[tuple[int, ...], ...] = ()) -> dict[str, str]:
-    """Teacher forward for one shard, then encode and write it (used by the Dask runner)."""
-    logits, feats = _split(compute(start, stop))
-    _check_shape(logits, start, stop, n_classes)
-    _check_features(feats, start, stop, shapes)
-    return write_shard(store, i, encode(logits, settings) | encode_features(feats, settings))
+    """Teacher forward for one shard, then encode and write it (what a Dask worker runs)."""
+    return write_shard(store, i, _shard_arrays(compute(start, stop), settings, n_classes, start, stop, shapes)())
 
 
-def _split(out: torch.Tensor | tuple[torch.Tensor, Features]) -> tuple[torch.Tensor, Features]:
-    """A compute's result as (logits, features); a bare tensor is logits without features."""
-    return (out, []) if isinstance(out, torch.Tensor) else out
+def _shard_arrays(out: torch.Tensor | tuple[torch.Tensor, Features] | Encoded, settings: CacheSettings,
+                  n_classes: int, start: int, stop: int,
+                  shapes: tuple[tuple[int, ...], ...]) -> Callable[[], dict[str, np.ndarray]]:
+    """What the writer thread calls for one shard's arrays. Logits on an accelerator are encoded now,
+    queued behind their forward pass, and start their copy to the host; logits on the CPU are
+    encoded later by the writer itself, beside the next shard's forward."""
+    if _device(out).type == "cpu":
+        return lambda: to_host(_encoded(out, settings, n_classes, start, stop, shapes)).arrays(
+            settings, n_classes, (start, stop))
+    host = to_host(_encoded(out, settings, n_classes, start, stop, shapes))
+    return lambda: host.arrays(settings, n_classes, (start, stop))
 
 
-def _check_shape(logits: torch.Tensor, start: int, stop: int, n_classes: int) -> None:
-    """Refuse what must never be cached: a wrong shape or non-finite logits."""
-    if tuple(logits.shape) != (stop - start, n_classes):
-        raise UserError(f"teacher returned logits of shape {tuple(logits.shape)} for rows {start}:{stop}, "
-                        f"expected {(stop - start, n_classes)}")
-    if not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits)).sum())
-        raise UserError(f"teacher returned {bad} non-finite logit(s) for rows {start}:{stop}; nothing cached")
+def _device(out: torch.Tensor | tuple[torch.Tensor, Features] | Encoded) -> torch.device:
+    if isinstance(out, Encoded):
+        return out.nonfinite.device
+    return (out if isinstance(out, torch.Tensor) else out[0]).device
 
 
-def _check_features(feats: Features, start: int, stop: int, shapes: tuple[tuple[int, ...], ...]) -> None:
-    """Features obey the same rule as logits: the announced shapes, finite values."""
-    got = tuple(tuple(f.shape) for f in feats)
+def _encoded(out: torch.Tensor | tuple[torch.Tensor, Features] | Encoded, settings: CacheSettings, n_classes: int,
+             start: int, stop: int, shapes: tuple[tuple[int, ...], ...]) -> Encoded:
+    """A compute's result encoded on its device (a bare tensor is logits without features), its
+    shapes checked against rows start:stop and the announced feature shapes; values are checked on
+    the host once copied (Host.arrays), so nothing here waits for the device."""
+    if not isinstance(out, Encoded):
+        logits, feats = (out, []) if isinstance(out, torch.Tensor) else out
+        if tuple(logits.shape) != (stop - start, n_classes):
+            raise UserError(f"teacher returned logits of shape {tuple(logits.shape)} for rows {start}:{stop}, "
+                            f"expected {(stop - start, n_classes)}")
+        out = encode_batch(logits, feats, settings, n_classes)
+    if out.rows != stop - start:
+        raise UserError(f"teacher returned {out.rows} rows for rows {start}:{stop}")
+    got = tuple(tuple(out.arrays[feature_role(j)].shape) for j in range(len(settings.features)))
     want = tuple((stop - start, *s) for s in shapes)
     if got != want:
         raise UserError(f"teacher features for rows {start}:{stop} have shapes {got}, expected {want}")
-    for j, f in enumerate(feats):
-        if not torch.isfinite(f).all():
-            raise UserError(f"teacher feature {j} has non-finite value(s) for rows {start}:{stop}; nothing cached")
+    return out
 
 
 def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
                 n_classes: int, shapes: tuple[tuple[int, ...], ...] = ()) -> dict[int, dict[str, str]]:
-    """The teacher computes shard i+1 while a writer thread encodes, writes and hashes shard i.
+    """The teacher computes shard i+1 while a writer thread finishes shard i: waits for its copy to
+    the host (or encodes CPU logits), checks, writes and hashes it.
 
-    numpy writes and hashlib release the GIL, so disk and hashing overlap the forward passes.
+    On a GPU the forward passes are only queued here; numpy writes and hashlib release the GIL, so
+    copies, disk and hashing all overlap the teacher.
     """
     done: dict[int, dict[str, str]] = {}
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[int, Future]] = []
         for i, start, stop in todo:
-            logits, feats = _split(compute(start, stop))  # (B, K), [(B, *shape)]
-            _check_shape(logits, start, stop, n_classes)
-            _check_features(feats, start, stop, shapes)
-            pending.append((i, writer.submit(lambda i=i, lg=logits, fs=feats: write_shard(
-                store, i, encode(lg, settings) | encode_features(fs, settings)))))
+            arrays = _shard_arrays(compute(start, stop), settings, n_classes, start, stop, shapes)
+            pending.append((i, writer.submit(lambda i=i, a=arrays: write_shard(store, i, a()))))
             while len(pending) > 1:  # at most one shard in flight: memory stays bounded
                 j, fut = pending.pop(0)
                 done[j] = fut.result()
@@ -165,21 +174,38 @@ def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: li
     return done
 
 
+def _local_cluster(n_tasks: int, gpus: int):  # -> distributed.deploy.Cluster
+    """A temporary cluster on this machine: one worker per GPU when the teacher runs on GPUs (dask-cuda
+    pins each to its own device), else one single-threaded worker process per core."""
+    from distributed import LocalCluster
+
+    if gpus > 1:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise UserError(f"cache.runner: dask on {gpus} GPUs needs dask-cuda (pip install dask-cuda), "
+                            "or give cache.dask_address of a running cluster") from None
+        return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
+    workers = 1 if gpus == 1 else min(n_tasks, os.cpu_count() or 1)
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
 def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
-              n_classes: int, shapes: tuple[tuple[int, ...], ...], address: str | None) -> dict[int, dict[str, str]]:
+              n_classes: int, shapes: tuple[tuple[int, ...], ...], address: str | None,
+              gpus: int = 0) -> dict[int, dict[str, str]]:
     """Map shards over a Dask cluster: `address` of an existing one, else a temporary local cluster.
 
-    Workers write shards straight into the store (a shared filesystem for remote clusters).
+    Workers run the same encode and write as the serial runner (byte-identical shards) straight into
+    the store (a shared filesystem for remote clusters).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cluster = None
     try:
         if address:
             client = Client(address, timeout="30s")
         else:
-            cluster = LocalCluster(n_workers=min(len(todo), os.cpu_count() or 1), threads_per_worker=1,
-                                   processes=True, dashboard_address=None)
+            cluster = _local_cluster(len(todo), gpus)
             client = Client(cluster)
     except OSError as exc:
         raise TransientError(f"cannot reach the Dask cluster {address}: {exc}") from None
@@ -197,7 +223,8 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
                 settings: CacheSettings, meta: dict, runner: str = "serial",
                 dask_address: str | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                feature_shapes: tuple[tuple[int, ...], ...] = ()) -> CacheReport:
+                feature_shapes: tuple[tuple[int, ...], ...] = (), autocast: str | None = None,
+                gpus: int = 0) -> CacheReport:
     """Compute (or resume) every shard in the store, then publish shards + manifest into `out`.
 
     `feature_shapes` are the per-row shapes of `settings.features`, known before any shard is computed
@@ -205,6 +232,10 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
 
     `progress(rows done, rows)` is called after each shard's forward pass (serial runner; the Dask
     runner reports once at the end, its dashboard shows the rest).
+
+    `autocast` ("bfloat16" or None) says how the teacher computes: recorded in the manifest, not the
+    key; shards an interrupted build left under another mode are computed again, never mixed.
+    `gpus`: devices a temporary Dask cluster gives one worker each.
     """
     t0 = time.perf_counter()
     if settings.top_k and settings.top_k > n_classes:
@@ -212,12 +243,13 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     if len(feature_shapes) != len(settings.features):
         raise ValueError(f"{len(settings.features)} feature(s) to cache, {len(feature_shapes)} shape(s) given")
     with key_lock(work, key):  # `kd cache gc` skips a cache while its build holds this
-        return _build_locked(compute, n_rows, n_classes, out, work, key, settings, meta, runner, dask_address,
-                             progress, feature_shapes, t0)
+        capture = {"autocast": autocast}
+        return _build_locked(compute, n_rows, n_classes, out, work, key, settings, meta | {"capture": capture},
+                             runner, (dask_address, gpus), progress, feature_shapes, t0)
 
 
 def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
-                  settings: CacheSettings, meta: dict, runner: str, dask_address: str | None,
+                  settings: CacheSettings, meta: dict, runner: str, dask: tuple[str | None, int],
                   progress: Callable[[int, int], None] | None, feature_shapes: tuple[tuple[int, ...], ...],
                   t0: float) -> CacheReport:
     store = work / STORE / key
@@ -229,18 +261,20 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
         _publish(store, out, complete)
         return CacheReport(key, n_rows, n_classes, len(ranges), 0, len(ranges), True,
                            time.perf_counter() - t0, row_bytes)
-    digests = {i: d for i in range(len(ranges)) if (d := _verified_shard(store, i, settings.roles()))}
+    reusable = _same_capture(store, meta["capture"])
+    digests = {i: d for i in range(len(ranges)) if reusable and (d := _verified_shard(store, i, settings.roles()))}
     todo = [(i, s, e) for i, (s, e) in enumerate(ranges) if i not in digests]
     if todo:
         run = _run_dask if runner == "dask" else _run_serial
-        extra = (feature_shapes, dask_address) if runner == "dask" else (feature_shapes,)
+        extra = (feature_shapes, *dask) if runner == "dask" else (feature_shapes,)
         if progress is not None and runner != "dask":
             compute = _counted(compute, progress, n_rows - sum(e - s for _, s, e in todo), n_rows)
         digests.update(run(compute, settings, store, todo, n_classes, *extra))
         if progress is not None:
             progress(n_rows, n_rows)
     manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
-                "storage_dtype": storage_dtype(settings.dtype).name, "rows": n_rows, "classes": n_classes,
+                "storage_dtype": storage_dtype(settings.dtype).name, "index_dtype": index_dtype(n_classes).name,
+                "rows": n_rows, "classes": n_classes,
                 **_feature_manifest(settings, feature_shapes), "bytes_per_row": row_bytes,
                 "shards": [{"start": s, "stop": e, "arrays": {r: {"file": shard_file(i, r), "sha256": digests[i][r]}
                                                              for r in settings.roles()}}
@@ -253,6 +287,16 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
     _publish(store, out, manifest)
     return CacheReport(key, n_rows, n_classes, len(ranges), len(todo), len(ranges) - len(todo), False,
                        time.perf_counter() - t0, row_bytes)
+
+
+def _same_capture(store: Path, capture: dict) -> bool:
+    """Whether shards already in `store` were computed the way this build computes (then they resume);
+    records this build's way for the next one."""
+    record = store / "capture.json"
+    same = not record.exists() or json.loads(record.read_text()) == capture
+    if not same or not record.exists():
+        atomic_write_text(record, json.dumps(capture))
+    return same
 
 
 def _feature_manifest(settings: CacheSettings, shapes: tuple[tuple[int, ...], ...]) -> dict:

@@ -6,13 +6,17 @@ A cache is a directory::
     manifest.json                 format, key, dtype, top_k, rows, classes, shards with sha256
     shard-00000.logits.npy        dense: raw logits of rows [start, stop)           (B, K)
     shard-00000.values.npy        top-k: the K' largest raw logits per row           (B, K')
-    shard-00000.indices.npy       top-k: their class indices (int32)                 (B, K')
+    shard-00000.indices.npy       top-k: their class indices (uint16 if C <= 65,536, else int32)
     shard-00000.tail_lse.npy      top-k: log-sum-exp of the other logits at T = 1    (B,)
     shard-00000.feature0.npy      cache.features[0]: the teacher module's output      (B, *shape)
 
 Teacher features (intermediate activations, optionally pooled) are captured in the same forward
 pass as the logits and live in the same shards: same key, manifest, checksums, resume and verify.
-The manifest records each one's module, pooling and per-row shape, and `bytes_per_row`.
+The manifest records each one's module, pooling and per-row shape, `bytes_per_row`, `index_dtype`
+and how the teacher ran (`capture`: bf16 autocast or not; the device is not part of the key).
+
+The teacher's outputs are encoded on its own device (encode.py) and only the encoded arrays are
+copied to the host, so the cache keeps up with a teacher on a GPU.
 
 Raw logits (not probabilities) are stored so any temperature can be applied later. The **key**
 hashes the teacher fingerprint, the data fingerprint and the cache settings: a changed teacher or
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +46,12 @@ import torch
 
 from kd_core.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: uint16 indices for vocabularies up to 65,536 classes, capture record
 MANIFEST = "manifest.json"
 STORE = "cache"  # under params.paths.work
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 kept as its bits
 
 Features = list[torch.Tensor]  # one (B, *shape) tensor per CacheSettings.features entry
-Compute = Callable[[int, int], torch.Tensor | tuple[torch.Tensor, Features]]  # (start, stop) -> logits (B, K)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ def storage_dtype(dtype: str) -> np.dtype:
     return np.dtype(_STORAGE[dtype])
 
 
+def index_dtype(n_classes: int) -> np.dtype:
+    """Top-k class indices: uint16 while every class fits (32k-49k LM vocabularies), else int32 (128k+)."""
+    return np.dtype(np.uint16 if n_classes <= 1 << 16 else np.int32)
+
+
 def feature_role(j: int) -> str:
     return f"feature{j}"
 
@@ -81,7 +88,8 @@ def feature_role(j: int) -> str:
 def bytes_per_row(settings: CacheSettings, n_classes: int, feature_shapes: tuple[tuple[int, ...], ...]) -> int:
     """Bytes one cached row costs on disk (npy headers aside): logits or top-k arrays plus every feature."""
     item = storage_dtype(settings.dtype).itemsize
-    logits = settings.top_k * (item + 4) + 4 if settings.top_k else n_classes * item  # + int32 indices, tail
+    index = index_dtype(n_classes).itemsize
+    logits = settings.top_k * (item + index) + 4 if settings.top_k else n_classes * item  # + indices, tail
     return logits + sum(int(np.prod(shape)) * item for shape in feature_shapes)
 
 
@@ -95,13 +103,6 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_rows, n_rows)) for s in range(0, n_rows, shard_rows)]
 
 
-def _store(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """Tensor -> storage array; bfloat16 has no numpy dtype, so its 16-bit pattern is stored as int16."""
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy()
-    return x.to(getattr(torch, dtype)).cpu().numpy()
-
-
 def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
     """Storage array -> float32.  # (B, ...)"""
     if dtype == "bfloat16":
@@ -111,9 +112,9 @@ def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(stored, dtype=np.float32)
 
 
-def clamp_tail(values: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.ndarray:
+def clamp_tail(row_min: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.ndarray:
     """The tail's log-sum-exp, lowered where needed so its equal per-class logit L - log n never
-    exceeds the smallest kept logit.  # (B, K'), (B,) -> (B,)
+    exceeds the smallest kept logit `row_min` (as stored).  # (B,), (B,) -> (B,)
 
     In float32 that holds by construction (every tail logit ≤ every kept one); once the kept values
     are rounded to float16/bfloat16 the smallest may round below the tail, which would make the tail
@@ -121,29 +122,10 @@ def clamp_tail(values: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.ndar
     """
     if n_tail == 0:
         return tail_lse
-    limit = values.min(axis=-1).astype(np.float64) + np.log(n_tail)  # (B,)
+    limit = row_min.astype(np.float64) + np.log(n_tail)  # (B,)
     limit32 = limit.astype(np.float32)
     limit32 = np.where(limit32 > limit, np.nextafter(limit32, np.float32(-np.inf)), limit32)  # round down
     return np.minimum(tail_lse.astype(np.float32), limit32)
-
-
-def encode(logits: torch.Tensor, settings: CacheSettings) -> dict[str, np.ndarray]:
-    """Raw logits (B, K) -> the arrays of one shard, by role."""
-    logits = logits.float()
-    if not settings.top_k:
-        return {"logits": _store(logits, settings.dtype)}
-    values, indices = logits.topk(settings.top_k, dim=-1)  # (B, K'), (B, K')
-    n_tail = logits.shape[1] - settings.top_k
-    tail = logits.scatter(-1, indices, float("-inf"))  # (B, K): top-k masked out
-    tail_lse = torch.logsumexp(tail, dim=-1) if n_tail else torch.full((len(logits),), float("-inf"))  # (B,)
-    stored = _store(values, settings.dtype)
-    return {"values": stored, "indices": indices.to(torch.int32).numpy(),
-            "tail_lse": clamp_tail(decode(stored, settings.dtype), tail_lse.numpy().astype(np.float32), n_tail)}
-
-
-def encode_features(feats: Features, settings: CacheSettings) -> dict[str, np.ndarray]:
-    """Teacher features -> the arrays of one shard, stored in the cache's dtype like the logits."""
-    return {feature_role(j): _store(f.float(), settings.dtype) for j, f in enumerate(feats)}
 
 
 def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
@@ -153,7 +135,8 @@ def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np
         return (rows, *features[role]), storage
     k = manifest.get("top_k")
     return {"logits": ((rows, manifest["classes"]), storage), "values": ((rows, k), storage),
-            "indices": ((rows, k), np.dtype(np.int32)), "tail_lse": ((rows,), np.dtype(np.float32))}[role]
+            "indices": ((rows, k), np.dtype(manifest["index_dtype"])),
+            "tail_lse": ((rows,), np.dtype(np.float32))}[role]
 
 
 def sha256_file(path: Path) -> str:

@@ -145,7 +145,7 @@ class LogitCache:
             indices[sel] = rows
         for sel, rows in self._gather(idx, "tail_lse"):
             tail[sel] = rows
-        return TopK(values, indices, clamp_tail(values, tail, self.classes - k), self.classes - k)
+        return TopK(values, indices, clamp_tail(values.min(axis=-1), tail, self.classes - k), self.classes - k)
 
     def targets(self, idx: np.ndarray) -> np.ndarray | TopK:
         """What training reads for rows `idx`: dense logits (B, C), or a top-k cache as TopK (B, K')."""

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core import data, features, tasks
+from kd_core import data, distributed, features, tasks
+from kd_core.cache.encode import Encoded, concat, encode_batch
 from kd_core.cache.format import CacheSettings, Features, cache_key
 from kd_core.config import Params
 from kd_core.models import KDModel
@@ -23,6 +24,11 @@ def settings(params: Params) -> CacheSettings:
                          tuple((f.module, f.pool) for f in params.cache.features))
 
 
+def autocast(params: Params) -> str | None:
+    """bf16 autocast of the teacher pass: on by default where the cache runs on CUDA (`cache.autocast`)."""
+    return "bfloat16" if params.cache.autocast and distributed.pick_device(params.cache.device).type == "cuda" else None
+
+
 def expected_keys(params: Params, workdir: Path) -> list[str]:
     """The key each teacher's cache must carry to be used with that teacher, the data and the settings."""
     task = tasks.for_params(params)
@@ -31,36 +37,58 @@ def expected_keys(params: Params, workdir: Path) -> list[str]:
 
 
 @functools.lru_cache(maxsize=2)
-def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str) -> tuple[KDModel, np.ndarray]:
-    """Loaded once per process: in the stage, or in each Dask worker."""
+def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, device: str) -> tuple[KDModel, np.ndarray]:
+    """Loaded once per process (in the stage, or in each Dask worker) and moved to `device`."""
     task = tasks.TASKS[task_name]
-    return task.load(Path(teacher_dir))[0], task.cache_inputs(data.read_prepared(Path(prepared_dir)))
+    model = task.load(Path(teacher_dir))[0].to(distributed.pick_device(device))
+    return model, task.cache_inputs(data.read_prepared(Path(prepared_dir)))
 
 
 @dataclass(frozen=True)
 class TeacherLogits:
-    """Picklable `compute(start, stop)`: paths travel to Dask workers, not tensors."""
+    """Picklable `compute(start, stop)`: paths travel to Dask workers, not tensors.
+
+    The teacher runs on `device` (resolved where the call runs: `auto` is each worker's own GPU),
+    under bf16 autocast on CUDA when `autocast`. On an accelerator every batch is encoded where it
+    was computed (encode.py), so a shard crosses to the host as top-k arrays, never as (B, C)
+    logits; on the CPU the raw logits go to the build's writer thread, which encodes them beside the
+    next shard's forward (`encode_each_batch` forces the device path, e.g. to test it on the CPU).
+    """
 
     task: str
     teacher_dir: str
     prepared_dir: str
     batch_size: int
-    features: tuple[tuple[str, str], ...] = ()  # (module, pool): captured in the same forward passes
+    settings: CacheSettings
+    n_classes: int
+    device: str = "cpu"
+    autocast: bool = False
+    encode_each_batch: bool | None = None  # None: on accelerators only
 
     @torch.inference_mode()
-    def __call__(self, start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, Features]:
+    def __call__(self, start: int, stop: int) -> Encoded | torch.Tensor | tuple[torch.Tensor, Features]:
         task = tasks.TASKS[self.task]
-        teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir)
+        teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device)
+        device = next(teacher.parameters()).device
+        each = device.type != "cpu" if self.encode_each_batch is None else self.encode_each_batch
         rows = x[start:stop]
         order = torch.from_numpy(task.batch_order(teacher, rows))  # (n,) e.g. documents by length: less padding
-        outs, feats = [], []
-        with features.captured(teacher, [m for m, _ in self.features]) as acts:
+        parts = []
+        amp = torch.autocast("cuda", torch.bfloat16, enabled=self.autocast and device.type == "cuda")
+        with features.captured(teacher, [m for m, _ in self.settings.features]) as acts, amp:
             for i in range(0, len(rows), self.batch_size):
                 batch = torch.from_numpy(rows[order[i:i + self.batch_size].numpy()])
-                outs.append(task.cache_logits(teacher, batch))  # (b, C)
+                if device.type == "cuda":
+                    batch = batch.pin_memory().to(device, non_blocking=True)  # no sync with the last batch
+                logits = task.cache_logits(teacher, batch.to(device))  # (b, C)
                 mask = features.padding_mask(teacher)
-                feats.append([features.pool(acts[m], p, mask) for m, p in self.features])  # [(b, *S)]
+                feats = [features.pool(acts[m], p, mask) for m, p in self.settings.features]  # [(b, *S)]
+                parts.append(encode_batch(logits, feats, self.settings, self.n_classes, consume=not feats)
+                              if each else (logits, feats))
         back = torch.argsort(order)  # cache order again
-        if not self.features:
-            return torch.cat(outs)[back]  # (stop - start, C)
-        return torch.cat(outs)[back], [torch.cat(f)[back] for f in zip(*feats, strict=True)]
+        if each:
+            return concat(parts).take(back)
+        logits = torch.cat([lg for lg, _ in parts])[back]  # (stop - start, C)
+        if not self.settings.features:
+            return logits
+        return logits, [torch.cat(f)[back] for f in zip(*(fs for _, fs in parts), strict=True)]

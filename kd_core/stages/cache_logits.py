@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_core import cache, data, features, progress, tasks
+import torch
+
+from kd_core import cache, data, distributed, features, progress, tasks
 from kd_core.config import Params
 
 
@@ -37,13 +39,18 @@ def _feature_shapes(params: Params, task: tasks.Task, teacher_dir: Path, schema:
     return features.check(params, task.load(teacher_dir)[0], schema, task.init_dir(params, workdir))
 
 
+def _gpus(params: Params) -> int:
+    """GPUs a temporary Dask cluster gives one worker each: those visible when the cache runs on CUDA."""
+    return torch.cuda.device_count() if distributed.pick_device(params.cache.device).type == "cuda" else 0
+
+
 def run(params: Params, workdir: Path) -> CacheResult:
     """Cache each teacher's logits in its own cache: an unchanged member's cache is reused from the store."""
     task = tasks.for_params(params)
     prepared_dir = workdir / params.paths.prepared
     splits = data.read_prepared(prepared_dir)
     n_rows = len(splits.train) + len(splits.transfer)
-    settings = cache.settings(params)
+    settings, amp, gpus = cache.settings(params), cache.autocast(params), _gpus(params)
     reports = []
     for i, (t_dir, l_dir, key) in enumerate(zip(params.teacher_dirs(), params.logit_dirs(),
                                                 cache.expected_keys(params, workdir), strict=True)):
@@ -53,10 +60,12 @@ def run(params: Params, workdir: Path) -> CacheResult:
                 "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
         shapes = _feature_shapes(params, task, teacher_dir, splits.schema, workdir)
         compute = cache.TeacherLogits(task.name, str(teacher_dir.resolve()), str(prepared_dir.resolve()),
-                                      params.cache.batch_size, settings.features)
+                                      params.cache.batch_size, settings, len(splits.schema.classes),
+                                      params.cache.device, amp is not None)
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
         reports.append(cache.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
                                          workdir / params.paths.work, key, settings, meta,
                                          params.cache.runner, params.cache.dask_address,
-                                         progress=progress.bar(label), feature_shapes=shapes))
+                                         progress=progress.bar(label), feature_shapes=shapes,
+                                         autocast=amp, gpus=gpus))
     return CacheResult(tuple(reports))

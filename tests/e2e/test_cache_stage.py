@@ -74,3 +74,32 @@ def test_corrupt_shard_is_caught_by_verify_and_training(project):
     out = stage(project, "cache_logits")  # the bad shard is rebuilt, the others reused
     assert "1 computed" in out
     assert kd(project, "cache", "verify", "artifacts/logits").returncode == 0
+
+
+def test_device_path_writes_the_stage_bytes(project):
+    """The accelerator path (each batch encoded where computed, then copied to the host) run on the
+    CPU: the same teacher pass writes exactly the bytes of the stage's cache (top-k and features)."""
+    from kd_core import cache, data
+    from kd_core.config import load_params
+
+    write_params(project, {"cache": {"top_k": 3, "dtype": "float16", "shard_rows": 700, "batch_size": 64,
+                                     "features": [{"module": "net.convs.5", "pool": "mean"}]}})
+    for name in ("prepare", "teacher", "cache_logits"):
+        stage(project, name)
+    params = load_params(project)
+    splits = data.read_prepared(project / params.paths.prepared)
+    settings, n = cache.settings(params), len(splits.train) + len(splits.transfer)
+    classes = len(splits.schema.classes)
+    compute = cache.TeacherLogits("tabular", str(project / params.paths.teacher), str(project / params.paths.prepared),
+                                  64, settings, classes, "cpu", False, encode_each_batch=True)
+    shapes = tuple(tuple(f["shape"]) for f in json.loads((project / "artifacts/logits/manifest.json").read_text())
+                   ["features"])
+    key = cache.expected_keys(params, project)[0]
+    report = cache.build_cache(compute, n, classes, project / "device-path", project / "work2", key, settings,
+                               {}, feature_shapes=shapes)
+    assert report.computed == report.shards > 1
+    stage_files = files(project / "artifacts/logits")
+    device_files = files(project / "device-path")
+    assert stage_files.keys() == device_files.keys()
+    assert {k: v for k, v in stage_files.items() if k.endswith(".npy")} == \
+           {k: v for k, v in device_files.items() if k.endswith(".npy")}
