@@ -101,7 +101,8 @@ class CacheParams(_Section):
         return v
 
 
-LOSS_NAMES = ("dkd", "hinton", "mse", "mse_l2")  # kd_core.losses.LOSSES; a unit test keeps the two in step
+# kd_core.losses.LOSSES; a unit test keeps the two in step
+LOSS_NAMES = ("dkd", "hinton", "jsd", "mse", "mse_l2", "reverse_kl", "skew_kl")
 
 
 class FeatureHint(_Section):
@@ -119,6 +120,8 @@ class DistillParams(_Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     dkd_alpha: float = Field(1.0, ge=0.0)
     dkd_beta: float = Field(8.0, ge=0.0)
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd: 0 is forward KL, 1 reverse KL
+    skew: float = Field(0.1, ge=0.0, lt=1.0)  # skew_kl: KL(p_t ‖ a·p_t + (1-a)·p_s)
     ensemble: Literal["logits", "probs"] = "logits"  # several teachers: average their logits or their probabilities
     l2: float = Field(1e-4, ge=0.0)  # mse_l2: λ of λ‖W_student‖²
     features: tuple[FeatureHint, ...] = ()  # not in the cache key: tuning hints never re-runs the teacher

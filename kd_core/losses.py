@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_core.config import DistillParams
+from kd_core.divergences import DIVERGENCES, bucket_log_probs, forward_kl, sparse_divergence
 from kd_core.models import Catalog, combine_logits
 
 if TYPE_CHECKING:
@@ -35,17 +36,17 @@ LOSSES = Catalog("loss")  # name -> factory(DistillParams) -> LossFn
 def reads_topk(distill: DistillParams, top_k: int | None) -> bool:
     """Whether the loss reads a top-k cache as top-k (`LogitCache.targets`: O(B·K') per batch) rather
     than as its dense view (`LogitCache.take`: O(B·C), which rules out large vocabularies)."""
-    return bool(top_k) and distill.loss == "hinton"
+    return bool(top_k) and distill.loss in DIVERGENCES
 
 
 def build(distill: DistillParams, top_k: int | None = None) -> LossFn:
     """The loss `distill.loss` names, configured by the rest of `distill`.
 
-    With a top-k cache (`top_k`), `hinton` becomes its top-k-aware form (`topk_kd`), fed top-k
-    targets; the other losses see the cache's dense view, whose tail is the equal-logit
-    approximation (kd_core/cache/format.py).
+    With a top-k cache (`top_k`), `hinton` becomes its top-k-aware form (`topk_kd`) and the
+    divergences (reverse KL, JSD, skew KL) read top-k targets too; the other losses see the cache's
+    dense view, whose tail is the equal-logit approximation (kd_core/cache/format.py).
     """
-    if reads_topk(distill, top_k):
+    if reads_topk(distill, top_k) and distill.loss == "hinton":
         return partial(topk_kd, temperature=distill.temperature, alpha=distill.alpha)
     return LOSSES.get(distill.loss)(distill)
 
@@ -156,26 +157,21 @@ def topk_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
             n_tail: int, temperature: float) -> torch.Tensor:
     """Per-row T² · KL over K'+1 buckets — the teacher's top-K' classes and one tail bucket.  # (B,)
 
-    Teacher: bucket logits v_i/T for the cached top-K' classes and, for the tail, the log-mass of n
-    equal logits (L - log n)/T, where L is the tail's log-sum-exp at T = 1 (exact at T = 1).
-    Student: its own softmax(s/T) on the same K' classes, and the summed mass of all other classes.
-    KL = Σ_b p_t(b) (log p_t(b) - log p_s(b)); × T² as in Hinton KD. Only what the cache knows is
-    matched: unlike KL against a reconstructed dense teacher, nothing pushes the student's tail to be
-    uniform (Hinton et al. 2015; top-k soft labels as in DistillKit / Megatron KD).
+    KL = Σ_b p_t(b) (log p_t(b) - log p_s(b)) on the buckets of `divergences.bucket_log_probs`; × T²
+    as in Hinton KD. Only what the cache knows is matched: unlike KL against a reconstructed dense
+    teacher, nothing pushes the student's tail to be uniform (Hinton et al. 2015; top-k soft labels as
+    in DistillKit / Megatron KD).
     """
-    t = temperature
-    s = student.float() / t  # (B, K)
-    log_z = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, 1)
-    s_top = s.gather(-1, indices) - log_z  # (B, K')
-    t_top = values.float() / t  # (B, K')
-    if n_tail > 0:
-        log_n = torch.log(torch.tensor(float(n_tail)))
-        t_tail = log_n + (tail_lse.float() - log_n) / t  # (B,)
-        s_tail = torch.logsumexp(s.scatter(-1, indices, float("-inf")), dim=-1) - log_z[:, 0]  # (B,)
-        t_top = torch.cat([t_top, t_tail[:, None]], dim=-1)  # (B, K'+1)
-        s_top = torch.cat([s_top, s_tail[:, None]], dim=-1)  # (B, K'+1)
-    log_p_t = F.log_softmax(t_top, dim=-1)
-    return (t**2) * (log_p_t.exp() * (log_p_t - s_top)).sum(dim=-1)
+    log_p_t, log_p_s = bucket_log_probs(student, values, indices, tail_lse, n_tail, temperature)
+    return (temperature**2) * forward_kl(log_p_t, log_p_s)
+
+
+def divergence_kd(student: torch.Tensor, teacher: torch.Tensor | TopKTensors, labels: torch.Tensor, name: str,
+                  temperature: float, alpha: float, beta: float, skew: float) -> torch.Tensor:
+    """A divergence of kd_core.divergences (reverse KL, JSD(β), skew KL) on a top-k or dense teacher,
+    mixed with CE as in `hinton_kd`.  # (B,)"""
+    soft = sparse_divergence(student, teacher, name, temperature, beta, skew)
+    return _mix(soft, student, labels, alpha)
 
 
 # --- the registry: `distill.loss` -> a configured LossFn ------------------------------------------
@@ -193,6 +189,17 @@ def _mse(d: DistillParams) -> LossFn:
 @LOSSES.register("dkd")
 def _dkd(d: DistillParams) -> LossFn:
     return partial(dkd, temperature=d.temperature, alpha=d.alpha, tckd_weight=d.dkd_alpha, nckd_weight=d.dkd_beta)
+
+
+def _divergence(name: str):
+    def factory(d: DistillParams) -> LossFn:
+        return partial(divergence_kd, name=name, temperature=d.temperature, alpha=d.alpha, beta=d.jsd_beta,
+                       skew=d.skew)
+    return factory
+
+
+for _name in ("reverse_kl", "jsd", "skew_kl"):
+    LOSSES.register(_name)(_divergence(_name))
 
 
 @LOSSES.register("mse_l2")

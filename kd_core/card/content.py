@@ -49,7 +49,8 @@ def score_test_split(params: Params, model_dirs: dict[str, Path], prepared: Path
 
 
 _LOSSES = {"hinton": "KL·T² + CE", "dkd": "DKD (α·TCKD + β·NCKD)·T² + CE", "mse": "MSE on logits + CE",
-           "mse_l2": "MSE on logits + λ‖w‖²"}  # kd_core.losses, by `distill.loss`
+           "mse_l2": "MSE on logits + λ‖w‖²", "reverse_kl": "reverse KL·T² + CE", "jsd": "generalized JSD(β)·T² + CE",
+           "skew_kl": "skew KL·T² + CE"}  # kd_core.losses, by `distill.loss`
 
 
 def loss_label(params: Params) -> str:
