@@ -50,7 +50,10 @@ class TextClassifier(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, K)
         mask = ids != self.pad_id  # (B, L)
-        if self.trim and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        # on an accelerator the trim would wait for the device to report the length: callers trim on
+        # the host there (trim_padding), as the cache's teacher pass does
+        if self.trim and ids.device.type == "cpu" and not (torch.compiler.is_compiling()
+                                                           or torch.compiler.is_exporting()):
             used = mask.any(dim=0).nonzero()
             keep = int(used[-1]) + 1 if len(used) else 1
             ids, mask = ids[:, :keep], mask[:, :keep]
@@ -267,6 +270,12 @@ def example_ids(spec: ModelSpec, batch: int) -> torch.Tensor:
     """`batch` documents of the data's median length in tokens, no padding.  # (batch, L)"""
     info = spec.schema.text
     return torch.full((batch, info["example_tokens"]), info["pad_id"] + 1, dtype=torch.int64)
+
+
+def trim_padding(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """Right-padded ids without the columns that are padding in every row (at least one column).  # (B, L')"""
+    used = np.flatnonzero((ids != pad_id).any(axis=0))
+    return ids[:, :used[-1] + 1 if len(used) else 1]
 
 
 def by_length(ids: np.ndarray, pad_id: int) -> np.ndarray:

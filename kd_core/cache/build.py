@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core.cache.encode import Compute, Encoded, encode_batch, to_host
+from kd_core.cache.encode import Compute, Encoded, encode_batch, release_pinned, to_host
 from kd_core.cache.format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -185,7 +185,8 @@ def _local_cluster(n_tasks: int, gpus: int):  # -> distributed.deploy.Cluster
         except ImportError:
             raise UserError(f"cache.runner: dask on {gpus} GPUs needs dask-cuda (pip install dask-cuda), "
                             "or give cache.dask_address of a running cluster") from None
-        return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
+        # memory_limit 0: pinned shard buffers must not count against a worker's share of host RAM
+        return LocalCUDACluster(n_workers=gpus, threads_per_worker=1, dashboard_address=None, memory_limit=0)
     workers = 1 if gpus == 1 else min(n_tasks, os.cpu_count() or 1)
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
@@ -224,7 +225,7 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
                 dask_address: str | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 feature_shapes: tuple[tuple[int, ...], ...] = (), autocast: str | None = None,
-                gpus: int = 0) -> CacheReport:
+                device: str = "cpu", gpus: int = 0) -> CacheReport:
     """Compute (or resume) every shard in the store, then publish shards + manifest into `out`.
 
     `feature_shapes` are the per-row shapes of `settings.features`, known before any shard is computed
@@ -233,8 +234,9 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     `progress(rows done, rows)` is called after each shard's forward pass (serial runner; the Dask
     runner reports once at the end, its dashboard shows the rest).
 
-    `autocast` ("bfloat16" or None) says how the teacher computes: recorded in the manifest, not the
-    key; shards an interrupted build left under another mode are computed again, never mixed.
+    `autocast` ("bfloat16" or None) and `device` ("cpu", "cuda", ...) say how the teacher computes:
+    recorded in the manifest, not the key; shards an interrupted build left under another capture
+    are computed again, never mixed (ties in the top-k may break differently per device).
     `gpus`: devices a temporary Dask cluster gives one worker each.
     """
     t0 = time.perf_counter()
@@ -243,7 +245,7 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     if len(feature_shapes) != len(settings.features):
         raise ValueError(f"{len(settings.features)} feature(s) to cache, {len(feature_shapes)} shape(s) given")
     with key_lock(work, key):  # `kd cache gc` skips a cache while its build holds this
-        capture = {"autocast": autocast}
+        capture = {"device": device, "autocast": autocast}
         return _build_locked(compute, n_rows, n_classes, out, work, key, settings, meta | {"capture": capture},
                              runner, (dask_address, gpus), progress, feature_shapes, t0)
 
@@ -269,7 +271,10 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
         extra = (feature_shapes, *dask) if runner == "dask" else (feature_shapes,)
         if progress is not None and runner != "dask":
             compute = _counted(compute, progress, n_rows - sum(e - s for _, s, e in todo), n_rows)
-        digests.update(run(compute, settings, store, todo, n_classes, *extra))
+        try:
+            digests.update(run(compute, settings, store, todo, n_classes, *extra))
+        finally:
+            release_pinned()
         if progress is not None:
             progress(n_rows, n_rows)
     manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
@@ -294,6 +299,9 @@ def _same_capture(store: Path, capture: dict) -> bool:
     records this build's way for the next one."""
     record = store / "capture.json"
     same = not record.exists() or json.loads(record.read_text()) == capture
+    if not same:  # no later build may take those shards for this capture's either
+        for side in store.glob("*.sha256"):
+            side.unlink()
     if not same or not record.exists():
         atomic_write_text(record, json.dumps(capture))
     return same

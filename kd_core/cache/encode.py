@@ -48,6 +48,11 @@ def _store(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.to(_TORCH_STORAGE[dtype])
 
 
+def _floats(stored: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Stored values as float32 again (bfloat16 from its bit pattern)."""
+    return (stored.view(torch.bfloat16) if dtype == "bfloat16" else stored).float()
+
+
 def _nonfinite(x: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(x)).sum()  # () stays on the device: no sync
 
@@ -62,20 +67,24 @@ def encode_batch(logits: torch.Tensor, feats: Features, settings: CacheSettings,
     """
     if logits.dim() != 2 or logits.shape[1] != n_classes:
         raise UserError(f"teacher returned logits of shape {tuple(logits.shape)}, expected (rows, {n_classes})")
-    bad = _nonfinite(logits)
+    bad = torch.zeros((), dtype=torch.int64, device=logits.device)
     for f in feats:
         bad = bad + _nonfinite(f)
     out = {feature_role(j): _store(f.float(), settings.dtype) for j, f in enumerate(feats)}
-    if not settings.top_k:
-        return Encoded({"logits": _store(logits, settings.dtype), **out}, bad, None)
+    if not settings.top_k:  # stored: a raw inf or NaN stays one, a float16 overflow becomes inf
+        stored = _store(logits, settings.dtype)
+        return Encoded({"logits": stored, **out}, bad + _nonfinite(_floats(stored, settings.dtype)), None)
     values, indices = logits.topk(settings.top_k, dim=-1)  # (B, K'), (B, K') sorted: deterministic bytes
     stored = _store(values, settings.dtype)
+    as_stored = _floats(stored, settings.dtype)  # (B, K') what the reader will see
+    overflow = _nonfinite(as_stored) - _nonfinite(values)
+    bad = bad + _nonfinite(logits) + overflow
     if n_classes > settings.top_k:
         tail = logits.scatter_(-1, indices, float("-inf")) if consume else logits.scatter(-1, indices, float("-inf"))
         tail_lse = torch.logsumexp(tail.float(), dim=-1)  # (B,)
     else:
         tail_lse = torch.full((len(logits),), float("-inf"), device=logits.device)
-    row_min = (stored.view(torch.bfloat16) if settings.dtype == "bfloat16" else stored).float().amin(dim=-1)
+    row_min = as_stored.amin(dim=-1)
     small = index_dtype(n_classes) == np.uint16  # int16 bits on the device: numpy views them as uint16
     return Encoded({"values": stored, "indices": indices.to(torch.int16 if small else torch.int32),
                     "tail_lse": tail_lse, **out}, bad, row_min)
@@ -120,6 +129,13 @@ class Host:
         return out
 
 
+def release_pinned() -> None:
+    """Give back the pinned host buffers torch's allocator keeps (rounded up to powers of two, never
+    freed by itself): a dense cache of a large vocabulary would otherwise lock GiBs for the process."""
+    if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+
+
 def to_host(enc: Encoded) -> Host:
     """Start copying `enc` to the host. CUDA: pinned buffers filled on a side stream, so the next
     forward pass is queued at once; other devices (MPS) copy synchronously; CPU tensors stay put."""
@@ -143,7 +159,7 @@ def to_host(enc: Encoded) -> Host:
             h.copy_(t, non_blocking=True)
             t.record_stream(stream)  # the caching allocator keeps t until the copy has read it
             host.append(h)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # the writer sleeps on it instead of spinning a core
         event.record(stream)
     return Host(dict(zip(tensors, host, strict=False)), host[len(tensors)],
                 host[len(tensors) + 1] if enc.row_min is not None else None, event)

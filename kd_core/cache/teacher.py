@@ -71,24 +71,39 @@ class TeacherLogits:
         teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device)
         device = next(teacher.parameters()).device
         each = device.type != "cpu" if self.encode_each_batch is None else self.encode_each_batch
-        rows = x[start:stop]
+        per = task.positions(x)  # cache rows per input row
+        first, last = start // per, -(-stop // per)  # input rows covering cache rows start:stop
+        rows = x[first:last]
         order = torch.from_numpy(task.batch_order(teacher, rows))  # (n,) e.g. documents by length: less padding
         parts = []
         amp = torch.autocast("cuda", torch.bfloat16, enabled=self.autocast and device.type == "cuda")
         with features.captured(teacher, [m for m, _ in self.settings.features]) as acts, amp:
             for i in range(0, len(rows), self.batch_size):
-                batch = torch.from_numpy(rows[order[i:i + self.batch_size].numpy()])
-                if device.type == "cuda":
-                    batch = batch.pin_memory().to(device, non_blocking=True)  # no sync with the last batch
-                logits = task.cache_logits(teacher, batch.to(device))  # (b, C)
+                batch = task.cache_batch(teacher, rows[order[i:i + self.batch_size].numpy()])
+                logits = task.cache_logits(teacher, _to(batch, device))  # (b·P, C)
                 mask = features.padding_mask(teacher)
                 feats = [features.pool(acts[m], p, mask) for m, p in self.settings.features]  # [(b, *S)]
                 parts.append(encode_batch(logits, feats, self.settings, self.n_classes, consume=not feats)
                               if each else (logits, feats))
-        back = torch.argsort(order)  # cache order again
+        keep = _cache_order(order, per, start - first * per, stop - first * per)  # (stop - start,)
         if each:
-            return concat(parts).take(back)
-        logits = torch.cat([lg for lg, _ in parts])[back]  # (stop - start, C)
+            return concat(parts).take(_to(keep, device))
+        logits = torch.cat([lg for lg, _ in parts])[keep]  # (stop - start, C)
         if not self.settings.features:
             return logits
-        return logits, [torch.cat(f)[back] for f in zip(*(fs for _, fs in parts), strict=True)]
+        return logits, [torch.cat(f)[keep] for f in zip(*(fs for _, fs in parts), strict=True)]
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA from pinned memory without waiting (a pageable copy would
+    wait for every kernel queued before it)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _cache_order(order: torch.Tensor, per: int, lo: int, hi: int) -> torch.Tensor:
+    """Positions, in the computed (length-sorted) output, of cache rows lo:hi of these input rows.  # (hi - lo,)
+
+    Input row order[j] was computed j-th, so its P cache rows sit at j·P … j·P + P - 1 of the output.
+    """
+    back = torch.argsort(order)  # (n,) where each input row was computed
+    return (back[:, None] * per + torch.arange(per)).reshape(-1)[lo:hi]

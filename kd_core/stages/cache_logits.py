@@ -49,8 +49,10 @@ def run(params: Params, workdir: Path) -> CacheResult:
     task = tasks.for_params(params)
     prepared_dir = workdir / params.paths.prepared
     splits = data.read_prepared(prepared_dir)
-    n_rows = len(splits.train) + len(splits.transfer)
+    x = task.cache_inputs(splits)  # (N, ...) input rows, each holding task.positions(x) cache rows
+    n_rows = len(x) * task.positions(x)
     settings, amp, gpus = cache.settings(params), cache.autocast(params), _gpus(params)
+    device = distributed.pick_device(params.cache.device).type
     reports = []
     for i, (t_dir, l_dir, key) in enumerate(zip(params.teacher_dirs(), params.logit_dirs(),
                                                 cache.expected_keys(params, workdir), strict=True)):
@@ -67,5 +69,5 @@ def run(params: Params, workdir: Path) -> CacheResult:
                                          workdir / params.paths.work, key, settings, meta,
                                          params.cache.runner, params.cache.dask_address,
                                          progress=progress.bar(label), feature_shapes=shapes,
-                                         autocast=amp, gpus=gpus))
+                                         autocast=amp, device=device, gpus=gpus))
     return CacheResult(tuple(reports))

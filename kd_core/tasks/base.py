@@ -70,8 +70,16 @@ class Task(Protocol):
         """The order to run rows `x` through `model` in (text: by length, so batches carry little
         padding); results are put back in row order.  # (N,)"""
 
+    def positions(self, x: np.ndarray) -> int:
+        """Cache rows per input row (`lm`: the tokens of a packed sequence; else 1): input row i holds
+        cache rows [i·P, (i+1)·P)."""
+
+    def cache_batch(self, model: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        """A batch of input rows as the host tensor the teacher reads (text: padding columns cut on
+        the host, so the device never has to report a length back).  # (B, ...)"""
+
     def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Model outputs for a batch of cache rows as one logit row per cache row.  # (B, C)"""
+        """Model outputs for a batch of input rows as one logit row per cache row.  # (B·P, C)"""
 
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         """Logits for whole-split inputs on the CPU.  # (N, C)"""

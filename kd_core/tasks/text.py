@@ -131,6 +131,12 @@ class TextTask:
     def batch_order(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         return text_models.by_length(x, model.pad_id)
 
+    def positions(self, x: np.ndarray) -> int:
+        return 1
+
+    def cache_batch(self, model: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(text_models.trim_padding(rows, model.pad_id))
+
     def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch)  # (B, L) -> (B, C): one document is one cache row
 

@@ -108,6 +108,16 @@ def test_non_finite_output_found_on_the_host_is_refused(tmp_path):
         _build(tmp_path, lambda a, b: logits[a:b], 50, 6, CacheSettings("float32", 20, 2))
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_a_logit_that_overflows_float16_is_refused(tmp_path, top_k):
+    """70,000 is finite in float32 and bfloat16 but inf in float16: never cached as inf."""
+    logits = _logits(50, 6)
+    logits[7, 1] = 70_000.0
+    with pytest.raises(UserError, match="1 non-finite value.*rows 0:20"):
+        _build(tmp_path, lambda a, b: logits[a:b], 50, 6, CacheSettings("float16", 20, top_k))
+    _build(tmp_path / "bf16", lambda a, b: logits[a:b], 50, 6, CacheSettings("bfloat16", 20, top_k))
+
+
 def test_autocast_is_recorded_and_never_mixed_on_resume(tmp_path):
     """Shards a crashed build left in another mode are recomputed; the manifest says how it ran."""
     logits, settings = _logits(90, 5), CacheSettings("float32", 30, None)
@@ -126,7 +136,7 @@ def test_autocast_is_recorded_and_never_mixed_on_resume(tmp_path):
     report = _build(tmp_path, lambda a, b: logits[a:b], 90, 5, settings, autocast="bfloat16")
     assert (report.computed, report.reused) == (3, 0)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["capture"] == {"autocast": "bfloat16"}
+    assert manifest["capture"] == {"device": "cpu", "autocast": "bfloat16"}
 
 
 def test_resume_in_the_same_mode_keeps_finished_shards(tmp_path):
@@ -156,3 +166,12 @@ def test_several_gpus_without_dask_cuda_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_dask_cuda)
     with pytest.raises(UserError, match="dask-cuda"):
         cache_build._local_cluster(8, gpus=2)
+
+
+def test_cache_rows_are_found_in_a_length_sorted_multi_position_output():
+    """Input rows computed in `order`, P = 3 cache rows each: cache rows 1:7 sit at these positions."""
+    from kd_core.cache.teacher import _cache_order
+
+    got = _cache_order(torch.tensor([2, 0, 1]), 3, 1, 7)
+    assert got.tolist() == [4, 5, 6, 7, 8, 0]
+    assert _cache_order(torch.tensor([1, 0]), 1, 0, 2).tolist() == [1, 0]  # one row each: the inverse order
