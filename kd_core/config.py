@@ -29,7 +29,8 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: Literal["mnist1d", "parquet", "fortunes"] = "mnist1d"  # fortunes: the text demo (task text)
+    # fortunes: the text demo (task text); stdlib: Python's docstrings, text: .txt/.md/.rst files (task lm)
+    source: Literal["mnist1d", "parquet", "fortunes", "stdlib", "text"] = "mnist1d"
     transfer_size: int = Field(50_000, ge=0)
     seed: int = 42
     train: str | None = None
@@ -40,12 +41,15 @@ class DataParams(_Section):
     text_column: str = Field("text", min_length=1)  # task text: the column holding each document
     max_length: int = Field(128, ge=8, le=8192)  # task text: tokens per document the models read (truncated)
     per_class: int | None = Field(200, ge=2)  # fortunes: labelled documents per class (balanced); null: all
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # fortunes: share of each class held out as test
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # fortunes: share of each class held out; stdlib: of modules
+    seq_len: int = Field(128, ge=4, le=65_536)  # task lm: tokens per packed training sequence
+    max_tokens: int | None = Field(None, ge=4)  # task lm: cap on the training tokens (a quicker demo); null: all
+    max_test_tokens: int | None = Field(None, ge=4)  # task lm: cap on the held-out tokens
 
     @model_validator(mode="after")
     def _parquet_needs_files(self) -> DataParams:
-        if self.source == "parquet" and (not self.train or not self.test):
-            raise ValueError("data.source 'parquet' needs data.train and data.test")
+        if self.source in ("parquet", "text") and (not self.train or not self.test):
+            raise ValueError(f"data.source {self.source!r} needs data.train and data.test")
         if self.feature_columns is not None and len(self.feature_columns) == 0:
             raise ValueError("data.feature_columns is empty; use null for 'every column but the label'")
         return self
@@ -215,7 +219,8 @@ class PathParams(_Section):
 
 
 class Params(_Section):
-    task: Literal["tabular", "text"] = "tabular"  # what a row is (kd_core/tasks): a table row, a document
+    # what a row is (kd_core/tasks): a table row, a document, a packed token sequence
+    task: Literal["tabular", "text", "lm"] = "tabular"
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
     teacher: TeacherParams = TeacherParams()
@@ -243,7 +248,11 @@ class Params(_Section):
     @model_validator(mode="after")
     def _source_fits_task(self) -> Params:
         """A source makes rows of one kind: a mismatch is named here, not by a stage deep in the DAG."""
-        text_sources, table_sources = ("fortunes",), ("mnist1d",)
+        text_sources, table_sources, lm_sources = ("fortunes",), ("mnist1d",), ("stdlib", "text")
+        if self.task == "lm":
+            return self._lm_fits()
+        if self.data.source in lm_sources:
+            raise ValueError(f"data.source {self.data.source!r} is a language-model corpus: set task: lm")
         if self.task == "text" and self.data.source in table_sources:
             raise ValueError(f"task 'text' reads documents: data.source {self.data.source!r} is a table "
                              "(use fortunes or parquet with data.text_column)")
@@ -251,6 +260,16 @@ class Params(_Section):
             raise ValueError(f"data.source {self.data.source!r} is text: set task: text")
         if self.task == "text" and self.teachers:
             raise ValueError("teachers: an ensemble of text teachers is not supported; use the teacher section")
+        return self
+
+    def _lm_fits(self) -> Params:
+        if self.data.source not in ("stdlib", "text", "parquet"):
+            raise ValueError(f"task 'lm' reads documents: data.source {self.data.source!r} is not a corpus "
+                             "(use stdlib, text or parquet with data.text_column)")
+        if self.teachers:
+            raise ValueError("teachers: an ensemble of language-model teachers is not supported; use teacher")
+        if self.cache.features or self.distill.features:
+            raise ValueError("cache.features / distill.features: hidden-state hints are not supported for task lm")
         return self
 
     @property

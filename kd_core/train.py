@@ -256,8 +256,9 @@ def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, or
         s.opt.step()
         s.sched.step()
         with torch.no_grad():  # tallies stay on the device, read once per epoch: no sync per step
-            pred = out.argmax(dim=-1)  # (b,); never equals the -1 of an unlabelled row
-            hits += torch.stack([pred == yb, pred == (_teacher_class(tb) if tb is not None else yb)]).sum(dim=1)
+            pred = out.argmax(dim=-1).reshape(-1)  # (b·P,); never equals the -1 of an unlabelled row
+            teacher = _teacher_class(tb).reshape(-1) if tb is not None else yb.reshape(-1)
+            hits += torch.stack([pred == yb.reshape(-1), pred == teacher]).sum(dim=1)
             loss_sum += per_row.sum()
         if tick is not None:
             tick(start + len(batch))
@@ -265,10 +266,10 @@ def _train_epoch(st: _Step, s: TrainState, r: _Rows, soft: SoftLabels | None, or
     if st.world > 1:
         dist.all_reduce(sums)
     total, correct, agree = sums.tolist()
-    labelled = int((r.y_host[order] >= 0).sum())
+    labelled = int((r.y_host[order] >= 0).sum())  # positions with a label (every token of an `lm` row)
     metrics = {"loss": total / len(order), "accuracy": correct / max(labelled, 1)}
     if soft is not None:
-        metrics["agreement_with_teacher"] = agree / len(order)
+        metrics["agreement_with_teacher"] = agree / r.y_host[order].size
     return metrics
 
 
@@ -277,15 +278,17 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
     """Accuracy (and agreement with the teacher) on the held-out rows, as rank 0 measured it."""
     net.eval()
     correct = agree = 0
-    for start in range(0, len(val), VAL_BATCH):
-        idx = val[start:start + VAL_BATCH]  # (b,)
+    step = max(1, VAL_BATCH // r.y_host[:1].size)  # rows of P positions: as many positions per pass
+    for start in range(0, len(val), step):
+        idx = val[start:start + step]  # (b,)
         with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
-            pred = net(r.x[to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,)
+            pred = net(r.x[to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,) or (b, P)
         correct += int((pred == r.y_host[idx]).sum())
         if soft is not None:
-            agree += int((pred == _teacher_class(soft(idx))).sum())
+            agree += int((pred.reshape(-1) == np.asarray(_teacher_class(soft(idx))).reshape(-1)).sum())
     net.train()
-    scores = torch.tensor([correct / len(val), agree / len(val)], dtype=torch.float64)
+    n = r.y_host[val].size  # positions validated
+    scores = torch.tensor([correct / n, agree / n], dtype=torch.float64)
     if st.world > 1:  # ranks hold equal weights; rank 0's word keeps their stopping decisions equal
         dist.broadcast(scores, src=0)
     out = {"val_accuracy": scores[0].item()}
@@ -308,6 +311,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
         progress: Progress | None = None, checkpoint: Path | None = None, extra: Extra | None = None,
         lengths: np.ndarray | None = None) -> History:
     """Train `model` in place on rows `x` (N, F) with labels `y` (N,), -1 marking unlabelled rows.
+    A row may hold P positions (`lm`: a token sequence, labels (N, P)): the loss still returns one
+    value per row, and accuracy and agreement count positions.
 
     `val` (row numbers of labelled rows) are held out: never trained on, scored every epoch for
     early stopping; the model ends with the best epoch's weights. With `checkpoint`, training

@@ -21,6 +21,7 @@ from great_expectations.core import ExpectationSuiteValidationResult, Expectatio
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.expectation import Expectation
 
+from kd_core import lm_data
 from kd_core.config import ValidationParams
 from kd_core.data import SPLITS, Splits
 from kd_core.text_data import TOKENS
@@ -79,11 +80,14 @@ def _duplicate_expectation(df: pd.DataFrame, features: list[str], max_frac: floa
     return []
 
 
+PACKED_COLUMNS = (lm_data.IDS, lm_data.DOC)  # an lm split: packed ids, the document each sequence starts in
 LENGTH_QUANTILES = (0.5, 0.9, 0.99)  # reported for every text split
 
 
-def _text_expectations(df: pd.DataFrame, col: str, max_length: int, params: ValidationParams) -> list[Expectation]:
-    """Documents: text, present, not blank, not too often truncated, not repeated; lengths reported."""
+def _text_expectations(df: pd.DataFrame, col: str, max_length: int | None,
+                       params: ValidationParams) -> list[Expectation]:
+    """Documents: text, present, not blank, not too often truncated (`max_length`; None: documents are
+    packed, never truncated), not repeated; lengths reported."""
     if col not in df.columns:
         return []
     out = [gxe.ExpectColumnValuesToNotBeNull(column=col),
@@ -91,11 +95,12 @@ def _text_expectations(df: pd.DataFrame, col: str, max_length: int, params: Vali
            gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S", meta={"check": "blank_text"}),
            gxe.ExpectColumnValuesToBeUnique(column=col, mostly=1.0 - params.max_duplicate_frac,
                                             meta={"check": "duplicate_text"})]
+    if TOKENS in df.columns and max_length is not None:
+        out.append(gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=max_length,
+                                                     mostly=1.0 - params.max_truncated_frac,
+                                                     meta={"check": "truncated", "max_length": max_length}))
     if TOKENS in df.columns:
-        out += [gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=max_length,
-                                                  mostly=1.0 - params.max_truncated_frac,
-                                                  meta={"check": "truncated", "max_length": max_length}),
-                gxe.ExpectColumnQuantileValuesToBeBetween(
+        out += [gxe.ExpectColumnQuantileValuesToBeBetween(
                     column=TOKENS, quantile_ranges={"quantiles": list(LENGTH_QUANTILES),
                                                     "value_ranges": [[0, None]] * len(LENGTH_QUANTILES)})]
     return out
@@ -113,8 +118,12 @@ def split_expectations(name: str, splits: Splits, params: ValidationParams) -> l
         columns, reference = list(splits.train.columns), "the train split's columns"
     else:
         columns, reference = [*features, *inputs], "schema.json features"
+    if schema.text and "seq_len" in schema.text:  # lm: packed ids; the documents have their own suite
+        columns, reference = list(PACKED_COLUMNS), "the packed sequences (ids, document)"
     out: list[Expectation] = [gxe.ExpectTableColumnsToMatchOrderedList(
         column_list=columns, meta={"reference": reference})]
+    if schema.text and "seq_len" in schema.text:
+        return out + [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in columns if c in df.columns]
     if schema.text:
         out += _text_expectations(df, features[0], schema.text["max_length"], params)
     else:
@@ -293,9 +302,11 @@ def _statistics(df: pd.DataFrame, result: ExpectationSuiteValidationResult) -> d
             "failed_expectations": stats["unsuccessful_expectations"]}
 
 
-def validate_splits(splits: Splits, params: ValidationParams, out_dir: Path,
-                    sources: dict[str, str]) -> ValidationReport:
-    """Run every split's suite and the per-class suite; write `{suite}.json` and `summary.json`."""
+def validate_splits(splits: Splits, params: ValidationParams, out_dir: Path, sources: dict[str, str],
+                    documents: pd.DataFrame | None = None) -> ValidationReport:
+    """Run every split's suite and the per-class suite (and, for `lm`, the documents' suite per split:
+    `documents` has the text column, `split` and the token count `kd_tokens`); write `{suite}.json`
+    and `summary.json`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     source = _context().data_sources.add_pandas("kd")
     counts = class_counts(splits)
@@ -304,6 +315,10 @@ def validate_splits(splits: Splits, params: ValidationParams, out_dir: Path,
     suites = [(name, getattr(splits, name), split_expectations(name, splits, params), _SUMMARY, name)
               for name in SPLITS]
     suites.insert(1, (CLASS_COUNTS, counts, [rows_rule], _CLASS_FORMAT, "train"))
+    for split in ("train", "test") if documents is not None else ():
+        docs = documents[documents["split"] == split].drop(columns=["split"]).reset_index(drop=True)
+        suites.append((f"documents_{split}", docs, _text_expectations(docs, splits.schema.features[0], None, params),
+                       _SUMMARY, split))
     failures: list[str] = []
     statistics: dict[str, dict] = {}
     for name, df, expectations, result_format, split in suites:

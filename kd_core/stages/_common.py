@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kd_core import data, tasks, train
 from kd_core.config import Params, TrainParams
@@ -29,6 +30,24 @@ LIVE_PREFIX = "train"  # live curves are `train.<role>.<metric>`, apart from the
 def labelled_arrays(task: tasks.Task, splits: data.Splits) -> tuple[np.ndarray, np.ndarray]:
     """Model inputs of the labelled training rows (N, ...) and their class indices (N,)."""
     return task.inputs(splits.train, splits.schema), task.labels(splits.train, splits.schema)
+
+
+def per_row(loss: train.LossFn, positions: int) -> train.LossFn:
+    """A per-position loss as the per-row loss the loop reduces: rows of P positions (`lm`: tokens of a
+    sequence) score the mean over their positions.  # (b, P, C), targets (b·P, …), (b, P) -> (b,)"""
+    if positions == 1:
+        return loss
+
+    def mean_over_positions(out: torch.Tensor, t: object, y: torch.Tensor) -> torch.Tensor:
+        return loss(out.reshape(-1, out.shape[-1]), t, y.reshape(-1)).reshape(y.shape).mean(dim=-1)
+    return mean_over_positions
+
+
+def position_targets(soft: train.SoftLabels, positions: int) -> train.SoftLabels:
+    """Soft labels of whole rows: row i's cache rows are i·P … i·P + P - 1 (kd_core.tasks.base.positions)."""
+    if positions == 1:
+        return soft
+    return lambda idx: soft((np.asarray(idx)[:, None] * positions + np.arange(positions)).reshape(-1))
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,9 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
 
         src = serving.download_model_dir(tp.source, workdir / params.paths.work / f"{name}-download", root=workdir)
     else:
-        src = workdir / tp.source
+        src = task.teacher_source(tp.source, workdir)
     if not src.exists():
         raise UserError(f"{name}.source {tp.source} not found")
     model = task.adopt(src, tp, splits.schema, out)
-    return TeacherResult(tp.arch, tp.source, None, sum(p.numel() for p in model.parameters()))
+    return TeacherResult(task.spec(tp, splits.schema).arch, tp.source, None,
+                         sum(p.numel() for p in model.parameters()))

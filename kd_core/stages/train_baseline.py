@@ -15,6 +15,7 @@ from kd_core.stages._common import (
     epoch_logger,
     fit_config,
     labelled_arrays,
+    per_row,
     validation_rows,
 )
 from kd_core.train import fit
@@ -45,7 +46,8 @@ def run(params: Params, workdir: Path) -> StudentResult:
               "data": data.data_fingerprint(workdir / params.paths.prepared)}
     ckpt = checkpoint_path(workdir, params, "train_baseline", inputs, 1)
     resumed = train.checkpoint_epochs(ckpt)
-    history = fit(model, x, y, lambda s, _t, yb: losses.hard_ce(s, yb), cfg, val=val,
+    loss = per_row(lambda s, _t, yb: losses.hard_ce(s, yb), task.positions(x))
+    history = fit(model, x, y, loss, cfg, val=val,
                   on_epoch=epoch_logger(workdir, "baseline"), progress=progress.bar("training baseline"),
                   checkpoint=ckpt, lengths=task.lengths(x, splits.schema))
     with atomic_dir(workdir / params.paths.baseline) as out:

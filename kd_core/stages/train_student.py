@@ -27,6 +27,8 @@ from kd_core.stages._common import (
     epoch_logger,
     fit_config,
     labelled_arrays,
+    per_row,
+    position_targets,
     validation_rows,
 )
 from kd_core.train import fit
@@ -66,16 +68,17 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     caches = [LogitCache(workdir / d, k) for d, k in zip(params.logit_dirs(), keys, strict=True)]
     _, y_lab = labelled_arrays(task, splits)
     x = task.cache_inputs(splits)  # (N, ...): labelled rows first, then transfer rows, as cached
-    y = np.concatenate([y_lab, np.full(len(splits.transfer), losses.UNLABELLED)])  # (N,)
+    y = np.concatenate([y_lab, np.full((len(splits.transfer), *y_lab.shape[1:]), losses.UNLABELLED)])  # (N, ...)
+    per = task.positions(x)  # cache rows per row
     val = validation_rows(len(y_lab), params.train.val_fraction, params.train.seed)  # (V,)
     spec = task.spec(params.student, splits.schema)
     model = task.build(spec, x, params.train.seed, task.init_dir(params, workdir))
     inputs = {"params": params.model_dump(mode="json", include={"student", "distill", "train"}), "cache": keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed, lead = train.checkpoint_epochs(ckpt), rank == 0
-    loss = losses.build(params.distill, caches[0].top_k)  # a top-k cache gets the top-k-aware KL
+    loss = per_row(losses.build(params.distill, caches[0].top_k), per)  # a top-k cache: the top-k-aware KL
     one = caches[0].targets if losses.reads_topk(params.distill, caches[0].top_k) else caches[0].take
-    soft = one if len(caches) == 1 else functools.partial(
+    soft = position_targets(one, per) if len(caches) == 1 else functools.partial(
         losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble)
     net, extra = _hinted(params, caches[0], model, task.example(spec, batch=2))
     history = fit(net, x, y, loss, fit_config(params.train, len(x) - len(val)), soft=soft, val=val,

@@ -1,7 +1,7 @@
 """The task seam: what a row is (table row, document, token position) and everything that follows from it.
 
 `params.task` names a `Task`; stages, the cache, the training loop, the registry and the model card
-ask it instead of branching on the modality. Tasks: `tabular`, `text`; `lm` plugs in here.
+ask it instead of branching on the modality. Tasks: `tabular`, `text`, `lm`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from kd_core.config import Params
 from kd_core.errors import UserError
 from kd_core.models import META_FILE, ModelSpec
 from kd_core.tasks.base import Task
+from kd_core.tasks.lm import LMTask
 from kd_core.tasks.tabular import TabularTask
 from kd_core.tasks.text import TextTask
 
-TASKS: dict[str, Task] = {"tabular": TabularTask(), "text": TextTask()}
+TASKS: dict[str, Task] = {"tabular": TabularTask(), "text": TextTask(), "lm": LMTask()}
 
 
 def for_params(params: Params) -> Task:

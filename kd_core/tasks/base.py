@@ -52,6 +52,10 @@ class Task(Protocol):
               init: Path | None = None) -> nn.Module:
         """A fresh model (fitted preprocessing where the task has any; weights from `init` where given)."""
 
+    def teacher_source(self, source: str, root: Path) -> Path:
+        """A given teacher.source (not `train`, not an MLflow URI) as a local path (`lm`: also a name
+        such as `smollm2`, or a directory holding one .gguf file)."""
+
     def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> nn.Module:
         """A given teacher (a model file or directory) checked against the data and saved into `out`."""
 

@@ -53,6 +53,9 @@ class TabularTask:
               init: Path | None = None) -> KDModel:
         return models.build(spec, x_train, seed)
 
+    def teacher_source(self, source: str, root: Path) -> Path:
+        return root / source
+
     def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> KDModel:
         """A weights file for `section.arch` (trained on raw features), or a kd model directory."""
         if src.is_file():

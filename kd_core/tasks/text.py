@@ -99,6 +99,9 @@ class TextTask:
         text_models.check_positions(net.config, spec.schema.text["max_length"], where)
         return TextClassifier(net, spec.schema.text["pad_id"], tokenizer)
 
+    def teacher_source(self, source: str, root: Path) -> Path:
+        return root / source
+
     def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> TextClassifier:
         """A fine-tuned classifier: a kd text model directory, or a Hugging Face one with a trained head."""
         if not src.is_dir():

@@ -1,0 +1,167 @@
+"""Documents for `task: lm`: the sources (the standard library's docstrings, the user's parquet tables
+or plain-text files), split by document, tokenised with the teacher's tokenizer and packed.
+
+A packed sequence is `data.seq_len + 1` consecutive tokens of the split's documents joined by the
+end-of-text token: the model reads the first `seq_len`, and position t's target is token t + 1, so
+one sequence holds `seq_len` cache rows (row = sequence × seq_len + position). Consecutive sequences
+overlap by that one token, so every token of the stream is a target exactly once. The prepared ids
+are part of the data fingerprint, and with it the cache key: targets can never be misaligned with
+the inputs they were computed from.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kd_core.config import DataParams
+from kd_core.data import read_parquet
+from kd_core.errors import UserError
+
+IDS, DOC = "kd_input_ids", "document"  # packed split columns: seq_len + 1 ids; the document it starts in
+DOCUMENTS = "documents.parquet"  # beside the splits: every document, for validation and the card's prompts
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+SKIP_STDLIB = ("test", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "ensurepip", "__phello__")
+
+
+@dataclass(frozen=True)
+class LMInfo:
+    """What turns documents into model inputs; travels in schema.json and every model.json."""
+
+    seq_len: int
+    eos_id: int
+    vocab_size: int  # the tokenizer's: logits beyond it (a padded vocabulary) are never targets
+    tokenizer_sha256: str
+    train_tokens: int
+    test_tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- sources: (name, text) documents --------------------------------------------------------------
+
+def _docstrings(source: str) -> str:
+    """A module's docstrings — the module's, then each class's and function's, in source order —
+    read with `ast`: nothing is imported, so no module's import-time side effects run."""
+    tree = ast.parse(source)
+    parts = []
+    for node in [tree, *ast.walk(tree)]:
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc and (node is tree or node.__class__ is not ast.Module):
+                parts.append(doc if node is tree else f"{node.name}: {doc}")
+    return "\n\n".join(dict.fromkeys(parts))  # a module is walked once; drop repeats
+
+
+def stdlib_documents() -> list[tuple[str, str]]:
+    """The running interpreter's standard library, one document per module (its docstrings), sorted by
+    module name: the demo corpus that needs no install."""
+    root = Path(sysconfig.get_path("stdlib"))
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in SKIP_STDLIB or any(p.startswith(".") for p in rel.parts):
+            continue
+        try:
+            text = _docstrings(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):  # a few files are templates or Python 2
+            continue
+        if text.strip():
+            docs.append((".".join(rel.with_suffix("").parts).removesuffix(".__init__"), text))
+    return docs
+
+
+def _held_out(name: str, fraction: float) -> bool:
+    """A document's split from its name alone: stable when other documents come and go."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def _text_files(path: Path, what: str) -> list[tuple[str, str]]:
+    """A .txt/.md/.rst file, or every such file under a directory, one document each (UTF-8)."""
+    if not path.exists():
+        raise UserError(f"{what} {path}: not found")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise UserError(f"{what} {path}: no {'/'.join(TEXT_SUFFIXES)} files")
+    docs = []
+    for f in files:
+        try:
+            docs.append((str(f.relative_to(path) if path.is_dir() else f.name), f.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{f}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    return docs
+
+
+def _parquet_documents(path: Path, column: str, what: str) -> list[tuple[str, str]]:
+    df = read_parquet(path, what)
+    if column not in df.columns:
+        raise UserError(f"{path}: text column {column!r} not found (columns: {list(df.columns)[:8]}); "
+                        "set data.text_column")
+    bad = [i for i, v in enumerate(df[column]) if not isinstance(v, str)]
+    if bad:
+        first = " ".join(repr(df[column].iloc[bad[0]]).split())  # one line: an array's repr spans several
+        raise UserError(f"{path}: text column {column!r} has {len(bad)} value(s) that are not text "
+                        f"(first at row {bad[0]}: {first[:60]})")
+    return [(f"{path.name}:{i}", v) for i, v in enumerate(df[column])]
+
+
+def read_documents(params: DataParams, root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, test) documents of the configured source; each document is in exactly one split."""
+    if params.source == "stdlib":
+        docs = stdlib_documents()
+        test = [d for d in docs if _held_out(d[0], params.test_fraction)]
+        return [d for d in docs if not _held_out(d[0], params.test_fraction)], test
+    read = (lambda p, w: _parquet_documents(p, params.text_column, w)) if params.source == "parquet" \
+        else _text_files
+    return read(root / params.train, "data.train"), read(root / params.test, "data.test")
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>", "[SEP]")
+
+
+def eos_id(tok, where: Path) -> int:
+    """The token that separates documents in the packed stream."""
+    for token in EOS_TOKENS:
+        if (i := tok.token_to_id(token)) is not None:
+            return int(i)
+    raise UserError(f"{where}: the tokenizer has no end-of-text token (looked for {list(EOS_TOKENS)})")
+
+
+def pack(docs: list[list[int]], seq_len: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids joined by `eos`, cut into sequences of seq_len + 1 tokens overlapping by one,
+    and the document each sequence starts in.  # -> (N, seq_len + 1) int64, (N,) int64
+
+    The remainder shorter than a sequence is dropped (at most seq_len tokens of the split).
+    """
+    stream = np.fromiter((t for d in docs for t in (*d, eos)), dtype=np.int64)
+    owner = np.repeat(np.arange(len(docs)), [len(d) + 1 for d in docs])  # (T,)
+    n = (len(stream) - 1) // seq_len
+    starts = np.arange(n) * seq_len
+    seqs = stream[starts[:, None] + np.arange(seq_len + 1)] if n else np.zeros((0, seq_len + 1), np.int64)
+    return seqs, owner[starts] if n else np.zeros(0, np.int64)
+
+
+def packed_frame(docs: list[tuple[str, str]], ids: list[list[int]], seq_len: int, eos: int,
+                 max_tokens: int | None) -> pd.DataFrame:
+    """A split's packed sequences (at most `max_tokens` targets) with the document each starts in."""
+    seqs, owner = pack(ids, seq_len, eos)
+    if max_tokens is not None:
+        seqs, owner = seqs[:max(1, max_tokens // seq_len)], owner[:max(1, max_tokens // seq_len)]
+    return pd.DataFrame({IDS: pd.Series(list(seqs), dtype=object), DOC: [docs[i][0] for i in owner]})
+
+
+def documents_frame(train: list[tuple[str, str]], test: list[tuple[str, str]], column: str,
+                    tokens: dict[str, list[list[int]]]) -> pd.DataFrame:
+    """Every document with its split and token count: what validation checks and the card prompts from."""
+    rows = [(name, text, split, len(tokens[split][i]))
+            for split, docs in (("train", train), ("test", test)) for i, (name, text) in enumerate(docs)]
+    return pd.DataFrame(rows, columns=["name", column, "split", "tokens"])

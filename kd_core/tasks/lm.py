@@ -1,0 +1,183 @@
+"""`task: lm` — a row is a packed token sequence and each of its positions is a cache row; models are
+Hugging Face causal LMs (kd_core.lm_models), the teacher a pretrained one adopted as it is.
+
+Inputs are a sequence's first `seq_len` tokens (N, L), labels its next tokens (N, L); the cache row
+of position t of sequence i is i·L + t (`positions`), so the cache's key, shards, resume and verify
+apply unchanged, and the training loop scores the mean over a row's positions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from kd_core import data, lm_data, lm_models
+from kd_core.config import Params, StudentParams, TeacherParams
+from kd_core.data import TOKENIZER_FILE, Schema, Splits
+from kd_core.errors import UserError
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
+from kd_core.text_data import load_tokenizer
+from kd_core.text_models import CONFIG_FILE, max_positions
+
+TEACHER_ARCH = "pretrained"  # the teacher's spec: a causal LM adopted as it is
+
+
+def _ids(frame: pd.DataFrame) -> np.ndarray:
+    """Packed sequences of a prepared split.  # (N, L + 1) int64"""
+    return np.stack(frame[lm_data.IDS].to_numpy()).astype(np.int64) if len(frame) else np.zeros((0, 2), np.int64)
+
+
+class LMTask:
+    name = "lm"
+    headline = "perplexity"
+    requirements = ("transformers", "tokenizers")
+    input_name = "input_ids"  # the ONNX input: (B, L) token ids
+    dynamic_axes = (0, 1)
+
+    def prepare(self, params: Params, root: Path, out: Path) -> Splits:
+        """Documents of the source, split by document, tokenised with the teacher's tokenizer and packed."""
+        d = params.data
+        source = lm_models.resolve_source(params.teacher.source, root)
+        blob = lm_models.source_tokenizer(source)
+        tok = load_tokenizer(blob, source)
+        train_docs, test_docs = lm_data.read_documents(d, root)
+        for split, docs in (("train", train_docs), ("test", test_docs)):
+            if not docs:
+                raise UserError(f"data ({d.source}): the {split} split has no documents")
+        ids = {split: [e.ids for e in tok.encode_batch([t for _, t in docs], add_special_tokens=False)]
+               for split, docs in (("train", train_docs), ("test", test_docs))}
+        eos = lm_data.eos_id(tok, source)
+        train = lm_data.packed_frame(train_docs, ids["train"], d.seq_len, eos, d.max_tokens)
+        test = lm_data.packed_frame(test_docs, ids["test"], d.seq_len, eos, d.max_test_tokens)
+        for split, frame, docs in (("train", train, ids["train"]), ("test", test, ids["test"])):
+            if len(frame) == 0:
+                raise UserError(f"data ({d.source}): the {split} split has {sum(map(len, docs)) + len(docs)} tokens, "
+                                f"fewer than one sequence of data.seq_len + 1 = {d.seq_len + 1}")
+        vocab = tok.get_vocab_size()
+        info = lm_data.LMInfo(d.seq_len, eos, vocab, lm_models.tokenizer_sha256(blob), len(train) * d.seq_len,
+                              len(test) * d.seq_len)
+        classes = tuple(tok.id_to_token(i) or f"<id {i}>" for i in range(vocab))  # the logits' order
+        schema = Schema((d.text_column,), "", classes, info.to_json())
+        splits = Splits(train, test, train.iloc[:0], schema)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / TOKENIZER_FILE).write_bytes(blob)
+            data.write_prepared(splits, out, Path(tmp) / TOKENIZER_FILE)
+        lm_data.documents_frame(train_docs, test_docs, d.text_column, ids).to_parquet(out / lm_data.DOCUMENTS,
+                                                                                     index=False)
+        return splits
+
+    def describe(self, schema: Schema) -> str:
+        return f"a sequence of {schema.text['seq_len']} tokens of the teacher's tokenizer (documents packed)"
+
+    def inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+        return _ids(frame)[:, :-1]  # (N, L)
+
+    def labels(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+        return _ids(frame)[:, 1:]  # (N, L): position t's target is token t + 1
+
+    def cache_inputs(self, splits: Splits) -> np.ndarray:
+        return self.inputs(splits.train, splits.schema)  # every document is labelled text: no transfer rows
+
+    def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
+        if isinstance(section, TeacherParams):
+            return ModelSpec(TEACHER_ARCH, {"source": section.source}, schema, self.name)
+        if section.arch not in lm_models.STUDENT_ARCHS and not Path(section.arch).is_dir():
+            raise UserError(f"student.arch {section.arch!r}: not a language-model student; choose one of "
+                            f"{list(lm_models.STUDENT_ARCHS)} or a Hugging Face config directory")
+        return ModelSpec(section.arch, dict(section.options), schema, self.name)
+
+    def init_dir(self, params: Params, root: Path) -> Path | None:
+        """Students start from the adopted teacher (its layers, or a projection of its embeddings)."""
+        return root / params.paths.teacher
+
+    def teacher_source(self, source: str, root: Path) -> Path:
+        return lm_models.resolve_source(source, root)
+
+    def build(self, spec: ModelSpec, x_train: np.ndarray | None, seed: int | None,
+              init: Path | None = None) -> lm_models.CausalLM:
+        if init is None or not (init / META_FILE).is_file():
+            raise UserError(f"a language-model student is built from the adopted teacher ({init}): "
+                            "run the teacher stage")
+        teacher, tspec = lm_models.load(init)
+        if tspec.schema.text["tokenizer_sha256"] != spec.schema.text["tokenizer_sha256"]:
+            raise UserError(f"{init}: not the teacher the prepared data was tokenised for; "
+                            "run prepare and teacher again")
+        options = dict(spec.options)
+        try:
+            if spec.arch == "layers":
+                net = lm_models.layer_subset(teacher.net, list(options.pop("layers")), **options)
+            elif spec.arch == "narrow":
+                net = lm_models.narrow(teacher.net, seed, **options)
+            else:
+                own = Path(spec.arch) / TOKENIZER_FILE
+                if own.is_file():
+                    lm_models.check_same_tokenizer(own.read_bytes(), teacher.tokenizer_json,
+                                                   f"student.arch {spec.arch}")
+                net = lm_models.from_config_dir(Path(spec.arch), seed, **options)
+        except (TypeError, KeyError) as exc:
+            raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
+        self._check(net, spec.schema, f"student.arch {spec.arch}")
+        return lm_models.CausalLM(net, spec.schema.text["vocab_size"], teacher.tokenizer_json)
+
+    @staticmethod
+    def _check(net: nn.Module, schema: Schema, where: str) -> None:
+        """Before any compute: the model predicts every token and reads a whole sequence."""
+        lm_models.check_vocab(net, schema.text["vocab_size"], where)
+        limit = max_positions(net.config)
+        if limit is not None and schema.text["seq_len"] > limit:
+            raise UserError(f"{where} reads at most {limit} positions, data.seq_len is {schema.text['seq_len']}")
+
+    def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> lm_models.CausalLM:
+        """A pretrained causal LM, checked against the prepared data's tokenizer and saved once as bf16
+        safetensors (a GGUF file is de-quantized here, so later stages load it in about a second)."""
+        if (src / META_FILE).is_file():  # a kd lm model directory
+            model, spec = lm_models.load(src)
+            if spec.schema.text["tokenizer_sha256"] != schema.text["tokenizer_sha256"]:
+                raise UserError(f"teacher.source {src}: its tokenizer is not the prepared data's; run prepare again")
+            for file in (WEIGHTS_FILE, META_FILE, CONFIG_FILE, TOKENIZER_FILE):
+                shutil.copy2(src / file, out / file)
+            return model
+        blob = lm_models.source_tokenizer(src)
+        if lm_models.tokenizer_sha256(blob) != schema.text["tokenizer_sha256"]:
+            raise UserError(f"teacher.source {src}: its tokenizer is not the one the prepared data was tokenised "
+                            "with; run the prepare stage again")
+        net = lm_models.load_source(src)
+        self._check(net, schema, f"teacher.source {src}")
+        model = lm_models.CausalLM(net, schema.text["vocab_size"], blob)
+        lm_models.save(model, self.spec(section, schema), out, dtype=torch.bfloat16)
+        return lm_models.load(out)[0]  # the bf16 weights, as every later stage sees them
+
+    def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
+        lm_models.save(model, spec, out)
+
+    def load(self, path: Path) -> tuple[lm_models.CausalLM, ModelSpec]:
+        return lm_models.load(path)
+
+    def fingerprint(self, path: Path) -> str:
+        return lm_models.fingerprint(path)
+
+    def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
+        return None  # packed: every row is seq_len tokens
+
+    def batch_order(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        return np.arange(len(x))
+
+    def positions(self, x: np.ndarray) -> int:
+        return x.shape[1]
+
+    def cache_batch(self, model: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(rows)
+
+    def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        out = model(batch)  # (B, L, C)
+        return out.reshape(-1, out.shape[-1])  # (B·L, C): position t of row i is cache row i·L + t
+
+    def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
+        """`batch` one-token inputs: MACs are per token for a causal LM."""
+        return torch.full((batch, 1), spec.schema.text["eos_id"], dtype=torch.int64)
