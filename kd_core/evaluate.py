@@ -120,3 +120,15 @@ def model_metrics(model: nn.Module, example: torch.Tensor, logits: np.ndarray, y
         "size_bytes": weights_file.stat().st_size,
         "per_class_accuracy": per_class_accuracy(logits, y, classes),
     }
+
+
+def classifier_scores(task, loaded: dict[str, tuple[nn.Module, object]], x: np.ndarray, y: np.ndarray,
+                      weights: dict[str, Path]) -> dict[str, dict]:
+    """`tabular` and `text`: every model's contract metrics on the test rows `x`, labels `y`; one
+    model is `teacher` (the agreement reference: with several teachers, their ensemble)."""
+    logits = {r: task.predict_logits(m, x) for r, (m, _) in loaded.items()}
+    latency = batch1_latencies_ms({r: m for r, (m, _) in loaded.items()},
+                                  {r: task.example(spec) for r, (_, spec) in loaded.items()})
+    teacher_pred = logits["teacher"].argmax(1)
+    return {r: task.metrics(m, spec, logits[r], y, teacher_pred, weights[r], latency[r])
+            for r, (m, spec) in loaded.items()}

@@ -48,7 +48,7 @@ class LMInfo:
 # --- sources: (name, text) documents --------------------------------------------------------------
 
 def _docstrings(source: str) -> str:
-    """A module's docstrings — the module's, then each class's and function's, in source order —
+    """A module's docstrings — the module's, then each class's and function's, outer before inner —
     read with `ast`: nothing is imported, so no module's import-time side effects run."""
     tree = ast.parse(source)
     parts = []
@@ -75,7 +75,7 @@ def stdlib_documents() -> list[tuple[str, str]]:
             continue
         if text.strip():
             docs.append((".".join(rel.with_suffix("").parts).removesuffix(".__init__"), text))
-    return docs
+    return sorted(docs)  # by name: the path order puts xml/dom/NodeFilter.py before xml/dom/__init__.py
 
 
 def _held_out(name: str, fraction: float) -> bool:
@@ -152,7 +152,8 @@ def pack(docs: list[list[int]], seq_len: int, eos: int) -> tuple[np.ndarray, np.
 
 def packed_frame(docs: list[tuple[str, str]], ids: list[list[int]], seq_len: int, eos: int,
                  max_tokens: int | None) -> pd.DataFrame:
-    """A split's packed sequences (at most `max_tokens` targets) with the document each starts in."""
+    """A split's packed sequences (at most `max_tokens` targets, but at least one sequence) with the
+    document each starts in."""
     seqs, owner = pack(ids, seq_len, eos)
     if max_tokens is not None:
         seqs, owner = seqs[:max(1, max_tokens // seq_len)], owner[:max(1, max_tokens // seq_len)]

@@ -9,9 +9,12 @@ can ever be one of them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,6 +84,19 @@ def source_tokenizer(path: Path) -> bytes:
     return tok.backend_tokenizer.to_str().encode()
 
 
+@contextlib.contextmanager
+def _no_tqdm() -> Iterator[None]:
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def load_source(path: Path) -> nn.Module:
     """The teacher's network in float32: a GGUF file de-quantized (rebuilt from its config, so it saves
     as plain safetensors), or a directory's safetensors weights (pickled weights are never loaded)."""
@@ -90,7 +106,8 @@ def load_source(path: Path) -> nn.Module:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise UserError(f"teacher.source {path}: a causal-LM teacher is a model directory or a .gguf file")
-            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            with _no_tqdm():  # the GGUF reader's own progress bar would flood the stage's output
+                loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             config = copy.deepcopy(loaded.config)
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
@@ -122,12 +139,14 @@ def load_source(path: Path) -> nn.Module:
 # --- the tokenizer gate ---------------------------------------------------------------------------
 
 def tokenizer_identity(blob: bytes) -> dict:
-    """What makes two tokenizers read text alike: vocabulary, merges, special tokens, normalisation."""
+    """What makes two tokenizers read text alike: vocabulary, merges, special tokens, normalisation,
+    and what they add around a text (a BOS token)."""
     obj = json.loads(blob)
     model = obj.get("model", {})
     return {"vocab": model.get("vocab"), "merges": model.get("merges"), "type": model.get("type"),
             "added": sorted((t["id"], t["content"]) for t in obj.get("added_tokens", [])),
-            "normalizer": obj.get("normalizer"), "pre_tokenizer": obj.get("pre_tokenizer")}
+            "normalizer": obj.get("normalizer"), "pre_tokenizer": obj.get("pre_tokenizer"),
+            "post_processor": obj.get("post_processor")}
 
 
 def tokenizer_sha256(blob: bytes) -> str:

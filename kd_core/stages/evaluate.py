@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_core import data, evaluate, models, tasks
+from kd_core import data, models, tasks
 from kd_core.config import Params
 from kd_core.fs import atomic_write_text
 
@@ -18,25 +18,20 @@ class EvalResult:
     metrics: dict
 
     def summary(self) -> str:
-        members = [f"teachers.{i} {m['accuracy']:.3f}" for i, m in enumerate(self.metrics.get("teachers", []))]
-        return "accuracy " + ", ".join([f"{r} {self.metrics[r]['accuracy']:.3f}" for r in ROLES] + members)
+        key = "perplexity" if "perplexity" in self.metrics["student"] else "accuracy"
+        members = [f"teachers.{i} {m[key]:.3f}" for i, m in enumerate(self.metrics.get("teachers", []))]
+        return f"{key} " + ", ".join([f"{r} {self.metrics[r][key]:.3f}" for r in ROLES] + members)
 
 
 def run(params: Params, workdir: Path) -> EvalResult:
     task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
-    x = task.inputs(splits.test, splits.schema)  # (N, ...)
-    y = task.labels(splits.test, splits.schema)  # (N,)
     dirs = {"teacher": params.paths.teacher, "student": params.paths.student,
             "baseline": params.paths.baseline}
     dirs |= {f"teachers.{i}": d for i, d in enumerate(params.teacher_dirs())} if params.teachers else {}
     loaded = {r: task.load(workdir / d) for r, d in dirs.items()}
-    logits = {r: task.predict_logits(m, x) for r, (m, _) in loaded.items()}
-    latency = evaluate.batch1_latencies_ms({r: m for r, (m, _) in loaded.items()},
-                                           {r: task.example(spec) for r, (_, spec) in loaded.items()})
-    teacher_pred = logits["teacher"].argmax(1)  # members' agreement is with the ensemble the student learned
-    scored = {r: task.metrics(m, spec, logits[r], y, teacher_pred, workdir / dirs[r] / models.WEIGHTS_FILE,
-                              latency[r]) for r, (m, spec) in loaded.items()}
+    # members' agreement is with the ensemble the student learned from, `teacher`
+    scored = task.score(loaded, splits, {r: workdir / d / models.WEIGHTS_FILE for r, d in dirs.items()})
     result = {r: scored[r] for r in ROLES}
     if params.teachers:  # `teacher` is the ensemble; each member is scored on its own as well
         result["teachers"] = [{"arch": loaded[f"teachers.{i}"][1].arch, **scored[f"teachers.{i}"]}

@@ -22,6 +22,7 @@ from kd_core.curves import read_curve
 from kd_core.errors import UserError
 from kd_core.provenance import git_commit
 from kd_core.stages._registered import REGISTER_FILE, registered_version
+from kd_core.tasks.lm import require_stage
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def _publish(tmp: Path, reports: Path, names: tuple[str, ...]) -> None:
 
 
 def run(params: Params, workdir: Path) -> ReportResult:
+    require_stage(params.task, "report")
     reports = workdir / params.paths.reports
     reports.mkdir(parents=True, exist_ok=True)
     card_inputs = inputs(params, workdir)

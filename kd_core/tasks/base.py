@@ -98,6 +98,11 @@ class Task(Protocol):
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         """`batch` zero input rows: for MAC counting and latency (batch 1), shape probes and export."""
 
+    def score(self, loaded: dict[str, tuple[nn.Module, ModelSpec]], splits: Splits,
+              weights: dict[str, Path]) -> dict[str, dict]:
+        """Every contract metric of `metrics/eval.json` per model on the test split (one is `teacher`;
+        latencies timed interleaved in one process); `weights`: each model's weights file."""
+
     def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
                 teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
         """Every contract metric of `metrics/eval.json` for one model on the test rows (`latency_ms`:

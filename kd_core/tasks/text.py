@@ -164,6 +164,11 @@ class TextTask:
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         return text_models.example_ids(spec, batch)  # (batch, median length)
 
+    def score(self, loaded: dict[str, tuple[nn.Module, ModelSpec]], splits: Splits,
+              weights: dict[str, Path]) -> dict[str, dict]:
+        return evaluate.classifier_scores(self, loaded, self.inputs(splits.test, splits.schema),
+                                          self.labels(splits.test, splits.schema), weights)
+
     def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
                 teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
         return evaluate.model_metrics(model, self.example(spec), logits, y, teacher_pred, spec.schema.classes,

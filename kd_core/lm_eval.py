@@ -1,0 +1,86 @@
+"""Evaluation of causal LMs on held-out documents: perplexity, agreement and KL with the teacher,
+per-token cost, generation speed — every model in one pass over the same test sequences.
+
+All models score the same batches in turn, so the teacher's distribution for a batch is at hand when
+each other model is scored (KL needs both), and memory stays one batch × seq_len × C per model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_core.evaluate import count_macs, count_params
+
+BATCH = 4  # test sequences per forward pass
+GENERATE_TOKENS = 32  # new tokens per timed greedy generation
+PROMPT_TOKENS = 16
+
+
+@torch.inference_mode()
+def sequence_scores(models: dict[str, nn.Module], x: np.ndarray, y: np.ndarray,
+                    teacher: str = "teacher") -> dict[str, dict[str, np.ndarray]]:
+    """Per model and test sequence: summed NLL of the targets, top-1 agreements with the teacher and
+    summed KL(p_teacher ‖ p_model) (nats).  # x, y (N, L) -> {model: {name: (N,)}}"""
+    out = {m: {k: np.zeros(len(x)) for k in ("nll", "agree", "kl", "correct")} for m in models}
+    for s in range(0, len(x), BATCH):
+        xb, yb = torch.from_numpy(x[s:s + BATCH]), torch.from_numpy(y[s:s + BATCH])  # (b, L)
+        log_t = F.log_softmax(models[teacher](xb).float(), dim=-1)  # (b, L, C)
+        top_t = log_t.argmax(dim=-1)  # (b, L)
+        for name, model in models.items():
+            log_p = log_t if name == teacher else F.log_softmax(model(xb).float(), dim=-1)
+            r = out[name]
+            r["nll"][s:s + BATCH] = -log_p.gather(-1, yb[..., None])[..., 0].sum(dim=-1).numpy()
+            r["correct"][s:s + BATCH] = (log_p.argmax(dim=-1) == yb).sum(dim=-1).numpy()
+            r["agree"][s:s + BATCH] = (log_p.argmax(dim=-1) == top_t).sum(dim=-1).numpy()
+            kl = (log_t.exp() * (log_t - log_p)).sum(dim=-1)  # (b, L)
+            r["kl"][s:s + BATCH] = kl.sum(dim=-1).numpy()
+    return out
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / max(tokens, 1))
+
+
+def tokens_per_second(models: dict[str, nn.Module], prompt: list[int], eos_id: int) -> dict[str, float]:
+    """Greedy generation speed at batch 1 (KV cache), the models taking turns three times; the best
+    round counts, as the least disturbed by the machine."""
+    from kd_core.lm_models import generate
+
+    best = {m: 0.0 for m in models}
+    for _ in range(3):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            new = generate(model, prompt, GENERATE_TOKENS, eos_id=None)  # no early stop: equal work
+            best[name] = max(best[name], len(new) / (time.perf_counter() - t0))
+    return best
+
+
+def lm_metrics(models: dict[str, nn.Module], examples: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray,
+               weights: dict[str, Path], latency_ms: dict[str, float], eos_id: int) -> dict[str, dict]:
+    """Every contract metric of `metrics/eval.json` for `lm`, per model (one must be `teacher`)."""
+    scores = sequence_scores(models, x, y)
+    speed = tokens_per_second(models, x[0, :PROMPT_TOKENS].tolist(), eos_id)
+    tokens = y.size
+    result = {}
+    for name, model in models.items():
+        r = scores[name]
+        result[name] = {
+            "perplexity": perplexity(r["nll"].sum(), tokens),
+            "nll": float(r["nll"].sum() / tokens),
+            "accuracy": float(r["correct"].sum() / tokens),  # next-token top-1 on the held-out documents
+            "agreement_with_teacher": float(r["agree"].sum() / tokens),
+            "kl_to_teacher": float(r["kl"].sum() / tokens),
+            "params": count_params(model),
+            "macs": count_macs(model, examples[name]),  # one token's forward
+            "latency_ms_p50": latency_ms[name],  # one next-token step (a one-token forward)
+            "tokens_per_s": speed[name],
+            "size_bytes": weights[name].stat().st_size,
+        }
+    return result

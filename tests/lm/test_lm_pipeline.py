@@ -1,0 +1,175 @@
+"""`task: lm` under `dvc repro evaluate`: a tiny random Llama teacher (tokenizer trained in the test) on
+the standard-library corpus, a layer-subset student from its sparse top-k cache, and the text-only twin.
+One project, built once for the module; each test reads one output against the contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kd_core import lm_data, lm_models
+from kd_core.cache import LogitCache
+from tests.conftest import ROOT, deep_update, dvc, git, kd, new_project, stages_ran, write_params
+from tests.lm.conftest import build_llama, train_tokenizer
+from tests.text.conftest import project_env
+
+pytestmark = pytest.mark.slow
+TEACHER = "models/tiny-llama"
+SEQ, K = 32, 16
+LM = {"data": {"source": "stdlib", "seq_len": SEQ, "max_tokens": 3072, "max_test_tokens": 512,
+                             "test_fraction": 0.1},
+      "teacher": {"source": TEACHER}, "student": {"arch": "layers", "options": {"layers": [0, 3]}},
+      "cache": {"top_k": K, "dtype": "float16", "shard_rows": 500, "batch_size": 4},
+      "distill": {"temperature": 1.0, "alpha": 0.5},
+      "train": {"epochs": 2, "batch_size": 8, "lr": 0.001, "patience": None, "val_fraction": 0.1}}
+UNTIL_EVALUATE = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline", "evaluate"}
+
+
+def lm_project(tmp: Path, teacher: Path, overrides: dict | None = None) -> Path:
+    """A committed project with the LM params and the teacher directory under models/."""
+    proj = new_project(tmp / "proj", {})
+    shutil.copy2(ROOT / "examples/lm/params.yaml", proj / "params.yaml")
+    write_params(proj, deep_update(LM, overrides or {}))
+    shutil.copytree(teacher, proj / TEACHER)
+    git(proj, "init", "-q")
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "lm project")
+    return proj
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[tuple[Path, str]]:
+    tmp = tmp_path_factory.mktemp("lm-e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in project_env(tmp).items():
+            mp.setenv(var, value)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        proj = lm_project(tmp, tiny_llama_dir)
+        mp.chdir(proj)
+        res = dvc(proj, "repro", "evaluate")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        yield proj, res.stdout
+
+
+def read(proj: Path, rel: str) -> dict:
+    return json.loads((proj / rel).read_text())
+
+
+def test_repro_runs_every_stage_up_to_evaluate(run: tuple[Path, str]) -> None:
+    assert stages_ran(run[1]) == UNTIL_EVALUATE
+
+
+def test_sequences_are_packed_with_the_teachers_tokenizer(run: tuple[Path, str]) -> None:
+    proj, _ = run
+    info = read(proj, "data/prepared/schema.json")["text"]
+    blob = (proj / TEACHER / "tokenizer.json").read_bytes()
+    assert info["seq_len"] == SEQ and info["tokenizer_sha256"] == lm_models.tokenizer_sha256(blob)
+    assert (proj / "data/prepared/tokenizer.json").read_bytes() == blob
+    train = np.stack(pd.read_parquet(proj / "data/prepared/train.parquet")[lm_data.IDS].to_numpy())
+    assert train.shape == (3072 // SEQ, SEQ + 1)
+    assert (train[1:, 0] == train[:-1, -1]).all()  # consecutive sequences share one token: none lost
+    docs = pd.read_parquet(proj / "data/prepared" / lm_data.DOCUMENTS)
+    test_docs = pd.read_parquet(proj / "data/prepared/test.parquet")[lm_data.DOC]
+    assert set(test_docs) <= set(docs[docs["split"] == "test"]["name"])  # split by document
+    assert not set(docs[docs["split"] == "test"]["name"]) & set(docs[docs["split"] == "train"]["name"])
+
+
+def test_cache_rows_are_token_positions_with_uint16_indices(run: tuple[Path, str]) -> None:
+    """Row i·L + t holds the teacher's top-k for position t of sequence i (recomputed here), at 4·K + 4
+    bytes per token, and `kd cache verify` passes."""
+    proj, _ = run
+    cache = LogitCache(proj / "artifacts/logits")
+    train = np.stack(pd.read_parquet(proj / "data/prepared/train.parquet")[lm_data.IDS].to_numpy())
+    assert cache.rows == len(train) * SEQ and cache.top_k == K
+    assert cache.manifest["index_dtype"] == "uint16" and cache.manifest["bytes_per_row"] == 4 * K + 4
+    teacher, _ = lm_models.load(proj / "artifacts/teacher")
+    i = len(train) - 3
+    with torch.inference_mode():
+        want = teacher(torch.from_numpy(train[i:i + 1, :-1]))[0].topk(K, dim=-1)  # (L, K)
+    got = cache.take_topk(np.arange(i * SEQ, (i + 1) * SEQ))
+    np.testing.assert_array_equal(got.indices[:, 0], want.indices[:, 0].numpy())  # the top token per position
+    np.testing.assert_allclose(got.values, want.values.numpy(), atol=2e-2)
+    verify = kd(proj, "cache", "verify", "artifacts/logits")
+    assert verify.returncode == 0 and "ok" in verify.stdout
+
+
+def test_eval_json_holds_the_lm_metrics(run: tuple[Path, str]) -> None:
+    proj, _ = run
+    ev = read(proj, "metrics/eval.json")
+    keys = {"perplexity", "kl_to_teacher", "tokens_per_s", "agreement_with_teacher", "params", "macs",
+            "latency_ms_p50", "size_bytes"}
+    for role in ("teacher", "student", "baseline"):
+        assert keys <= set(ev[role]), (role, sorted(ev[role]))
+        assert ev[role]["perplexity"] > 1 and ev[role]["tokens_per_s"] > 0 and ev[role]["macs"] > 0
+    assert ev["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert ev["teacher"]["agreement_with_teacher"] == 1.0
+    assert ev["student"]["params"] < ev["teacher"]["params"] and ev["student"]["macs"] < ev["teacher"]["macs"]
+    assert ev["student"]["kl_to_teacher"] > 0
+
+
+def test_kd_run_refuses_before_any_work(run: tuple[Path, str]) -> None:
+    proj, _ = run
+    res = kd(proj, "run")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "task lm" in res.stderr and "dvc repro evaluate" in res.stderr
+
+
+# --- bad input: one line, before compute ---------------------------------------------------------
+
+def _stages(proj: Path, *names: str) -> None:
+    for name in names:
+        res = kd(proj, "stage", name)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+
+def _refused(proj: Path, stage: str, *needles: str) -> str:
+    res = kd(proj, "stage", stage)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert all(n in line for n in needles), line
+    return line
+
+
+@pytest.fixture
+def bad(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for var, value in project_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    return lm_project(tmp_path, tiny_llama_dir)
+
+
+def test_a_student_with_another_tokenizer_is_refused_before_training(bad: Path) -> None:
+    other = build_llama(bad / "models/other", train_tokenizer(300), layers=2)
+    write_params(bad, {"student": {"arch": str(other), "options": {}}})
+    _stages(bad, "prepare", "teacher")
+    _refused(bad, "train_baseline", "tokenizer differs", "vocab")  # the student's build, as train_student's
+    assert not (bad / "artifacts/baseline").exists()
+
+
+def test_a_teacher_whose_tokenizer_is_not_the_datas_is_refused(bad: Path) -> None:
+    _stages(bad, "prepare")
+    (bad / TEACHER / "tokenizer.json").write_bytes(train_tokenizer(300))
+    _refused(bad, "teacher", "tokenizer", "prepare")
+
+
+def test_sequences_longer_than_the_teacher_reads_are_refused(bad: Path) -> None:
+    write_params(bad, {"data": {"seq_len": 512, "max_tokens": 4096}})
+    _stages(bad, "prepare")
+    _refused(bad, "teacher", "512", "256")
+
+
+def test_a_corpus_shorter_than_one_sequence_is_refused(bad: Path) -> None:
+    (bad / "data/raw").mkdir(parents=True, exist_ok=True)
+    (bad / "data/raw/train.txt").write_text("A short document.")
+    (bad / "data/raw/test.txt").write_text("Another short one.")
+    write_params(bad, {"data": {"source": "text", "train": "data/raw/train.txt", "test": "data/raw/test.txt"}})
+    _refused(bad, "prepare", "fewer than one sequence", str(SEQ + 1))
