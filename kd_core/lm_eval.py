@@ -44,6 +44,18 @@ def sequence_scores(models: dict[str, nn.Module], x: np.ndarray, y: np.ndarray,
     return out
 
 
+@torch.inference_mode()
+def nll_per_sequence(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of the targets and correct top-1 next tokens, per sequence.  # x, y (N, L) -> (N,), (N,)"""
+    nll, correct = np.zeros(len(x)), np.zeros(len(x))
+    for s in range(0, len(x), BATCH):
+        xb, yb = torch.from_numpy(x[s:s + BATCH]), torch.from_numpy(y[s:s + BATCH])
+        log_p = F.log_softmax(model.eval()(xb).float(), dim=-1)  # (b, L, C)
+        nll[s:s + BATCH] = -log_p.gather(-1, yb[..., None])[..., 0].sum(dim=-1).numpy()
+        correct[s:s + BATCH] = (log_p.argmax(dim=-1) == yb).sum(dim=-1).numpy()
+    return nll, correct
+
+
 def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / max(tokens, 1))
 

@@ -18,6 +18,7 @@ from kd_core.config import PolicyParams
 from kd_core.errors import UserError
 
 ACCURACY, PER_CLASS = "accuracy", "per_class_accuracy"  # eval.json keys the policy reads; the same
+PERPLEXITY = "perplexity"  # task lm's headline: lower is better
 LATENCY, SIZE = "latency_ms_p50", "size_bytes"              # names everywhere (eval.json, MLflow, tags)
 RULES = ("teacher_retention", "gain_over_baseline", "latency_ratio", "size_bytes", "class_drop",
          "gain_over_champion", "champion_p_value")
@@ -38,8 +39,9 @@ class ChampionScore:
     version: int
     accuracy: float  # the champion's accuracy on today's test rows, not its old metrics
     per_class_accuracy: dict[str, float]  # the champion's, keyed by class name like eval.json
-    wins: int  # rows the candidate classifies right and the champion wrong
-    losses: int  # rows the champion classifies right and the candidate wrong
+    wins: int  # rows the candidate classifies right and the champion wrong (lm: sequences it predicts better)
+    losses: int  # rows the champion classifies right and the candidate wrong (lm: sequences it predicts worse)
+    perplexity: float | None = None  # lm: the champion's perplexity on today's held-out sequences
 
 
 def paired_score(version: int, candidate: np.ndarray, champion: np.ndarray, labels: np.ndarray) -> ChampionScore:
@@ -50,6 +52,15 @@ def paired_score(version: int, candidate: np.ndarray, champion: np.ndarray, labe
     per_class = {str(c): float(champ_ok[y == c].mean()) for c in pd.unique(y)}
     return ChampionScore(version, float(champ_ok.mean()) if len(y) else 0.0, per_class,
                          int((cand_ok & ~champ_ok).sum()), int((~cand_ok & champ_ok).sum()))
+
+
+def paired_nll(version: int, candidate: np.ndarray, champion: np.ndarray, tokens: int,
+               champion_accuracy: float) -> ChampionScore:
+    """Sequence-by-sequence comparison of two language models' summed NLL on the same held-out
+    sequences, (N,) each: a win is a sequence the candidate predicts better (a sign test, like McNemar's)."""
+    cand, champ = np.asarray(candidate, dtype=np.float64), np.asarray(champion, dtype=np.float64)
+    return ChampionScore(version, champion_accuracy, {}, int((cand < champ).sum()), int((cand > champ).sum()),
+                         float(np.exp(champ.sum() / max(tokens, 1))))
 
 
 def mcnemar_p_value(wins: int, losses: int) -> float:
@@ -97,39 +108,59 @@ def _at_most(name: str, value: float, threshold: float, detail: str = "", fmt: s
 
 def _champion_checks(candidate: dict, student: float, champion: ChampionScore,
                      policy: PolicyParams) -> list[tuple[bool, str]]:
+    vs = f" vs version {champion.version}"
+    p = mcnemar_p_value(champion.wins, champion.losses)
+    significance = _at_most(RULES[6], p, policy.max_p_value, f" ({champion.wins} wins, {champion.losses} losses{vs})")
+    if PERPLEXITY in candidate:  # lm: perplexity points gained over the champion; no classes
+        mine = _number(candidate, PERPLEXITY, "student", 1.0)
+        return [(True, f"{RULES[4]} n/a (task lm has no classes): pass"),
+                _at_least(RULES[5], (champion.perplexity or math.inf) - mine, policy.min_gain_over_champion,
+                          f" (perplexity{vs})"),
+                significance]
     mine = _per_class(candidate, "student")
     missing = sorted(set(champion.per_class_accuracy) - set(mine))
     if missing:
         raise UserError(f"student {PER_CLASS} lacks class(es) {missing[:5]} of today's test split")
     drops = {c: acc - mine[c] for c, acc in champion.per_class_accuracy.items()}  # > 0: the class got worse
     worst = max(drops, key=lambda c: drops[c])
-    p = mcnemar_p_value(champion.wins, champion.losses)
-    vs = f" vs version {champion.version}"
     return [
         _at_most(RULES[4], drops[worst], policy.max_class_drop, f" (class {worst}{vs})"),
         _at_least(RULES[5], student - champion.accuracy, policy.min_gain_over_champion, vs),
-        _at_most(RULES[6], p, policy.max_p_value, f" ({champion.wins} wins, {champion.losses} losses{vs})"),
+        significance,
     ]
+
+
+def _quality_checks(candidate: dict, teacher: dict, baseline: dict, policy: PolicyParams) -> list[tuple[bool, str]]:
+    """Teacher retention and gain over the baseline, on the task's headline metric: accuracy, or for
+    `lm` perplexity (retention = teacher / student perplexity; gain = baseline - student perplexity)."""
+    if PERPLEXITY not in candidate:
+        student = accuracy(candidate, "student")
+        teacher_acc, baseline_acc = accuracy(teacher, "teacher"), accuracy(baseline, "baseline")
+        return [_at_least(RULES[0], student / teacher_acc, policy.min_teacher_retention) if teacher_acc > 0
+                else (False, f"{RULES[0]} undefined (teacher {ACCURACY} 0.0000): fail"),
+                _at_least(RULES[1], student - baseline_acc, policy.min_gain_over_baseline)]
+    student, t, b = (_number(m, PERPLEXITY, r, 1.0) for m, r in ((candidate, "student"), (teacher, "teacher"),
+                                                                 (baseline, "baseline")))
+    return [_at_least(RULES[0], t / student, policy.min_teacher_retention, " (teacher / student perplexity)"),
+            _at_least(RULES[1], b - student, policy.min_gain_over_baseline, " (baseline - student perplexity)")]
 
 
 def decide_promotion(candidate: dict, teacher: dict, baseline: dict, champion: ChampionScore | None,
                      policy: PolicyParams) -> Decision:
     """Promote only if every rule passes, in RULES order:
 
-    the student keeps enough of the teacher's accuracy; beats the hard-label baseline (KD helped); is
+    the student keeps enough of the teacher's accuracy (`lm`: perplexity); beats the hard-label
+    baseline (KD helped); is
     fast enough next to the teacher (batch-1 latencies timed interleaved in one process by
     kd_core.evaluate.batch1_latencies_ms, so machine noise hits both alike) and small enough; and,
     when a champion exists (scored on today's test rows, paired with the student), loses no class by
     more than the margin, beats it by at least epsilon, and the win is significant.
     """
     student = accuracy(candidate, "student")
-    teacher_acc, baseline_acc = accuracy(teacher, "teacher"), accuracy(baseline, "baseline")
     latency, teacher_latency = _number(candidate, LATENCY, "student"), _number(teacher, LATENCY, "teacher")
     size = _number(candidate, SIZE, "student")
     checks = [
-        _at_least(RULES[0], student / teacher_acc, policy.min_teacher_retention) if teacher_acc > 0
-        else (False, f"{RULES[0]} undefined (teacher {ACCURACY} 0.0000): fail"),
-        _at_least(RULES[1], student - baseline_acc, policy.min_gain_over_baseline),
+        *_quality_checks(candidate, teacher, baseline, policy),
         _at_most(RULES[2], latency / teacher_latency, policy.max_latency_ratio) if teacher_latency > 0
         else (False, f"{RULES[2]} undefined (teacher {LATENCY} 0): fail"),
         _at_most(RULES[3], size, policy.max_size_bytes, fmt=".0f") if policy.max_size_bytes is not None

@@ -31,12 +31,14 @@ from kd_core.errors import UserError
 from kd_core.lock import registry_lock
 from kd_core.policy import (
     ACCURACY,
+    PERPLEXITY,
     RULES,
     ChampionScore,
     Decision,
     accuracy,
     decide_promotion,
     mcnemar_p_value,
+    paired_nll,
     paired_score,
 )
 from kd_core.provenance import Fingerprints, current_user, dvc_stage_hashes, fingerprints
@@ -190,6 +192,7 @@ class _Evidence:
     label_column: str
     inputs: tuple[str, ...]  # the columns a served model reads (features, or the text column)
     fingerprints: Fingerprints
+    schema: data.Schema
 
     @property
     def features(self) -> pd.DataFrame:
@@ -221,7 +224,7 @@ def _evidence(root: Path, params: Params) -> _Evidence:
     if len(splits.test) == 0:
         raise UserError(f"{root / params.paths.prepared}: the test split is empty")
     return _Evidence(evals, path, splits.test, splits.schema.label_column, splits.schema.features,
-                     fingerprints(root, params))
+                     fingerprints(root, params), splits.schema)
 
 
 def _identical_version(client: MlflowClient, name: str, fp: Fingerprints) -> ModelVersion | None:
@@ -248,6 +251,38 @@ def _predict_candidate(model_dir: Path, ev: _Evidence) -> np.ndarray:
         raise UserError(f"{ev.eval_path} is stale: student {ACCURACY} {said:.4f}, but {model_dir} scores "
                         f"{scored:.4f} on the test split; re-run evaluate (dvc repro)")
     return predictions
+
+
+def _classifier_champion(root: Path, params: Params, ev: _Evidence,
+                         champion_mv: ModelVersion | None) -> ChampionScore | None:
+    """The candidate checked against eval.json, and the champion re-scored through its own served
+    model on the same test rows (paired)."""
+    name = params.registry.model_name
+    champion_pred = (serving.predict_registered(f"models:/{name}/{champion_mv.version}", ev.features)
+                     if champion_mv is not None else None)
+    candidate_pred = _predict_candidate(root / params.paths.student, ev)
+    return (paired_score(int(champion_mv.version), candidate_pred, champion_pred, ev.labels)
+            if champion_mv is not None else None)
+
+
+def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVersion | None) -> ChampionScore | None:
+    """`lm`: the candidate's per-sequence NLL on the held-out sequences, checked against eval.json's
+    perplexity, paired with the champion's on the same sequences (its model directory, downloaded)."""
+    from kd_core import lm_eval
+
+    task = tasks.TASKS["lm"]
+    x, y = task.inputs(ev.test, ev.schema), task.labels(ev.test, ev.schema)  # (N, L) each
+    mine, _ = lm_eval.nll_per_sequence(tasks.load_model(root / params.paths.student)[0], x, y)
+    said, scored = ev.evals["student"].get(PERPLEXITY), lm_eval.perplexity(mine.sum(), y.size)
+    if not isinstance(said, int | float) or abs(said - scored) > 1e-3 * scored:
+        raise UserError(f"{ev.eval_path} is stale: student {PERPLEXITY} {said}, but {params.paths.student} scores "
+                        f"{scored:.4f} on the test split; re-run evaluate (dvc repro)")
+    if champion_mv is None:
+        return None
+    uri = f"models:/{params.registry.model_name}/{champion_mv.version}"
+    theirs = tasks.load_model(serving.download_model_dir(uri, root / params.paths.work / "champion", root))[0]
+    nll, correct = lm_eval.nll_per_sequence(theirs, x, y)
+    return paired_nll(int(champion_mv.version), mine, nll, y.size, float(correct.sum() / y.size))
 
 
 def _target_run(client: MlflowClient, experiment: str, uri: str) -> str:
@@ -318,16 +353,14 @@ def register_candidate(root: Path, params: Params) -> RegisterOutcome:
         if same is not None:
             return _recorded(client, name, same)
         champion_mv = champion_version(client, name)
-        champion_pred = (serving.predict_registered(f"models:/{name}/{champion_mv.version}", ev.features)
-                         if champion_mv is not None else None)
-        candidate_pred = _predict_candidate(root / params.paths.student, ev)
-        champion = (paired_score(int(champion_mv.version), candidate_pred, champion_pred, ev.labels)
-                    if champion_mv is not None else None)
+        champion = (_lm_champion(root, params, ev, champion_mv) if params.task == "lm"
+                    else _classifier_champion(root, params, ev, champion_mv))
         decision = decide_promotion(ev.evals["student"], ev.evals["teacher"], ev.evals["baseline"],
                                     champion, params.policy)
         run_id = _target_run(client, params.registry.experiment, uri)
         extra = ({f"{CHAMPION}.{ACCURACY}": champion.accuracy,
                   f"{CHAMPION}.p_value": mcnemar_p_value(champion.wins, champion.losses)}
+                 | ({f"{CHAMPION}.{PERPLEXITY}": champion.perplexity} if champion.perplexity is not None else {})
                  if champion is not None else {})
         # as the active run: a failure marks it FAILED, success FINISHED (then end_dag_run decides)
         with mlflow.start_run(run_id=run_id):

@@ -18,7 +18,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -31,7 +30,6 @@ MODEL_NAME_IN_RUN = "model"
 
 PACKAGE = "kd_core"  # logged with every model (code_paths); the model code imports from it
 
-OUTPUTS = ("classes", "probabilities")  # what predict(params={"output": ...}) can return
 
 SERVING_PACKAGES = ("torch", "safetensors", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
 
@@ -46,18 +44,11 @@ mlflow.models.set_model(KDPyfuncModel())
 
 
 def predict_frame(model: models.KDModel, spec: models.ModelSpec, frame: pd.DataFrame,
-                  output: str = "classes") -> np.ndarray | pd.DataFrame:
-    """Raw inputs -> class names or probabilities; the model's task reads the frame (for a table:
-    columns by name, any order, extras ignored)."""
-    if output not in OUTPUTS:
-        raise UserError(f"unknown output {output!r}; choose one of {list(OUTPUTS)}")
-    task, schema = tasks.TASKS[spec.task], spec.schema
-    logits = task.predict_logits(model, task.serving_inputs(model, spec, frame))
-    logits = logits.reshape(len(frame), len(schema.classes))  # (N, K), also when N == 0
-    if output == "probabilities":
-        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)
-        return pd.DataFrame(probs, columns=[str(c) for c in schema.classes])
-    return np.asarray(schema.classes, dtype=object)[logits.argmax(axis=1)]  # (N,) class names
+                  output: str | None = None, **params: Any) -> np.ndarray | pd.DataFrame:
+    """Raw inputs -> what the model's task answers: class names or probabilities (tables: columns by
+    name, any order, extras ignored; text: documents), or completions (`lm`: prompts)."""
+    task = tasks.TASKS[spec.task]
+    return task.answer(model, spec, frame, {"output": output or task.outputs[0], **params})
 
 
 class KDPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -68,8 +59,7 @@ class KDPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray | pd.DataFrame:
-        output = (params or {}).get("output", "classes")
-        return predict_frame(self._model, self._spec, model_input, output)
+        return predict_frame(self._model, self._spec, model_input, **(params or {}))
 
 
 def _requirement(package: str) -> str:
@@ -80,9 +70,10 @@ def _requirement(package: str) -> str:
 def log_model(model_dir: Path, test: pd.DataFrame) -> str:
     """Log `model_dir` as a pyfunc into the active run; returns the model URI to register."""
     model, spec = tasks.load_model(model_dir)
-    example = tasks.TASKS[spec.task].input_example(test, spec.schema)
-    classes = predict_frame(model, spec, example).tolist()
-    signature = infer_signature(example, classes, params={"output": OUTPUTS[0]})
+    task = tasks.TASKS[spec.task]
+    example = task.input_example(model, test, spec.schema)
+    answers = predict_frame(model, spec, example).tolist()
+    signature = infer_signature(example, answers, params={"output": task.outputs[0], **task.serving_params})
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "kd_pyfunc_model.py"
         code.write_text(_MODEL_CODE)

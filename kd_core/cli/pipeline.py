@@ -45,7 +45,7 @@ def run(
     if params.task == "lm":
         from kd_core.tasks.lm import require_stage
 
-        require_stage(params.task, "register")  # before hours of caching and training, not after
+        require_stage(params.task, "export")  # before hours of caching and training, not after
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from CI

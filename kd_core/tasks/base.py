@@ -21,6 +21,8 @@ from kd_core.models import ModelSpec
 
 class Task(Protocol):
     name: str
+    outputs: tuple[str, ...]  # what a served model can answer (`params={"output": ...}`); the first by default
+    serving_params: dict  # further predict params a served model takes, with their defaults
     headline: str  # the metric the policy and the card lead with ("accuracy", "perplexity")
     requirements: tuple[str, ...]  # packages a served model needs beyond kd_core's own
     input_name: str  # the exported ONNX graph's input
@@ -92,7 +94,11 @@ class Task(Protocol):
         """Raw inputs as a served model receives them (a table by column name, raw text) -> model inputs;
         what is missing is a one-line UserError naming it."""
 
-    def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray | pd.DataFrame:
+        """What the served model returns for raw inputs (class names, probabilities, completions);
+        `params` as a client sends them (`output`, `max_new_tokens`, ...)."""
+
+    def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         """A few raw rows in the types a client sends: the served model's signature and example."""
 
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
@@ -112,3 +118,19 @@ class Task(Protocol):
 def labelled_then_transfer(task: Task, splits: Splits) -> np.ndarray:
     """Every task's cache row order: the labelled train rows, then the transfer rows.  # (N, ...)"""
     return np.concatenate([task.inputs(splits.train, splits.schema), task.inputs(splits.transfer, splits.schema)])
+
+
+def classify(task: Task, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame,
+             params: dict) -> np.ndarray | pd.DataFrame:
+    """A classifier's served answer: class names (N,), or with `output: probabilities` one column per class."""
+    from kd_core.errors import UserError
+
+    output = params.get("output", task.outputs[0])
+    if output not in task.outputs:
+        raise UserError(f"unknown output {output!r}; choose one of {list(task.outputs)}")
+    logits = task.predict_logits(model, task.serving_inputs(model, spec, frame))
+    logits = logits.reshape(len(frame), len(spec.schema.classes))  # (N, K), also when N == 0
+    if output == "probabilities":
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)
+        return pd.DataFrame(probs, columns=[str(c) for c in spec.schema.classes])
+    return np.asarray(spec.schema.classes, dtype=object)[logits.argmax(axis=1)]  # (N,) class names

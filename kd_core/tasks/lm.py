@@ -25,16 +25,17 @@ from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
 from kd_core.text_data import load_tokenizer
 from kd_core.text_models import CONFIG_FILE, max_positions
 
+PROMPT_TOKENS = 16  # a served model's example prompts: the start of held-out sequences
 TEACHER_ARCH = "pretrained"  # the teacher's spec: a causal LM adopted as it is
 # stages task lm does not have yet (issue 16): the served model, its export and card come next
-NOT_YET = ("register", "export", "report")
+NOT_YET = ("export", "report")
 
 
 def require_stage(task: str, stage: str) -> None:
     """One line, before any work, where `task: lm` reaches a stage it does not have yet."""
     if task == "lm" and stage in NOT_YET:
-        raise UserError(f"task lm: the {stage} stage is not available yet (registration, export and the model "
-                        "card of language models are in progress); run `dvc repro evaluate` for metrics/eval.json")
+        raise UserError(f"task lm: the {stage} stage is not available yet (export and the model card of "
+                        "language models are in progress); run `dvc repro register` (evaluate, register)")
 
 
 def _ids(frame: pd.DataFrame) -> np.ndarray:
@@ -44,6 +45,8 @@ def _ids(frame: pd.DataFrame) -> np.ndarray:
 
 class LMTask:
     name = "lm"
+    outputs = ("completions",)
+    serving_params: dict = {"max_new_tokens": 32}  # greedy: same prompt, same completion
     headline = "perplexity"
     requirements = ("transformers", "tokenizers")
     input_name = "input_ids"  # the ONNX input: (B, L) token ids
@@ -199,3 +202,40 @@ class LMTask:
         return lm_eval.lm_metrics(nets, examples, self.inputs(splits.test, splits.schema),
                                   self.labels(splits.test, splits.schema), weights, latency,
                                   splits.schema.text["eos_id"])
+
+    def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        """Next-token logits of every position of sequences `x` (N, L), on the CPU.  # (N·L, C)"""
+        with torch.inference_mode():
+            return np.concatenate([self.cache_logits(model.eval(), torch.from_numpy(x[i:i + 4]))
+                                   for i in range(0, len(x), 4)]) if len(x) else np.zeros((0, model.n_classes))
+
+    def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> list[list[int]]:
+        """Prompts in the model's text column -> their token ids under the model's own tokenizer."""
+        col = spec.schema.features[0]
+        if col not in frame.columns:
+            raise UserError(f"input lacks the prompt column {col!r} (columns: {list(frame.columns)[:8]})")
+        values = frame[col].tolist()
+        if bad := [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]:
+            raise UserError(f"input column {col!r}: {len(bad)} row(s) are not a non-empty prompt, e.g. row "
+                            f"{bad[0]}: {values[bad[0]]!r}")
+        tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
+        return [e.ids for e in tok.encode_batch(values, add_special_tokens=False)]
+
+    def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray:
+        """Greedy completions of the prompts, one string each (new text only).  # (N,)"""
+        if (output := params.get("output", self.outputs[0])) not in self.outputs:
+            raise UserError(f"unknown output {output!r}; choose one of {list(self.outputs)}")
+        n = params.get("max_new_tokens", self.serving_params["max_new_tokens"])
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
+            raise UserError(f"max_new_tokens must be an integer in 1..4096, got {n!r}")
+        tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
+        eos = spec.schema.text["eos_id"]
+        outs = [lm_models.generate(model, ids, n, eos_id=eos) for ids in self.serving_inputs(model, spec, frame)]
+        return np.asarray([tok.decode([t for t in o if t != eos]) for o in outs], dtype=object)
+
+    def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        """Prompts: the first PROMPT_TOKENS tokens of a few held-out sequences, as text."""
+        tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
+        eos = schema.text["eos_id"]
+        prompts = [tok.decode([t for t in ids[:PROMPT_TOKENS] if t != eos]) for ids in _ids(frame.head(3))]
+        return pd.DataFrame({schema.features[0]: [p if p.strip() else "def" for p in prompts]})

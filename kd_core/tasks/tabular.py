@@ -15,11 +15,13 @@ from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
 from kd_core.errors import UserError
 from kd_core.models import KDModel, ModelSpec
-from kd_core.tasks.base import labelled_then_transfer
+from kd_core.tasks.base import classify, labelled_then_transfer
 
 
 class TabularTask:
     name = "tabular"
+    outputs = ("classes", "probabilities")
+    serving_params: dict = {}
     headline = "accuracy"
     requirements = ()
     input_name = "features"  # the ONNX input: (B, F) raw rows
@@ -107,7 +109,10 @@ class TabularTask:
                             f"{len(schema.features)} the model reads)")
         return self.inputs(frame, schema)  # (N, F): columns by name, any order, extras ignored
 
-    def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray | pd.DataFrame:
+        return classify(self, model, spec, frame, params)
+
+    def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         """Float columns as double: JSON numbers arrive as float64, and MLflow's schema check refuses
         float64 -> float32 (it does accept float32 -> double)."""
         rows = frame[list(schema.features)].head(5)

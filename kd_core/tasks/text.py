@@ -19,7 +19,7 @@ from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
-from kd_core.tasks.base import labelled_then_transfer
+from kd_core.tasks.base import classify, labelled_then_transfer
 from kd_core.text_models import CONFIG_FILE, STUDENT_ARCHS, TextClassifier
 
 TEACHER_ARCH = "finetune"  # the teacher's spec: the init encoder with a new classification head
@@ -27,6 +27,8 @@ TEACHER_ARCH = "finetune"  # the teacher's spec: the init encoder with a new cla
 
 class TextTask:
     name = "text"
+    outputs = ("classes", "probabilities")
+    serving_params: dict = {}
     headline = "accuracy"
     requirements = ("transformers", "tokenizers")
     input_name = "input_ids"  # the ONNX input: (B, L) padded token ids
@@ -158,7 +160,10 @@ class TextTask:
         ids, _ = text_data.encode(text_models.tokenizer(model), values, info["max_length"])
         return text_data.pad(pd.Series(ids, dtype=object), info["max_length"], info["pad_id"])  # (N, L)
 
-    def input_example(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray | pd.DataFrame:
+        return classify(self, model, spec, frame, params)
+
+    def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         return frame[[schema.features[0]]].head(5).astype(object)
 
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:

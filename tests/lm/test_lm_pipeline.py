@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from kd_core import lm_data, lm_models
 from kd_core.cache import LogitCache
@@ -31,7 +32,8 @@ LM = {"data": {"source": "stdlib", "seq_len": SEQ, "max_tokens": 3072, "max_test
       "cache": {"top_k": K, "dtype": "float16", "shard_rows": 500, "batch_size": 4},
       "distill": {"temperature": 1.0, "alpha": 0.5},
       "train": {"epochs": 2, "batch_size": 8, "lr": 0.001, "patience": None, "val_fraction": 0.1}}
-UNTIL_EVALUATE = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline", "evaluate"}
+UNTIL_REGISTER = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline", "evaluate",
+                  "register"}
 
 
 def lm_project(tmp: Path, teacher: Path, overrides: dict | None = None) -> Path:
@@ -56,7 +58,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Itera
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         proj = lm_project(tmp, tiny_llama_dir)
         mp.chdir(proj)
-        res = dvc(proj, "repro", "evaluate")
+        res = dvc(proj, "repro", "register")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         yield proj, res.stdout
 
@@ -65,8 +67,8 @@ def read(proj: Path, rel: str) -> dict:
     return json.loads((proj / rel).read_text())
 
 
-def test_repro_runs_every_stage_up_to_evaluate(run: tuple[Path, str]) -> None:
-    assert stages_ran(run[1]) == UNTIL_EVALUATE
+def test_repro_runs_every_stage_up_to_register(run: tuple[Path, str]) -> None:
+    assert stages_ran(run[1]) == UNTIL_REGISTER
 
 
 def test_sequences_are_packed_with_the_teachers_tokenizer(run: tuple[Path, str]) -> None:
@@ -117,11 +119,29 @@ def test_eval_json_holds_the_lm_metrics(run: tuple[Path, str]) -> None:
     assert ev["student"]["kl_to_teacher"] > 0
 
 
+def test_register_decides_on_perplexity_and_the_served_model_completes_prompts(run: tuple[Path, str]) -> None:
+    proj, _ = run
+    reg = read(proj, "metrics/register.json")
+    assert reg["version"] == 1 and "challenger" in reg["aliases"]
+    assert "(teacher / student perplexity)" in reg["reasons"][0]
+    assert "(baseline - student perplexity)" in reg["reasons"][1]
+    served = mlflow.pyfunc.load_model("models:/kd-student/1")  # MLflow's own loading, as `models serve` does
+    params = {p.name: p.default for p in served.metadata.signature.params}
+    assert params == {"output": "completions", "max_new_tokens": 32}
+    out = served.predict(pd.DataFrame({"text": ["Return the number of", "def"]}), params={"max_new_tokens": 5})
+    assert len(out) == 2 and all(isinstance(c, str) for c in out)
+    student, _ = lm_models.load(proj / "artifacts/student")
+    tok = Tokenizer.from_str((proj / TEACHER / "tokenizer.json").read_text())
+    ids = tok.encode("Return the number of", add_special_tokens=False).ids
+    want = tok.decode([t for t in lm_models.generate(student, ids, 5) if t != 0])
+    assert out[0] == want  # greedy: the served completion is the student's own
+
+
 def test_kd_run_refuses_before_any_work(run: tuple[Path, str]) -> None:
     proj, _ = run
     res = kd(proj, "run")
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert "task lm" in res.stderr and "dvc repro evaluate" in res.stderr
+    assert "task lm" in res.stderr and "dvc repro register" in res.stderr
 
 
 # --- bad input: one line, before compute ---------------------------------------------------------
