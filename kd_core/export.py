@@ -45,6 +45,7 @@ class Variant:
     max_abs_logit_diff: float = 0.0
     agreement_with_pytorch: float = 1.0  # share of rows whose predicted class is PyTorch's
     accuracy_drop: float = 0.0  # PyTorch accuracy - this accuracy (positive = worse)
+    perplexity: float | None = None  # `lm`: on the held-out sequences (accuracy is next-token top-1)
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,15 @@ class ExportReport:
 
     def to_json(self) -> dict:
         """metrics/export.json: the same metric names as eval.json (accuracy, latency_ms_p50, size_bytes)."""
-        return {"student": {k: asdict(v) for k, v in self.student.items()},
-                "teacher": {k: asdict(v) for k, v in self.teacher.items()},
+        return {"student": {k: _fields(v) for k, v in self.student.items()},
+                "teacher": {k: _fields(v) for k, v in self.teacher.items()},
                 "rows": self.rows, "threads": self.threads,
                 "runtime": {"onnxruntime": version("onnxruntime"), "onnx": version("onnx"),
                             "torch": torch.__version__}}
+
+
+def _fields(v: Variant) -> dict:
+    return {k: x for k, x in asdict(v).items() if x is not None}  # perplexity only where there is one
 
 
 @contextlib.contextmanager
@@ -82,7 +87,10 @@ def _quiet() -> Iterator[None]:
 def to_onnx(model: nn.Module, task: Task, spec: models.ModelSpec, path: Path) -> None:
     """Export with the task's dynamic axes (batch; text: also sequence) into one self-contained file."""
     model.eval()
-    example = (task.example(spec, batch=2),)  # B = 2 so the exporter cannot specialise on 1
+    example = task.example(spec, batch=2)  # B = 2 so the exporter cannot specialise on 1
+    if 1 in task.dynamic_axes and example.shape[1] == 1:  # nor on a one-token sequence (lm's example)
+        example = example.repeat(1, 8)
+    example = (example,)
     dims = {a: torch.export.Dim(("batch", "sequence")[a] if a < 2 else f"axis{a}") for a in task.dynamic_axes}
     try:
         with _quiet():
@@ -125,10 +133,12 @@ def session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _run_onnx(sess, x: np.ndarray, batch_size: int = ONNX_BATCH) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    out = [sess.run([OUTPUT], {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(out)  # (N, K)
+def _run_onnx(sess, x: np.ndarray, positions: int = 1) -> np.ndarray:
+    """Logits of every row, one row of logits per cache row (`lm`: rows of P positions, scored
+    ONNX_BATCH positions at a time).  # (N, ...) -> (N·P, K)"""
+    name, step = sess.get_inputs()[0].name, max(1, ONNX_BATCH // positions)
+    out = [sess.run([OUTPUT], {name: x[i:i + step]})[0] for i in range(0, len(x), step)]
+    return np.concatenate([o.reshape(-1, o.shape[-1]) for o in out])
 
 
 def _torch_call(model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
@@ -142,20 +152,30 @@ def _onnx_call(sess, example: torch.Tensor) -> Callable[[], object]:
     return lambda: sess.run([OUTPUT], {name: x})
 
 
-def _compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, size: int, latency: float) -> Variant:
+def _perplexity(logits: np.ndarray, y: np.ndarray, task: Task) -> float | None:
+    """exp(mean NLL of the targets) for `lm`; None for classifiers.  # (N, K), (N,)"""
+    if task.headline != "perplexity":
+        return None
+    z = torch.from_numpy(logits).float()
+    nll = -torch.log_softmax(z, dim=-1).gather(-1, torch.from_numpy(y)[:, None].long())[:, 0]
+    return float(torch.exp(nll.mean()))
+
+
+def _compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, size: int, latency: float, task: Task) -> Variant:
     acc, ref_acc = float((logits.argmax(1) == y).mean()), float((ref.argmax(1) == y).mean())
     return Variant(size, latency, acc, float(np.abs(logits - ref).max()),
-                   float((logits.argmax(1) == ref.argmax(1)).mean()), ref_acc - acc)
+                   float((logits.argmax(1) == ref.argmax(1)).mean()), ref_acc - acc, _perplexity(logits, y, task))
 
 
 def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path,
                      teacher_dir: Path | None = None) -> ExportReport:
     """Write `out/model.onnx` and `out/model.int8.onnx` for the student in `student_dir`, check both
-    against PyTorch on the task's inputs `x` (N, ...) with class indices `y` (N,), and time batch-1 CPU
+    against PyTorch on the task's inputs `x` (N, ...) with class indices `y` (N,) (`lm`: next tokens
+    (N, L), compared per position), and time batch-1 CPU
     inference of every variant (the teacher too, in PyTorch and fp32 ONNX, when `teacher_dir` is given)."""
     if len(x) == 0:
         raise UserError("export needs test rows to check the ONNX models against PyTorch; the test split is empty")
-    threads = torch.get_num_threads()
+    threads, y = torch.get_num_threads(), y.reshape(-1)  # one label per cache row
     out.mkdir(parents=True, exist_ok=True)
     student, spec = task.load(student_dir)
     example = task.example(spec)  # (1, ...): batch-1 timing input
@@ -163,7 +183,8 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
     quantize_int8(out / ONNX_FILE, out / INT8_FILE)
     sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
     ref = task.predict_logits(student, x)  # (N, K)
-    fp32_diff = float(np.abs(_run_onnx(sessions["onnx"], x) - ref).max())
+    per = task.positions(x)
+    fp32_diff = float(np.abs(_run_onnx(sessions["onnx"], x, per) - ref).max())
     if not fp32_diff <= FP32_TOLERANCE:
         raise UserError(f"the ONNX export of {student_dir} disagrees with PyTorch: max |logit difference| "
                         f"{fp32_diff:.3g} > {FP32_TOLERANCE}; the architecture uses an op the exporter mistranslates")
@@ -178,19 +199,20 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
             calls |= {"teacher.pytorch": _torch_call(teacher, teacher_example),
                       "teacher.onnx": _onnx_call(teacher_sess, teacher_example)}
             teacher_ref = task.predict_logits(teacher, x)
-            teacher_onnx = _run_onnx(teacher_sess, x)
+            teacher_onnx = _run_onnx(teacher_sess, x, per)
             teacher_size = (Path(tmp) / ONNX_FILE).stat().st_size
         with torch.inference_mode():
             ms = interleaved_medians_ms(calls)
     pytorch = Variant((student_dir / models.WEIGHTS_FILE).stat().st_size, ms["student.pytorch"],
-                      float((ref.argmax(1) == y).mean()))
+                      float((ref.argmax(1) == y).mean()), perplexity=_perplexity(ref, y, task))
     variants = {"pytorch": pytorch, **{
-        k: _compare(_run_onnx(s, x), ref, y, (out / (ONNX_FILE if k == "onnx" else INT8_FILE)).stat().st_size,
-                    ms[f"student.{k}"]) for k, s in sessions.items()}}
+        k: _compare(_run_onnx(s, x, per), ref, y, (out / (ONNX_FILE if k == "onnx" else INT8_FILE)).stat().st_size,
+                    ms[f"student.{k}"], task) for k, s in sessions.items()}}
     teacher_variants: dict[str, Variant] = {}
     if teacher_dir is not None:
         teacher_variants = {
             "pytorch": Variant((teacher_dir / models.WEIGHTS_FILE).stat().st_size, ms["teacher.pytorch"],
-                               float((teacher_ref.argmax(1) == y).mean())),
-            "onnx": _compare(teacher_onnx, teacher_ref, y, teacher_size, ms["teacher.onnx"])}
+                               float((teacher_ref.argmax(1) == y).mean()),
+                               perplexity=_perplexity(teacher_ref, y, task)),
+            "onnx": _compare(teacher_onnx, teacher_ref, y, teacher_size, ms["teacher.onnx"], task)}
     return ExportReport(variants, teacher_variants, len(x), threads)

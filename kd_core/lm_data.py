@@ -27,7 +27,9 @@ from kd_core.errors import UserError
 IDS, DOC = "kd_input_ids", "document"  # packed split columns: seq_len + 1 ids; the document it starts in
 DOCUMENTS = "documents.parquet"  # beside the splits: every document, for validation and the card's prompts
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
-SKIP_STDLIB = ("test", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "ensurepip", "__phello__")
+# test suites, GUI code and frozen-module fixtures: not prose
+SKIP_STDLIB = ("test", "tests", "idle_test", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages",
+               "ensurepip", "__phello__", "__hello__.py")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def stdlib_documents() -> list[tuple[str, str]]:
     docs = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if rel.parts[0] in SKIP_STDLIB or any(p.startswith(".") for p in rel.parts):
+        if any(p in SKIP_STDLIB or p.startswith(".") for p in rel.parts):
             continue
         try:
             text = _docstrings(path.read_text(encoding="utf-8"))

@@ -68,6 +68,8 @@ def teacher_description(params: Params) -> str:
     """The teacher the student learned from: the one `teacher`, or the ensemble of the `teachers`
     list (then `teacher:` is unused and describing it would name a model nobody trained)."""
     def one(t: TeacherParams) -> str:
+        if params.task == "lm":
+            return f"{t.source} (a pretrained causal LM, adopted as it is)"
         return f"{t.arch} {dict(t.options)} (source: {t.source}, {t.epochs} epochs)"
 
     if not params.teachers:

@@ -42,10 +42,6 @@ def run(
     """Run the whole DAG as a Prefect flow (DVC skips what is up to date); --set edits params.yaml first."""
     root = project_root()
     params = set_params(root, set_) if set_ else load_params(root)
-    if params.task == "lm":
-        from kd_core.tasks.lm import require_stage
-
-        require_stage(params.task, "export")  # before hours of caching and training, not after
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from CI

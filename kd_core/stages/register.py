@@ -16,7 +16,6 @@ from kd_core import registry, tracking
 from kd_core.config import Params
 from kd_core.fs import atomic_write_text
 from kd_core.registry import RegisterOutcome
-from kd_core.tasks.lm import require_stage
 
 OUTPUT_FILE = "register.json"
 
@@ -34,7 +33,6 @@ class RegisterResult:
 
 
 def run(params: Params, workdir: Path) -> RegisterResult:
-    require_stage(params.task, "register")
     tracking.check_tracking(workdir)  # one short probe: MLflow's own client would retry for minutes
     outcome = registry.register_candidate(workdir, params)
     path = workdir / params.paths.metrics / OUTPUT_FILE

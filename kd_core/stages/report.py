@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from kd_core import card, tasks, validation
+from kd_core import card, data, tasks, validation
+from kd_core.card import lm_content
 from kd_core.config import Params
 from kd_core.curves import read_curve
 from kd_core.errors import UserError
 from kd_core.provenance import git_commit
 from kd_core.stages._registered import REGISTER_FILE, registered_version
-from kd_core.tasks.lm import require_stage
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,8 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def inputs(params: Params, workdir: Path) -> card.CardInputs:
-    metrics = workdir / params.paths.metrics
-    evals = _json(metrics / "eval.json")
-    if evals is None:
-        raise UserError(f"{metrics / 'eval.json'} not found: run the evaluate stage first")
-    dirs = {"teacher": params.paths.teacher, "baseline": params.paths.baseline, "student": params.paths.student}
-    logits, y, splits = card.score_test_split(params, {r: workdir / d for r, d in dirs.items()},
-                                              workdir / params.paths.prepared)
-    validation_summary = _json(workdir / params.paths.validation / validation.SUMMARY_FILE) or {}
-    register = _json(metrics / REGISTER_FILE)
-    facts = {"generated": card.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
+def _facts(params: Params, workdir: Path) -> dict[str, str]:
+    return {"generated": card.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
              "source": params.data.source, "teacher": card.teacher_description(params), "loss": card.loss_label(params),
              "student": f"{params.student.arch} {dict(params.student.options)}",
              "distill": f"loss {params.distill.loss}, temperature {params.distill.temperature}, "
@@ -62,6 +53,26 @@ def inputs(params: Params, workdir: Path) -> card.CardInputs:
              "cache": f"{params.cache.dtype}, " + (f"top {params.cache.top_k} logits per row" if params.cache.top_k
                                                    else "dense (every logit)"),
              "data": f"source {params.data.source}"}
+
+
+def _evals(params: Params, workdir: Path) -> dict:
+    evals = _json(workdir / params.paths.metrics / "eval.json")
+    if evals is None:
+        raise UserError(f"{workdir / params.paths.metrics / 'eval.json'} not found: run the evaluate stage first")
+    return evals
+
+
+def _dirs(params: Params, workdir: Path) -> dict[str, Path]:
+    return {r: workdir / d for r, d in (("teacher", params.paths.teacher), ("baseline", params.paths.baseline),
+                                        ("student", params.paths.student))}
+
+
+def inputs(params: Params, workdir: Path) -> card.CardInputs:
+    metrics, evals = workdir / params.paths.metrics, _evals(params, workdir)
+    logits, y, splits = card.score_test_split(params, _dirs(params, workdir), workdir / params.paths.prepared)
+    validation_summary = _json(workdir / params.paths.validation / validation.SUMMARY_FILE) or {}
+    register = _json(metrics / REGISTER_FILE)
+    facts = _facts(params, workdir)
     return card.CardInputs(
         evals=evals,
         curves={r: read_curve(metrics / f"train_{r}.csv") for r in ("student", "baseline")},
@@ -69,6 +80,20 @@ def inputs(params: Params, workdir: Path) -> card.CardInputs:
         row=tasks.for_params(params).describe(splits.schema),
         split_rows={"train": len(splits.train), "test": len(splits.test), "transfer": len(splits.transfer)},
         validation=validation_summary, register=register, export=_json(metrics / EXPORT_FILE), facts=facts)
+
+
+def lm_inputs(params: Params, workdir: Path) -> lm_content.LMCardInputs:
+    """`task: lm`: the same files, plus sample completions and the cache's cost per token."""
+    metrics, evals = workdir / params.paths.metrics, _evals(params, workdir)
+    splits = data.read_prepared(workdir / params.paths.prepared)
+    return lm_content.LMCardInputs(
+        evals=evals, curves={r: read_curve(metrics / f"train_{r}.csv") for r in ("student", "baseline")},
+        samples=lm_content.sample_completions(_dirs(params, workdir), splits),
+        cache=lm_content.manifest(workdir / params.paths.logits),
+        row=tasks.for_params(params).describe(splits.schema),
+        split_rows={"train": len(splits.train), "test": len(splits.test)},
+        validation=_json(workdir / params.paths.validation / validation.SUMMARY_FILE) or {},
+        register=_json(metrics / REGISTER_FILE), export=_json(metrics / EXPORT_FILE), facts=_facts(params, workdir))
 
 
 def _publish(tmp: Path, reports: Path, names: tuple[str, ...]) -> None:
@@ -81,14 +106,15 @@ def _publish(tmp: Path, reports: Path, names: tuple[str, ...]) -> None:
 
 
 def run(params: Params, workdir: Path) -> ReportResult:
-    require_stage(params.task, "report")
     reports = workdir / params.paths.reports
     reports.mkdir(parents=True, exist_ok=True)
-    card_inputs = inputs(params, workdir)
+    lm = params.task == "lm"  # its card has no classes: samples, perplexity and the cache's bytes per token
+    card_inputs = lm_inputs(params, workdir) if lm else inputs(params, workdir)
+    write = lm_content.write_card if lm else card.write_card
     with tempfile.TemporaryDirectory(prefix=".card.", dir=reports) as scratch:
         tmp = Path(scratch)
         validation.build_data_docs(workdir / params.paths.validation, tmp / card.DATA_DOCS)
-        written = card.write_card(card_inputs, tmp, data_docs=f"{card.DATA_DOCS}/index.html")
+        written = write(card_inputs, tmp, data_docs=f"{card.DATA_DOCS}/index.html")
         _publish(tmp, reports, (card.FIGURES, card.DATA_DOCS, card.MD_FILE, card.HTML_FILE))
     version = registered_version(params, workdir)
     if version is not None:

@@ -27,15 +27,6 @@ from kd_core.text_models import CONFIG_FILE, max_positions
 
 PROMPT_TOKENS = 16  # a served model's example prompts: the start of held-out sequences
 TEACHER_ARCH = "pretrained"  # the teacher's spec: a causal LM adopted as it is
-# stages task lm does not have yet (issue 16): the served model, its export and card come next
-NOT_YET = ("export", "report")
-
-
-def require_stage(task: str, stage: str) -> None:
-    """One line, before any work, where `task: lm` reaches a stage it does not have yet."""
-    if task == "lm" and stage in NOT_YET:
-        raise UserError(f"task lm: the {stage} stage is not available yet (export and the model card of "
-                        "language models are in progress); run `dvc repro register` (evaluate, register)")
 
 
 def _ids(frame: pd.DataFrame) -> np.ndarray:
