@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,19 +83,6 @@ def source_tokenizer(path: Path) -> bytes:
     return tok.backend_tokenizer.to_str().encode()
 
 
-@contextlib.contextmanager
-def _no_tqdm() -> Iterator[None]:
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = old
-
-
 def load_source(path: Path) -> nn.Module:
     """The teacher's network in float32: a GGUF file de-quantized (rebuilt from its config, so it saves
     as plain safetensors), or a directory's safetensors weights (pickled weights are never loaded)."""
@@ -106,7 +92,7 @@ def load_source(path: Path) -> nn.Module:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise UserError(f"teacher.source {path}: a causal-LM teacher is a model directory or a .gguf file")
-            with _no_tqdm():  # the GGUF reader's own progress bar would flood the stage's output
+            with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bar; errors still raise
                 loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             config = copy.deepcopy(loaded.config)
             if hasattr(config, "quantization_config"):

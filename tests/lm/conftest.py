@@ -6,11 +6,13 @@ it, so no test ever reaches a model hub.
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kd_core.lm_data import _docstrings
+from tests.reliability.conftest import Damage
 
 EOS = "<|endoftext|>"  # the tokenizer's only special token, id 0: what kd_core.lm_data.eos_id finds
 VOCAB = 384  # 256 bytes + the end-of-text token + 127 merges
@@ -80,3 +82,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, lm_tokenizer_json: 
 def tiny_llama_untied_dir(tmp_path_factory: pytest.TempPathFactory, lm_tokenizer_json: bytes) -> Path:
     """The same architecture with its own output head (tie_word_embeddings false), other seed."""
     return build_llama(tmp_path_factory.mktemp("lm") / "tiny-llama-untied", lm_tokenizer_json, tied=False, seed=1)
+
+
+@pytest.fixture
+def tally(record_property: Callable[[str, object], None]) -> Damage:
+    """The reliability suite's damage record (tests/reliability/conftest.py), for the lm cases."""
+    return Damage(record_property)

@@ -36,12 +36,13 @@ ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train
        "export", "report"}
 
 
-def lm_project(tmp: Path, teacher: Path, overrides: dict | None = None) -> Path:
-    """A committed project with the LM params and the teacher directory under models/."""
+def lm_project(tmp: Path, teacher: Path | None, overrides: dict | None = None) -> Path:
+    """A committed project with the LM params and the teacher directory (if any) under models/."""
     proj = new_project(tmp / "proj", {})
     shutil.copy2(ROOT / "examples/lm/params.yaml", proj / "params.yaml")
     write_params(proj, deep_update(LM, overrides or {}))
-    shutil.copytree(teacher, proj / TEACHER)
+    if teacher is not None:
+        shutil.copytree(teacher, proj / TEACHER)
     git(proj, "init", "-q")
     git(proj, "add", "-A")
     git(proj, "commit", "-qm", "lm project")
@@ -174,7 +175,9 @@ def bad(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     return lm_project(tmp_path, tiny_llama_dir)
 
 
-def test_a_student_with_another_tokenizer_is_refused_before_training(bad: Path) -> None:
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", ["lm: student tokenizer differs"])
+def test_a_student_with_another_tokenizer_is_refused_before_training(case: str, bad: Path) -> None:
     other = build_llama(bad / "models/other", train_tokenizer(300), layers=2)
     write_params(bad, {"student": {"arch": str(other), "options": {}}})
     _stages(bad, "prepare", "teacher")
@@ -182,19 +185,25 @@ def test_a_student_with_another_tokenizer_is_refused_before_training(bad: Path) 
     assert not (bad / "artifacts/baseline").exists()
 
 
-def test_a_teacher_whose_tokenizer_is_not_the_datas_is_refused(bad: Path) -> None:
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", ["lm: teacher tokenizer is not the data's"])
+def test_a_teacher_whose_tokenizer_is_not_the_datas_is_refused(case: str, bad: Path) -> None:
     _stages(bad, "prepare")
     (bad / TEACHER / "tokenizer.json").write_bytes(train_tokenizer(300))
     _refused(bad, "teacher", "tokenizer", "prepare")
 
 
-def test_sequences_longer_than_the_teacher_reads_are_refused(bad: Path) -> None:
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", ["lm: seq_len beyond the teacher's positions"])
+def test_sequences_longer_than_the_teacher_reads_are_refused(case: str, bad: Path) -> None:
     write_params(bad, {"data": {"seq_len": 512, "max_tokens": 4096}})
     _stages(bad, "prepare")
     _refused(bad, "teacher", "512", "256")
 
 
-def test_a_corpus_shorter_than_one_sequence_is_refused(bad: Path) -> None:
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", ["lm: corpus shorter than one sequence"])
+def test_a_corpus_shorter_than_one_sequence_is_refused(case: str, bad: Path) -> None:
     (bad / "data/raw").mkdir(parents=True, exist_ok=True)
     (bad / "data/raw/train.txt").write_text("A short document.")
     (bad / "data/raw/test.txt").write_text("Another short one.")
