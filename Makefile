@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: run text test lint install clean
+.PHONY: run text lm test lint install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ run: $(VENV)/.installed
 # examples/text/params.yaml, then runs the DAG (`cp examples/mnist1d/params.yaml params.yaml` goes back).
 text: $(VENV)/.installed
 	cp examples/text/params.yaml params.yaml
+	$(BIN)/kd run
+
+# The language-model example (SmolLM2-135M teacher -> 8-layer student, token-level KD from a top-64
+# cache over the standard library's docstrings): replaces params.yaml with examples/lm/params.yaml.
+lm: $(VENV)/.installed
+	cp examples/lm/params.yaml params.yaml
 	$(BIN)/kd run
 
 lint: $(VENV)/.installed
