@@ -55,9 +55,10 @@ def git_commit(root: Path) -> str:
         return head
     h = hashlib.sha256(diff.encode())
     for name in sorted(filter(None, untracked.split("\0"))):
-        try:
-            content = (root / name).read_bytes()
-        except FileNotFoundError:  # gone since git listed it (a database's journal): not part of the tree
+        path = root / name
+        try:  # a symbolic link is its target's name, as git would store it (a linked .venv is not read)
+            content = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):  # gone since git listed it (a database's journal)
             continue
         h.update(name.encode())
         h.update(hashlib.sha256(content).digest())

@@ -530,6 +530,11 @@ def test_git_commit_marks_and_distinguishes_uncommitted_code(tmp_path: Path):
     second = provenance.git_commit(tmp_path)
     assert first.startswith(f"{head}-dirty.") and second.startswith(f"{head}-dirty.") and first != second
 
+    (tmp_path / "venv").mkdir()  # an untracked link to a directory (a shared .venv) is its target's name
+    (tmp_path / ".venv").symlink_to(tmp_path / "venv")
+    linked = provenance.git_commit(tmp_path)
+    assert linked.startswith(f"{head}-dirty.") and linked != second
+
 
 def test_an_unreadable_identity_never_matches_another_candidate(tmp_path: Path):
     """No git and no cache manifest: the identity tags are marked unknown, uniquely, so the idempotence
