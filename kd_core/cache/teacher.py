@@ -52,7 +52,9 @@ class TeacherLogits:
     under bf16 autocast on CUDA when `autocast`. On an accelerator every batch is encoded where it
     was computed (encode.py), so a shard crosses to the host as top-k arrays, never as (B, C)
     logits; on the CPU the raw logits go to the build's writer thread, which encodes them beside the
-    next shard's forward (`encode_each_batch` forces the device path, e.g. to test it on the CPU).
+    next shard's forward — unless a row holds many positions (`lm`: a shard's raw logits would be
+    rows × vocabulary floats), then batches are encoded as they come. `encode_each_batch` forces
+    either way (e.g. to test the device path on the CPU).
     """
 
     task: str
@@ -63,15 +65,16 @@ class TeacherLogits:
     n_classes: int
     device: str = "cpu"
     autocast: bool = False
-    encode_each_batch: bool | None = None  # None: on accelerators only
+    encode_each_batch: bool | None = None  # None: on accelerators, and for rows of several positions
 
     @torch.inference_mode()
     def __call__(self, start: int, stop: int) -> Encoded | torch.Tensor | tuple[torch.Tensor, Features]:
         task = tasks.TASKS[self.task]
         teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device)
         device = next(teacher.parameters()).device
-        each = device.type != "cpu" if self.encode_each_batch is None else self.encode_each_batch
         per = task.positions(x)  # cache rows per input row
+        # a row of many positions (lm) makes (rows · positions, vocabulary) logits: encoded batch by batch
+        each = device.type != "cpu" or per > 1 if self.encode_each_batch is None else self.encode_each_batch
         first, last = start // per, -(-stop // per)  # input rows covering cache rows start:stop
         rows = x[first:last]
         order = torch.from_numpy(task.batch_order(teacher, rows))  # (n,) e.g. documents by length: less padding

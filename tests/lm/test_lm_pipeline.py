@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from tokenizers import Tokenizer
 
 from kd_core import lm_data, lm_models
 from kd_core.cache import LogitCache
-from tests.conftest import ROOT, deep_update, dvc, git, kd, new_project, stages_ran, write_params
+from tests.conftest import BIN, ROOT, deep_update, dvc, git, kd, new_project, stages_ran, write_params
+from tests.e2e.test_registry import free_port
 from tests.lm.conftest import build_llama, train_tokenizer
 from tests.text.conftest import project_env
 
@@ -209,3 +213,37 @@ def test_a_corpus_shorter_than_one_sequence_is_refused(case: str, bad: Path) -> 
     (bad / "data/raw/test.txt").write_text("Another short one.")
     write_params(bad, {"data": {"source": "text", "train": "data/raw/train.txt", "test": "data/raw/test.txt"}})
     _refused(bad, "prepare", "fewer than one sequence", str(SEQ + 1))
+
+
+def test_mlflow_models_serve_completes_a_prompt(run: tuple[Path, str]) -> None:
+    """`mlflow models serve` on the registered version answers a prompt with the greedy completion."""
+    proj, _ = run
+    port = free_port()
+    log = (proj / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/kd-student/1", "--env-manager", "local",
+         "-p", str(port), "-h", "127.0.0.1"], cwd=proj, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, (proj / "serve.log").read_text()
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [["Return the number of"]]},
+                           "params": {"max_new_tokens": 5}}).encode()
+        req = urllib.request.Request(f"{base}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())["predictions"]
+        local = mlflow.pyfunc.load_model("models:/kd-student/1").predict(
+            pd.DataFrame({"text": ["Return the number of"]}), params={"max_new_tokens": 5})
+        assert answer == list(local)
+    finally:  # SIGTERM lets the CLI take its uvicorn child down with it
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
