@@ -138,6 +138,21 @@ def predict_table(root: Path, name: str, version: int | None, frame: pd.DataFram
     return v, classes, probabilities
 
 
+def complete_table(root: Path, name: str, version: int | None, frame: pd.DataFrame) -> tuple[int, np.ndarray]:
+    """`lm`: greedy completions (N,) of the prompts in `frame` by version `version` (None: the champion),
+    loaded as MLflow serves it; returns the version used and the completions."""
+    from kd_core import serving
+
+    uri = tracking.tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    with tracking.tracking_errors(uri):
+        v = int(_version(tracking.mlflow_client(uri), name, version, uri).version)
+        with serving.scoring(f"{name} version {v} cannot complete these prompts",
+                             " (hint: it needs the prompt column the model was trained on, by name)"):
+            completions = mlflow.pyfunc.load_model(f"models:/{name}/{v}").predict(frame)
+    return v, np.asarray(completions, dtype=object)
+
+
 def attach_to_version(root: Path, name: str, version: int, tags: dict[str, str], metrics: dict[str, float],
                       artifacts: list[tuple[str, Path]]) -> str | None:
     """Evidence made after registration (edge export, model card): `tags` on the model version;

@@ -141,15 +141,19 @@ def predict(root: Path, table_path: Path, version: int | None, dest: Path | None
     frame = _read_table(table_path)
     label = params.data.label_column
     features = frame.drop(columns=[label]) if label in frame.columns else frame  # scoring never sees labels
-    used, classes, probs = versions_.predict_table(root, params.registry.model_name, version, features)
-    result = pd.DataFrame({"prediction": classes, "probability": probs.to_numpy().max(axis=1) if len(probs)
-                           else []})
-    result = pd.concat([result, probs.add_prefix("prob_").reset_index(drop=True)], axis=1)
+    if params.task == "lm":  # prompts in, greedy completions out
+        used, completions = versions_.complete_table(root, params.registry.model_name, version, frame)
+        result = pd.DataFrame({"completion": completions})
+    else:
+        used, classes, probs = versions_.predict_table(root, params.registry.model_name, version, features)
+        result = pd.DataFrame({"prediction": classes, "probability": probs.to_numpy().max(axis=1) if len(probs)
+                               else []})
+        result = pd.concat([result, probs.add_prefix("prob_").reset_index(drop=True)], axis=1)
     dest = dest or default_predictions_path(root, params, table_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     result.to_parquet(dest, index=False)
     extra = ""
-    if label in frame.columns and len(frame):
+    if label in frame.columns and len(frame) and params.task != "lm":
         truth = frame[label].to_numpy(dtype=object)
         hits = sum(str(p) == str(t) for p, t in zip(classes, truth, strict=True))
         extra = f"; accuracy against its '{label}' column {hits / len(frame):.3f}"

@@ -247,3 +247,12 @@ def test_mlflow_models_serve_completes_a_prompt(run: tuple[Path, str]) -> None:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_kd_predict_completes_a_table_of_prompts(run: tuple[Path, str]) -> None:
+    proj, _ = run
+    pd.DataFrame({"text": ["Return the number of", "def"]}).to_parquet(proj / "prompts.parquet")
+    res = kd(proj, "predict", "prompts.parquet", "--version", "1", "--out", "completed.parquet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = pd.read_parquet(proj / "completed.parquet")
+    assert list(out.columns) == ["completion"] and len(out) == 2
