@@ -30,7 +30,11 @@ def compare(root: Path) -> None:
     out.print(rich_table(models_table(ev, export), title, out.width))
     out.print(headline(ev))
     q = (export or {}).get("student", {}).get("onnx_int8")
-    if q:
+    if q and "perplexity" in q:
+        out.print(f"int8 ONNX: {kib(q['size_bytes'])}, perplexity {q['perplexity']:.2f} (PyTorch "
+                  f"{export['student']['pytorch']['perplexity']:.2f}), max |Δlogit| {q['max_abs_logit_diff']:.2g}, "
+                  f"{q['latency_ms_p50']:.3f} ms (ONNX Runtime)")
+    elif q:
         out.print(f"int8 ONNX: {kib(q['size_bytes'])}, accuracy {q['accuracy']:.3f} "
                   f"({pts(-q['accuracy_drop'])} vs PyTorch), max |Δlogit| {q['max_abs_logit_diff']:.2g}, "
                   f"{q['latency_ms_p50']:.3f} ms (ONNX Runtime)")

@@ -28,6 +28,7 @@ def _status_row(v: VersionInfo) -> dict[str, str]:
     m = v.metrics
     color = {"promoted": "green", "rejected": "red"}.get(v.decision)
     has = set(m)
+    quality = _lm_quality(m) if "student.perplexity" in has else {}  # task lm: perplexity, lower is better
     return {
         "ver": str(v.version),
         "aliases": ", ".join(v.aliases) or "–",
@@ -44,7 +45,16 @@ def _status_row(v: VersionInfo) -> dict[str, str]:
                       if {"onnx_int8.size_bytes", "onnx_int8.latency_ms_p50"} <= set(v.tags) else "–"),
         "failed rules": ", ".join(v.failed_rules) or "–",
         "registered (UTC)": v.created,
-    }
+    } | quality
+
+
+def _lm_quality(m: dict[str, float]) -> dict[str, str]:
+    """The quality columns of an lm version in perplexity: its own, the teacher's over it, the points
+    gained over the text-only twin."""
+    s = m["student.perplexity"]
+    return {"accuracy": f"ppl {s:.2f}",
+            "of teacher": f"{m['teacher.perplexity'] / s * 100:.1f} %" if "teacher.perplexity" in m else "–",
+            "vs baseline": f"{m['baseline.perplexity'] - s:+.2f} ppl" if "baseline.perplexity" in m else "–"}
 
 
 _NARROW = ("ver", "aliases", "decision", "accuracy", "vs baseline", "failed rules")  # under 110 columns

@@ -256,3 +256,5 @@ def test_kd_predict_completes_a_table_of_prompts(run: tuple[Path, str]) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     out = pd.read_parquet(proj / "completed.parquet")
     assert list(out.columns) == ["completion"] and len(out) == 2
+    status = kd(proj, "status")
+    assert status.returncode == 0 and "ppl" in status.stdout, status.stdout  # lm versions in perplexity
