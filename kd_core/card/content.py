@@ -114,10 +114,14 @@ def _summary(inp: CardInputs) -> list[str]:
                      f"({pts(-q['accuracy_drop'])} vs PyTorch), {ms(q['latency_ms_p50'])} per row with ONNX "
                      f"Runtime (fp32 ONNX: {kib(fp32.get('size_bytes', 0))}, {ms(fp32.get('latency_ms_p50', 0))}).")
     if inp.register:
-        reg = inp.register
-        items.append(f"Registry: `{reg['model_name']}` version {reg['version']} was **{reg['decision']}** "
-                     f"(aliases: {', '.join(reg['aliases']) or 'none'}).")
+        items.append(registry_line(inp.register))
     return items
+
+
+def registry_line(reg: dict) -> str:
+    """The summary's line on the registration (metrics/register.json)."""
+    return (f"Registry: `{reg['model_name']}` version {reg['version']} was **{reg['decision']}** "
+            f"(aliases: {', '.join(reg['aliases']) or 'none'}).")
 
 
 def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None,

@@ -14,6 +14,7 @@ from kd_core.card.content import (
     FIGURES,
     HTML_FILE,
     MD_FILE,
+    registry_line,
     reproduce_blocks,
     table,
     validation_table,
@@ -73,9 +74,7 @@ def _summary(inp: LMCardInputs) -> list[str]:
         items.append(f"Edge: int8 ONNX student {q['size_bytes'] / 2**20:.1f} MiB, perplexity {q['perplexity']:.2f} "
                      f"(PyTorch {inp.export['student']['pytorch']['perplexity']:.2f}).")
     if inp.register:
-        reg = inp.register
-        items.append(f"Registry: `{reg['model_name']}` version {reg['version']} was **{reg['decision']}** "
-                     f"(aliases: {', '.join(reg['aliases']) or 'none'}).")
+        items.append(registry_line(inp.register))
     return items
 
 

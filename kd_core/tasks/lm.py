@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate, lm_data, lm_eval, lm_models
+from kd_core import data, evaluate, lm_data, lm_eval, lm_models, text_models
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
@@ -114,7 +114,7 @@ class LMTask:
         options = dict(spec.options)
         try:
             if spec.arch == "layers":
-                net = lm_models.layer_subset(teacher.net, list(options.pop("layers")), **options)
+                net = text_models.layer_subset(teacher.net, list(options.pop("layers")), **options)
             elif spec.arch == "narrow":
                 net = lm_models.narrow(teacher.net, seed, **options)
             else:
@@ -163,7 +163,7 @@ class LMTask:
         return lm_models.load(path)
 
     def fingerprint(self, path: Path) -> str:
-        return lm_models.fingerprint(path)
+        return text_models.fingerprint(path)
 
     def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
         return None  # packed: every row is seq_len tokens

@@ -20,7 +20,7 @@ from kd_core.errors import UserError
 from kd_core.lm_data import LMInfo
 from kd_core.lm_models import CausalLM
 from kd_core.models import ModelSpec
-from kd_core.text_models import encoder_layers
+from kd_core.text_models import encoder_layers, fingerprint, layer_subset
 from tests.lm.conftest import build_llama, train_tokenizer, vocab_size
 
 
@@ -131,7 +131,7 @@ def test_resolve_source_and_its_tokenizer(tiny_llama_dir: Path, lm_tokenizer_jso
 # --- layer subset: the teacher's own layers -----------------------------------------------------------------
 
 def test_layer_subset_keeps_the_chosen_layers(teacher: nn.Module) -> None:
-    student = lm_models.layer_subset(teacher, [0, 2, 3])
+    student = layer_subset(teacher, [0, 2, 3])
     kept, original = encoder_layers(student), encoder_layers(teacher)
     assert len(kept) == student.config.num_hidden_layers == 3
     assert len(original) == teacher.config.num_hidden_layers == 4  # the teacher is not cut down with it
@@ -148,7 +148,7 @@ def test_layer_subset_keeps_the_chosen_layers(teacher: nn.Module) -> None:
 @pytest.mark.parametrize("layers", [[], [2, 0], [1, 1], [-1, 0], [0, 4]])
 def test_layer_subset_refuses_bad_layer_lists(teacher: nn.Module, layers: list[int]) -> None:
     with pytest.raises(UserError, match=r"student.options.layers .*layer numbers in 0..3"):
-        lm_models.layer_subset(teacher, layers)
+        layer_subset(teacher, layers)
 
 
 def greedy_without_cache(model: CausalLM, prompt: list[int], n: int) -> list[int]:
@@ -162,7 +162,7 @@ def greedy_without_cache(model: CausalLM, prompt: list[int], n: int) -> list[int
 
 def test_generate_on_a_layer_subset_matches_greedy_decoding(teacher: nn.Module, n_tokens: int,
                                                             lm_tokenizer_json: bytes) -> None:
-    model = CausalLM(lm_models.layer_subset(teacher, [1, 3]), n_tokens, lm_tokenizer_json).eval()
+    model = CausalLM(layer_subset(teacher, [1, 3]), n_tokens, lm_tokenizer_json).eval()
     prompt = [17, 200, 33, 95, 4]
     out = lm_models.generate(model, prompt, 12)
     assert len(out) == 12 and all(isinstance(t, int) and 0 <= t < n_tokens for t in out)
@@ -310,7 +310,7 @@ def test_from_config_dir(tiny_llama_dir: Path, tmp_path: Path) -> None:
 def test_save_load_gives_the_same_logits(teacher: nn.Module, untied: nn.Module, spec: ModelSpec, n_tokens: int,
                                          lm_tokenizer_json: bytes, ids: torch.Tensor, tmp_path: Path,
                                          kind: str) -> None:
-    net = {"tied": teacher, "untied": untied, "layers": lm_models.layer_subset(teacher, [1, 2])}[kind]
+    net = {"tied": teacher, "untied": untied, "layers": layer_subset(teacher, [1, 2])}[kind]
     model = CausalLM(net, n_tokens, lm_tokenizer_json).eval()
     lm_models.save(model, spec, tmp_path / "m")
     loaded, loaded_spec = lm_models.load(tmp_path / "m")
@@ -347,12 +347,12 @@ def test_fingerprint_follows_the_weights(teacher: nn.Module, spec: ModelSpec, n_
     model = CausalLM(copy.deepcopy(teacher), n_tokens, lm_tokenizer_json)
     lm_models.save(model, spec, tmp_path / "a")
     lm_models.save(model, spec, tmp_path / "b")
-    fp = lm_models.fingerprint(tmp_path / "a")
-    assert len(fp) == 64 and fp == lm_models.fingerprint(tmp_path / "b") == lm_models.fingerprint(tmp_path / "a")
+    fp = fingerprint(tmp_path / "a")
+    assert len(fp) == 64 and fp == fingerprint(tmp_path / "b") == fingerprint(tmp_path / "a")
     with torch.no_grad():
         model.net.model.norm.weight[0] += 1e-3
     lm_models.save(model, spec, tmp_path / "c")
-    assert lm_models.fingerprint(tmp_path / "c") != fp
+    assert fingerprint(tmp_path / "c") != fp
 
 
 def test_load_refuses_a_directory_that_is_not_a_kd_lm_model(tiny_llama_dir: Path) -> None:
