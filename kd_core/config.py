@@ -118,6 +118,21 @@ class FeatureHint(_Section):
     weight: float = Field(1.0, ge=0.0)
 
 
+class SearchCandidate(_Section):
+    """One distillation setting `distill.search` tries; a key left out keeps the `distill` section's value."""
+
+    alpha: float | None = Field(None, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, gt=0)
+    loss: str | None = None
+
+
+class SearchParams(_Section):
+    """Settings tried on the validation rows before the full training (kd_core.search)."""
+
+    candidates: tuple[SearchCandidate, ...] = ()  # besides the distill section's own setting and alpha 0
+    epochs: int = Field(10, ge=1)  # each candidate's short training; the winner then trains train.epochs
+
+
 class DistillParams(_Section):
     loss: str = "hinton"
     temperature: float = Field(2.0, gt=0)
@@ -129,14 +144,26 @@ class DistillParams(_Section):
     ensemble: Literal["logits", "probs"] = "logits"  # several teachers: average their logits or their probabilities
     l2: float = Field(1e-4, ge=0.0)  # mse_l2: λ of λ‖W_student‖²
     features: tuple[FeatureHint, ...] = ()  # not in the cache key: tuning hints never re-runs the teacher
+    search: SearchParams | None = None  # null: train the setting above; else choose on the validation rows
 
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
         """Checked here, not when train_student starts: a typo must not cost a teacher's training first."""
-        if v in LOSS_NAMES or ":" in v:
-            return v
-        raise ValueError(f"unknown loss {v!r}; choose one of {list(LOSS_NAMES)} or give package.module:factory")
+        return _known_loss(v)
+
+    @model_validator(mode="after")
+    def _searched_losses(self) -> DistillParams:
+        for c in self.search.candidates if self.search else ():
+            if c.loss is not None:
+                _known_loss(c.loss)
+        return self
+
+
+def _known_loss(v: str) -> str:
+    if v in LOSS_NAMES or ":" in v:
+        return v
+    raise ValueError(f"unknown loss {v!r}; choose one of {list(LOSS_NAMES)} or give package.module:factory")
 
 
 class TrainParams(_Section):
@@ -163,6 +190,20 @@ class PolicyParams(_Section):
     max_class_drop: float = Field(0.05, ge=0.0, le=1.0)
     min_gain_over_champion: float = Field(0.0, ge=-1.0, le=1.0)
     max_p_value: float = Field(0.05, gt=0.0, le=1.0)
+    max_int8_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)  # export: fp32 - int8 test accuracy
+    max_int8_size_bytes: int | None = Field(None, ge=1)  # export: the int8 ONNX file
+
+
+class ExportParams(_Section):
+    """The int8 edge model (kd_core.quantize, kd_core.qad)."""
+
+    int8: Literal["static", "dynamic", "qad"] = "static"  # qad: a fake-quantized fine-tune from the cache first
+    methods: tuple[Literal["minmax", "entropy", "percentile", "dynamic"], ...] = ("minmax", "entropy", "percentile")
+    calibration_rows: int = Field(512, ge=1)  # training rows whose activations set the int8 ranges
+    selection_rows: int = Field(1024, ge=1)  # other training rows on which the recipe is chosen
+    min_agreement: float = Field(0.99, ge=0.0, le=1.0)  # below it, recipes keeping edge layers float are tried
+    qad_epochs: int = Field(3, ge=1)  # qad: passes over train + transfer rows
+    qad_lr: float = Field(1e-4, gt=0)  # qad: AdamW learning rate, cosine-decayed
 
 
 class RegistryParams(_Section):
@@ -229,6 +270,7 @@ class Params(_Section):
     cache: CacheParams = CacheParams()
     distill: DistillParams = DistillParams()
     train: TrainParams = TrainParams()
+    export: ExportParams = ExportParams()
     policy: PolicyParams = PolicyParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
@@ -243,6 +285,12 @@ class Params(_Section):
             raise ValueError("teachers: an ensemble of teachers needs a dense cache; set cache.top_k to null")
         if self.teachers and self.cache.features:
             raise ValueError("teachers: feature hints (cache.features) need a single teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _search_has_validation_rows(self) -> Params:
+        if self.distill.search is not None and self.train.val_fraction == 0:
+            raise ValueError("distill.search chooses on the validation rows: set train.val_fraction above 0")
         return self
 
     @model_validator(mode="after")

@@ -3,8 +3,9 @@
 The exported graph is the whole model as its task loads it: a table model with its standardisation,
 fed raw rows in the model's feature order (`model.json`); a text model fed padded token ids of its
 own tokenizer (dynamic batch and sequence axes). Either returns logits over the model's classes. int8 is
-ONNX Runtime's dynamic quantization: weights stored as int8 (per output channel), activations
-quantized on the fly, so it needs no calibration data. No MLflow here: the stage logs the result.
+the recipe kd_core.quantize chooses on training rows (calibrated static QDQ by default), made from the
+student itself or from its quantization-aware fine-tune (kd_core.qad); either way it is compared with
+the fp32 student that was registered. No MLflow here: the stage logs the result.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_core import models
+from kd_core import models, quantize
+from kd_core.config import ExportParams
 from kd_core.errors import UserError
 from kd_core.evaluate import interleaved_medians_ms
 from kd_core.tasks import Task
@@ -43,9 +45,41 @@ class Variant:
     latency_ms_p50: float
     accuracy: float
     max_abs_logit_diff: float = 0.0
+    mean_abs_logit_diff: float = 0.0
     agreement_with_pytorch: float = 1.0  # share of rows whose predicted class is PyTorch's
     accuracy_drop: float = 0.0  # PyTorch accuracy - this accuracy (positive = worse)
     perplexity: float | None = None  # `lm`: on the held-out sequences (accuracy is next-token top-1)
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the int8 file was made: from which weights, by which recipe, chosen among which."""
+
+    source: str  # "student" (post-training quantization) or "qad" (the quantization-aware fine-tune)
+    chosen: quantize.Candidate
+    tried: tuple[quantize.Candidate, ...]
+    calibration_rows: int
+    selection_rows: int
+    lineage: dict[str, str] | None = None  # qad: the cache key and distillation setting it trained with
+
+    def to_json(self) -> dict:
+        return {"source": self.source, **({"lineage": self.lineage} if self.lineage else {}),
+                "method": self.chosen.method, "kept_float": list(self.chosen.kept_float),
+                "activations": self.chosen.activations,
+                "calibration_rows": self.calibration_rows, "selection_rows": self.selection_rows,
+                "candidates": [c.to_json() for c in self.tried]}
+
+
+@dataclass(frozen=True)
+class Int8Inputs:
+    """What the int8 export needs besides the model: disjoint samples of training rows, the settings,
+    and the weights to quantize when they are not the student's own (`export.int8: qad`)."""
+
+    calibration: np.ndarray  # (C, ...) training rows the activation ranges are calibrated on
+    selection: np.ndarray  # (S, ...) other training rows the recipe is chosen on
+    settings: ExportParams
+    weights_dir: Path | None = None  # a fine-tuned copy of the student to quantize instead
+    lineage: dict[str, str] | None = None  # what made that copy (recorded with the recipe)
 
 
 @dataclass(frozen=True)
@@ -54,12 +88,13 @@ class ExportReport:
     teacher: dict[str, Variant]  # pytorch, onnx (empty when no teacher was given)
     rows: int
     threads: int
+    int8: Int8Recipe
 
     def to_json(self) -> dict:
         """metrics/export.json: the same metric names as eval.json (accuracy, latency_ms_p50, size_bytes)."""
         return {"student": {k: _fields(v) for k, v in self.student.items()},
                 "teacher": {k: _fields(v) for k, v in self.teacher.items()},
-                "rows": self.rows, "threads": self.threads,
+                "rows": self.rows, "threads": self.threads, "int8": self.int8.to_json(),
                 "runtime": {"onnxruntime": version("onnxruntime"), "onnx": version("onnx"),
                             "torch": torch.__version__}}
 
@@ -114,14 +149,25 @@ def check(path: Path) -> None:
         raise UserError(f"{path.name}: not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}") from None
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantization: per-channel int8 weights (1.3 logits max error vs 2.0 per-tensor
-    on the demo student), activations quantized at run time."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+def make_int8(task: Task, fp32: Path, dst: Path, inputs: Int8Inputs, threads: int) -> Int8Recipe:
+    """Write `dst`: the int8 recipe that agrees best with `fp32` on the selection rows (kd_core.quantize);
+    with `inputs.weights_dir`, the recipe is applied to that model's ONNX export instead."""
+    cfg, src = inputs.settings, fp32
+    methods = ("dynamic",) if cfg.int8 == "dynamic" else cfg.methods
+    with tempfile.TemporaryDirectory() as tmp:
+        if inputs.weights_dir is not None:
+            tuned, tuned_spec = task.load(inputs.weights_dir)
+            src = Path(tmp) / ONNX_FILE
+            to_onnx(tuned, task, tuned_spec, src)
+        per = task.positions(inputs.selection)
+        ref = _run_onnx(session(fp32, threads), inputs.selection, per)  # the registered fp32 student's logits
+        with _quiet():
+            best, tried = quantize.choose_int8(
+                src, dst, methods, task.input_name, inputs.calibration, inputs.selection, ref,
+                lambda path, x: _run_onnx(session(path, threads), x, per), cfg.min_agreement)
     check(dst)
+    return Int8Recipe("qad" if inputs.weights_dir is not None else "student", best, tuple(tried),
+                      len(inputs.calibration), len(inputs.selection), inputs.lineage)
 
 
 def session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
@@ -163,14 +209,15 @@ def _perplexity(logits: np.ndarray, y: np.ndarray, task: Task) -> float | None:
 
 def _compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, size: int, latency: float, task: Task) -> Variant:
     acc, ref_acc = float((logits.argmax(1) == y).mean()), float((ref.argmax(1) == y).mean())
-    return Variant(size, latency, acc, float(np.abs(logits - ref).max()),
+    diff = np.abs(logits - ref)
+    return Variant(size, latency, acc, float(diff.max()), float(diff.mean()),
                    float((logits.argmax(1) == ref.argmax(1)).mean()), ref_acc - acc, _perplexity(logits, y, task))
 
 
-def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path,
+def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path, int8: Int8Inputs,
                      teacher_dir: Path | None = None) -> ExportReport:
     """Write `out/model.onnx` and `out/model.int8.onnx` for the student in `student_dir`, check both
-    against PyTorch on the task's inputs `x` (N, ...) with class indices `y` (N,) (`lm`: next tokens
+    against PyTorch on the task's test inputs `x` (N, ...) with class indices `y` (N,) (`lm`: next tokens
     (N, L), compared per position), and time batch-1 CPU
     inference of every variant (the teacher too, in PyTorch and fp32 ONNX, when `teacher_dir` is given)."""
     if len(x) == 0:
@@ -180,7 +227,7 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
     student, spec = task.load(student_dir)
     example = task.example(spec)  # (1, ...): batch-1 timing input
     to_onnx(student, task, spec, out / ONNX_FILE)
-    quantize_int8(out / ONNX_FILE, out / INT8_FILE)
+    recipe = make_int8(task, out / ONNX_FILE, out / INT8_FILE, int8, threads)
     sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
     ref = task.predict_logits(student, x)  # (N, K)
     per = task.positions(x)
@@ -215,4 +262,4 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
                                float((teacher_ref.argmax(1) == y).mean()),
                                perplexity=_perplexity(teacher_ref, y, task)),
             "onnx": _compare(teacher_onnx, teacher_ref, y, teacher_size, ms["teacher.onnx"], task)}
-    return ExportReport(variants, teacher_variants, len(x), threads)
+    return ExportReport(variants, teacher_variants, len(x), threads, recipe)

@@ -170,3 +170,20 @@ def decide_promotion(candidate: dict, teacher: dict, baseline: dict, champion: C
     ]
     decision = "promoted" if all(ok for ok, _ in checks) else "rejected"
     return Decision(decision, tuple(reason for _, reason in checks))
+
+
+INT8_RULES = ("int8_accuracy_drop", "int8_size_bytes")
+
+
+def decide_int8(fp32_accuracy: float, int8_accuracy: float, int8_size: int, policy: PolicyParams) -> Decision:
+    """Whether the int8 edge model may ship beside the registered fp32 student: it loses at most
+    `max_int8_accuracy_drop` of the fp32 student's test accuracy and its file fits `max_int8_size_bytes`
+    (either null: no limit). The export stage asks; a rejection keeps the last good export."""
+    drop, limit = fp32_accuracy - int8_accuracy, policy.max_int8_accuracy_drop
+    checks = [
+        _at_most(INT8_RULES[0], drop, limit, f" (fp32 {fp32_accuracy:.4f}, int8 {int8_accuracy:.4f})")
+        if limit is not None else (True, f"{INT8_RULES[0]} n/a (no limit): pass"),
+        _at_most(INT8_RULES[1], int8_size, policy.max_int8_size_bytes, fmt=".0f")
+        if policy.max_int8_size_bytes is not None else (True, f"{INT8_RULES[1]} n/a (no limit): pass"),
+    ]
+    return Decision("promoted" if all(ok for ok, _ in checks) else "rejected", tuple(r for _, r in checks))

@@ -199,3 +199,26 @@ def log_epoch_metrics(root: Path, metrics: dict[str, float], step: int) -> None:
     ts = int(time.time() * 1000)
     batch = [Metric(key(k), float(v), ts, step) for k, v in metrics.items()]
     mlflow_client(tracking_uri(root)).log_batch(run_id, metrics=batch, synchronous=False)
+
+
+def log_child_run(root: Path, name: str, summary: dict[str, Any], history: list[dict[str, float]]) -> str:
+    """A finished child run of the DAG run (MLflow's `mlflow.parentRunId` tag nests it in the UI): the
+    numbers of `summary` as params and final metrics, and one step per row of `history`."""
+    parent = os.environ[RUN_ID_ENV]
+    uri = tracking_uri(root)
+    client = mlflow_client(uri)
+    with tracking_errors(uri):
+        exp = client.get_run(parent).info.experiment_id
+        run = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent, "kd.role": "search"})
+        rid = run.info.run_id
+        log_params(client, rid, {k: str(v) for k, v in summary.items() if not isinstance(v, float) or k in (
+            "alpha", "temperature")})
+        ts = int(time.time() * 1000)
+        metrics = [Metric(key(k), float(v), ts, int(row["epoch"])) for row in history for k, v in row.items()
+                   if k != "epoch" and math.isfinite(v)]
+        metrics += [Metric(key(k), float(v), ts, 0) for k, v in summary.items()
+                    if isinstance(v, float) and k not in ("alpha", "temperature") and math.isfinite(v)]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(rid, metrics=metrics[i:i + 1000])
+        client.set_terminated(rid, status="FINISHED")
+    return rid

@@ -278,20 +278,25 @@ def _validate(st: _Step, net: nn.Module, r: _Rows, soft: SoftLabels | None, val:
     """Accuracy (and agreement with the teacher) on the held-out rows, as rank 0 measured it."""
     net.eval()
     correct = agree = 0
+    nll = 0.0
     step = max(1, VAL_BATCH // r.y_host[:1].size)  # rows of P positions: as many positions per pass
     for start in range(0, len(val), step):
         idx = val[start:start + step]  # (b,)
         with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.amp):
-            pred = net(r.x[to_device(idx, st.device)]).argmax(dim=-1).cpu().numpy()  # (b,) or (b, P)
+            logits = net(r.x[to_device(idx, st.device)]).float()  # (b, K) or (b, P, K)
+        pred = logits.argmax(dim=-1).cpu().numpy()  # (b,) or (b, P)
+        labels = r.y[to_device(idx, st.device)].reshape(-1).long()  # (b·P,)
+        nll += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum"))
         correct += int((pred == r.y_host[idx]).sum())
         if soft is not None:
             agree += int((pred.reshape(-1) == np.asarray(_teacher_class(soft(idx))).reshape(-1)).sum())
     net.train()
     n = r.y_host[val].size  # positions validated
-    scores = torch.tensor([correct / n, agree / n], dtype=torch.float64)
+    scores = torch.tensor([correct / n, agree / n, nll / n], dtype=torch.float64)
     if st.world > 1:  # ranks hold equal weights; rank 0's word keeps their stopping decisions equal
         dist.broadcast(scores, src=0)
-    out = {"val_accuracy": scores[0].item()}
+    # mean negative log-likelihood of the labels: perplexity for `lm`, a tie-breaker for classifiers
+    out = {"val_accuracy": scores[0].item(), "val_nll": scores[2].item()}
     if soft is not None:
         out["val_agreement_with_teacher"] = scores[1].item()
     return out

@@ -63,6 +63,7 @@ class StudentResult:
     seconds: float
     processes: int
     resumed_from: int | None  # epochs restored from a checkpoint; None: not known (the relaunching parent)
+    setting: str | None = None  # the distillation setting distill.search chose, if it ran
 
     @classmethod
     def from_history(cls, name: str, arch: str, history: History, resumed_from: int | None,
@@ -76,8 +77,9 @@ class StudentResult:
         procs = f" on {self.processes} processes" if self.processes > 1 else ""
         kept = "" if self.val_accuracy is None else \
             f"; kept epoch {self.best_epoch} (validation accuracy {self.val_accuracy:.3f})"
+        chosen = f"; {self.setting} chosen on the validation rows" if self.setting else ""
         return (f"{self.name} {self.arch}: {self.epochs} epochs{resumed}{procs} in {self.seconds:.1f} s, "
-                f"final loss {self.final_loss:.4f}{kept}")
+                f"final loss {self.final_loss:.4f}{kept}{chosen}")
 
 
 def epochs_for(epochs: int, min_steps: int | None, rows: int, batch_size: int) -> int:
@@ -119,6 +121,18 @@ def checkpoint_path(workdir: Path, params: Params, stage: str, inputs: dict, wor
 def discard_checkpoints(workdir: Path, params: Params, stage: str) -> None:
     """After the outputs are in place: this run's checkpoint and any stale ones of the stage."""
     shutil.rmtree(workdir / params.paths.work / CHECKPOINTS / stage, ignore_errors=True)
+
+
+def log_trial(workdir: Path, trial: object, history: History) -> None:
+    """A `distill.search` candidate as a child run of the DAG run: its setting, curve and score
+    (a no-op under plain `dvc repro`)."""
+    if not os.environ.get(RUN_ID_ENV):
+        return
+    from dataclasses import asdict
+
+    from kd_core import tracking
+
+    tracking.log_child_run(workdir, f"search: {trial.label}", asdict(trial), history)
 
 
 def epoch_logger(workdir: Path, prefix: str) -> Callable[[dict[str, float]], None]:

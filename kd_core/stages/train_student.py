@@ -8,16 +8,15 @@ With `train.nproc > 1` the stage relaunches itself under torch.distributed.run; 
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from kd_core import data, distributed, features, losses, models, progress, tasks, train
-from kd_core.cache import LogitCache, expected_keys
-from kd_core.config import Params
+from kd_core import data, distributed, features, losses, models, progress, search, tasks, train
+from kd_core.cache import LogitCache
+from kd_core.config import DistillParams, Params
 from kd_core.curves import read_curve, write_curve
 from kd_core.fs import atomic_dir
 from kd_core.stages._common import (
@@ -26,11 +25,9 @@ from kd_core.stages._common import (
     discard_checkpoints,
     epoch_logger,
     fit_config,
-    labelled_arrays,
-    per_row,
-    position_targets,
-    validation_rows,
+    log_trial,
 )
+from kd_core.stages._distil import KDRows, kd_objective, kd_rows
 from kd_core.train import fit
 
 CURVE = "train_student.csv"
@@ -49,47 +46,74 @@ def run(params: Params, workdir: Path) -> StudentResult:
         return _distil(params, workdir, rank, world)
 
 
-def _hinted(params: Params, cache: LogitCache, model: models.KDModel,
+def _hinted(distill: DistillParams, cache: LogitCache, model: models.KDModel,
             example: torch.Tensor) -> tuple[nn.Module, train.Extra | None]:
     """The module to train and its extra loss: the bare student unless hints or a weight penalty are asked for."""
-    hints = features.plan(params.distill, cache.features, model, example)
-    l2 = losses.l2_weight(params.distill)
+    hints = features.plan(distill, cache.features, model, example)
+    l2 = losses.l2_weight(distill)
     if not hints and not l2:
         return model, None
     net = features.HintedStudent(model, hints, l2)
     return net, features.extra_loss(net, cache.take_feature)
 
 
+def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
+           distill: DistillParams, epochs: int | None, world: int) -> tuple[models.KDModel, train.History, int]:
+    """One training of a fresh student with `distill` (`epochs`: a search's short budget); returns the
+    model, its curve and the epochs a checkpoint restored. Labels alone train on the labelled rows only."""
+    lead = distributed.ranks()[0] == 0
+    n = rows.labelled if search.labels_only(distill) else len(rows.x)  # labelled rows come first
+    model = task.build(spec, rows.x, params.train.seed, task.init_dir(params, workdir))
+    cfg = fit_config(params.train, n - len(rows.val))
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=min(epochs, cfg.epochs), patience=None)
+    inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
+              "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "cache": rows.keys}
+    ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
+    resumed = train.checkpoint_epochs(ckpt)
+    loss, soft = kd_objective(distill, rows)
+    net, extra = _hinted(distill, rows.caches[0], model, task.example(spec, batch=2))
+    name = search.label(distill.alpha, distill.temperature, distill.loss)
+    what = "training student" if epochs is None else f"trying {name}"
+    history = fit(net, rows.x[:n], rows.y[:n], loss, cfg, soft=soft, val=rows.val,
+                  on_epoch=epoch_logger(workdir, "student") if lead and epochs is None else None,
+                  progress=progress.bar(what) if lead else None, checkpoint=ckpt, extra=extra,
+                  lengths=rows.lengths[:n] if rows.lengths is not None else None)
+    if isinstance(net, features.HintedStudent):
+        net.release()  # hooks off; `model`, saved below, is the bare student: the projections stay behind
+    return model, history, resumed
+
+
+def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
+            world: int) -> tuple[DistillParams, list[search.Trial], int]:
+    """Try every candidate setting briefly; each one's curve becomes a child run of the DAG run."""
+    budget = params.distill.search.epochs if params.distill.search else 0
+    settings, trials = search.candidates(params.distill), []
+    for d in settings:
+        _, history, _ = _train(params, workdir, task, rows, spec, d, budget, world)
+        trials.append(search.trial(d, history))
+        if distributed.ranks()[0] == 0:
+            log_trial(workdir, trials[-1], history)
+    chosen = search.best(trials, task.headline)
+    return settings[chosen], trials, chosen
+
+
 def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResult:
     """One rank's training; rank 0 alone logs, checkpoints and writes the outputs."""
     task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
-    keys = expected_keys(params, workdir)
-    caches = [LogitCache(workdir / d, k) for d, k in zip(params.logit_dirs(), keys, strict=True)]
-    _, y_lab = labelled_arrays(task, splits)
-    x = task.cache_inputs(splits)  # (N, ...): labelled rows first, then transfer rows, as cached
-    y = np.concatenate([y_lab, np.full((len(splits.transfer), *y_lab.shape[1:]), losses.UNLABELLED)])  # (N, ...)
-    per = task.positions(x)  # cache rows per row
-    val = validation_rows(len(y_lab), params.train.val_fraction, params.train.seed)  # (V,)
+    rows = kd_rows(params, workdir, task, splits)
     spec = task.spec(params.student, splits.schema)
-    model = task.build(spec, x, params.train.seed, task.init_dir(params, workdir))
-    inputs = {"params": params.model_dump(mode="json", include={"student", "distill", "train"}), "cache": keys}
-    ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
-    resumed, lead = train.checkpoint_epochs(ckpt), rank == 0
-    loss = per_row(losses.build(params.distill, caches[0].top_k), per)  # a top-k cache: the top-k-aware KL
-    one = caches[0].targets if losses.reads_topk(params.distill, caches[0].top_k) else caches[0].take
-    soft = position_targets(one, per) if len(caches) == 1 else functools.partial(
-        losses.ensemble_targets, [c.take for c in caches], params.distill.ensemble)
-    net, extra = _hinted(params, caches[0], model, task.example(spec, batch=2))
-    history = fit(net, x, y, loss, fit_config(params.train, len(x) - len(val)), soft=soft, val=val,
-                  on_epoch=epoch_logger(workdir, "student") if lead else None,
-                  progress=progress.bar("training student") if lead else None, checkpoint=ckpt, extra=extra,
-                  lengths=task.lengths(x, splits.schema))
-    if isinstance(net, features.HintedStudent):
-        net.release()  # hooks off; `model`, saved below, is the bare student: the projections stay behind
-    if lead:
+    distill, trials, chosen = params.distill, [], -1
+    if params.distill.search is not None:
+        distill, trials, chosen = _search(params, workdir, task, rows, spec, world)
+    model, history, resumed = _train(params, workdir, task, rows, spec, distill, None, world)
+    if rank == 0:
         with atomic_dir(workdir / params.paths.student) as out:
             task.save(model, spec, out)
+            if trials:
+                search.write(out / search.SEARCH_FILE, trials, chosen, params.distill.search.epochs)
         write_curve(history, workdir / params.paths.metrics / CURVE)
         discard_checkpoints(workdir, params, "train_student")
-    return StudentResult.from_history("student", spec.arch, history, resumed, world)
+    result = StudentResult.from_history("student", spec.arch, history, resumed, world)
+    return dataclasses.replace(result, setting=trials[chosen].label if trials else None)

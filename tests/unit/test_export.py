@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from kd_core import export, models, tasks
+from kd_core.config import ExportParams
 from kd_core.data import Schema
 from kd_core.errors import UserError
 
@@ -21,9 +22,14 @@ def test_fp32_and_int8_exports_pass_the_checker_and_match_pytorch(tmp_path: Path
     spec = models.ModelSpec("mlp", {"hidden": [16]}, SCHEMA)
     model = models.build(spec, x, seed=0)
     export.to_onnx(model, tasks.TASKS["tabular"], spec, tmp_path / export.ONNX_FILE)
-    export.quantize_int8(tmp_path / export.ONNX_FILE, tmp_path / export.INT8_FILE)
+    inputs = export.Int8Inputs(x[:32], x[32:], ExportParams())
+    recipe = export.make_int8(tasks.TASKS["tabular"], tmp_path / export.ONNX_FILE, tmp_path / export.INT8_FILE,
+                              inputs, 1)
     got = export._run_onnx(export.session(tmp_path / export.ONNX_FILE, 1), x)
     assert np.abs(got - models.predict_logits(model, x)).max() < export.FP32_TOLERANCE
+    q = export._run_onnx(export.session(tmp_path / export.INT8_FILE, 1), x[32:])
+    assert (q.argmax(1) == got[32:].argmax(1)).mean() == recipe.chosen.agreement  # scored on the selection rows
+    assert recipe.calibration_rows == 32 and recipe.selection_rows == 32
 
 
 def test_an_invalid_graph_is_refused_with_one_line(tmp_path: Path) -> None:

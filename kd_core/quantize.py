@@ -1,0 +1,150 @@
+"""int8 ONNX for edge runtimes: calibrated static QDQ, the recipe chosen by measurement on training rows.
+
+Static quantization (ONNX Runtime QDQ: int8 per-channel weights, uint8 activations whose ranges are
+calibrated on a sample of the rows the student trained on) runs integer kernels end to end, where
+dynamic quantization re-measures every activation at run time. Which calibration method clips best
+is data-dependent, so every method in `export.methods` is tried and scored on *other* training rows
+against the fp32 model: the recipe that agrees with it most (then: smallest mean |Δlogit|) ships.
+When no all-int8 recipe reaches `export.min_agreement`, two repairs are measured with the same methods:
+the graph's first and last weight layers kept in float (the input standardisation feeds the first,
+the logits leave the last: the two layers whose error the rest of the network cannot absorb), and
+uint16 activations with int8 weights (the file stays a third of fp32; rounding of activations is
+what costs most on small students). Of the recipes that reach the threshold the smallest file ships,
+else the one that agrees most. The test split is never seen here: the export stage scores the chosen
+file on it afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kd_core.errors import UserError
+
+STATIC = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators (CalibrationMethod)
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose weights carry the model's size
+CALIBRATION_BATCH = 32  # rows per calibration pass; every pass the same shape (histograms need it)
+
+Run = Callable[[Path, np.ndarray], np.ndarray]  # (an ONNX file, inputs (N, ...)) -> logits (N·P, K)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One int8 recipe and how close it came to the fp32 model on the selection rows."""
+
+    method: str  # dynamic | minmax | entropy | percentile
+    kept_float: tuple[str, ...]  # graph nodes left in float
+    activations: str  # uint8, or uint16 (weights are int8 either way); dynamic: quantized at run time
+    agreement: float  # share of selection positions whose class is the fp32 model's
+    mean_abs_logit_diff: float
+    max_abs_logit_diff: float
+    size_bytes: int
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"kept_float": list(self.kept_float)}
+
+
+def weight_nodes(path: Path) -> list[str]:
+    """Names of the nodes that hold weights (MatMul/Gemm/Conv with a constant input), in graph order."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    consts = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and any(i in consts for i in n.input)]
+
+
+def _reader(name: str, rows: np.ndarray):  # -> onnxruntime.quantization.CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader
+
+    batch = min(CALIBRATION_BATCH, len(rows))
+    batches = [{name: rows[i:i + batch]} for i in range(0, len(rows) - batch + 1, batch)]
+
+    class Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict | None:
+            return next(self._it, None)
+
+    return Rows()
+
+
+def _preprocessed(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's pre-processing (shape inference, graph fusions) before calibration, as its docs
+    ask; a graph it cannot infer (some transformer shapes) is quantized as exported."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return dst
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation; its failure is not the user's
+        return src
+
+
+def quantize(src: Path, dst: Path, method: str, input_name: str, calibration: np.ndarray,
+             kept_float: tuple[str, ...] = (), activations: str = "uint8") -> None:
+    """Write `dst`, the int8 form of `src` by one recipe: `dynamic`, or a static QDQ calibrator."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if method == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=list(kept_float))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _preprocessed(src, Path(tmp) / "pre.onnx")
+        quantize_static(str(model), str(dst), _reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt16 if activations == "uint16" else QuantType.QUInt8,
+                        calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.title())),
+                        nodes_to_exclude=list(kept_float), extra_options={"CalibTensorRangeSymmetric": False})
+
+
+def _score(plan: tuple[str, tuple[str, ...], str], path: Path, ref: np.ndarray, run: Run,
+           selection: np.ndarray) -> Candidate:
+    out = run(path, selection)
+    diff = np.abs(out - ref)
+    activations = "dynamic" if plan[0] == "dynamic" else plan[2]
+    return Candidate(plan[0], plan[1], activations, float((out.argmax(-1) == ref.argmax(-1)).mean()),
+                     float(diff.mean()), float(diff.max()), path.stat().st_size)
+
+
+def _best(candidates: list[Candidate], min_agreement: float) -> Candidate:
+    """The smallest file among those agreeing enough (then the closest); else the closest."""
+    good = [c for c in candidates if c.agreement >= min_agreement]
+    if good:
+        return min(good, key=lambda c: (c.size_bytes, -c.agreement, c.mean_abs_logit_diff))
+    return max(candidates, key=lambda c: (c.agreement, -c.mean_abs_logit_diff))
+
+
+def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str, calibration: np.ndarray,
+                selection: np.ndarray, ref: np.ndarray, run: Run,
+                min_agreement: float) -> tuple[Candidate, list[Candidate]]:
+    """Quantize `src` by every recipe, keep the one closest to `ref` (the fp32 student's logits on the
+    `selection` rows, (S·P, K)) as `dst`; return it and all tried. `calibration` and `selection` are
+    disjoint samples of training rows (N, ...); `src` may be a fine-tune of the fp32 student."""
+    if len(calibration) == 0 or len(selection) == 0:
+        raise UserError("int8 export needs training rows to calibrate on and to choose a recipe with; "
+                        "the train and transfer splits are empty")
+    nodes = weight_nodes(src)
+    edges = tuple(dict.fromkeys([nodes[0], nodes[-1]])) if nodes else ()
+    static = [m for m in methods if m != "dynamic"]
+    repairs = [(m, edges, "uint8") for m in static if edges] + [(m, (), "uint16") for m in static]
+    tried: list[Candidate] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files: list[Path] = []
+        for round_ in ([(m, (), "uint8") for m in methods], repairs):
+            if tried and _best(tried, min_agreement).agreement >= min_agreement:
+                break  # repairs only when the plain int8 recipes fall short
+            for plan in round_:
+                path = Path(tmp) / f"{len(tried)}.onnx"
+                quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2])
+                tried.append(_score(plan, path, ref, run, selection))
+                files.append(path)
+        best = _best(tried, min_agreement)
+        shutil.copyfile(files[tried.index(best)], dst)
+    return best, tried
