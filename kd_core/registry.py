@@ -25,7 +25,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from kd_core import data, serving, tasks, tracking
+from kd_core import data, search, serving, tasks, tracking
 from kd_core.config import Params
 from kd_core.errors import UserError
 from kd_core.lock import registry_lock
@@ -321,10 +321,19 @@ def _record_run(client: MlflowClient, run_id: str, root: Path, params: Params, e
     return serving.log_model(root / params.paths.student, ev.test)
 
 
+def setting_tags(params: Params, student_dir: Path) -> dict[str, str]:
+    """The distillation setting the student was trained with, and whether distill.search chose it."""
+    record = search.read(student_dir)
+    d = search.chosen_setting(params.distill, record)
+    how = (f"chosen on the validation rows among {len(record['trials'])} settings, {record['epochs']} epochs each"
+           if record else "configured (distill.search off)")
+    return {"distill.setting": search.label(d.alpha, d.temperature, d.loss), "distill.search": how}
+
+
 def _new_version(client: MlflowClient, name: str, model_uri: str, decision: Decision, fp: Fingerprints,
-                 champion: ChampionScore | None) -> ModelVersion:
+                 champion: ChampionScore | None, setting: dict[str, str]) -> ModelVersion:
     """Register the version with its evidence as tags, then move the aliases."""
-    tags = {"decision": decision.decision, **fp.tags(),
+    tags = {"decision": decision.decision, **fp.tags(), **setting,
             "champion_version": str(champion.version) if champion is not None else "none",
             **{f"reason.{r}": reason for r, reason in zip(RULES, decision.reasons, strict=True)}}
     mv = mlflow.register_model(model_uri, name, tags=tags)
@@ -365,6 +374,7 @@ def register_candidate(root: Path, params: Params) -> RegisterOutcome:
         # as the active run: a failure marks it FAILED, success FINISHED (then end_dag_run decides)
         with mlflow.start_run(run_id=run_id):
             model_uri = _record_run(client, run_id, root, params, ev, extra)
-            mv = _new_version(client, name, model_uri, decision, ev.fingerprints, champion)
+            mv = _new_version(client, name, model_uri, decision, ev.fingerprints, champion,
+                              setting_tags(params, root / params.paths.student))
     return RegisterOutcome(decision.decision, decision.reasons, name, int(mv.version),
                            tuple(sorted(mv.aliases)), run_id, False)

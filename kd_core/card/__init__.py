@@ -9,9 +9,10 @@ from kd_core.card.content import (
     loss_label,
     now,
     score_test_split,
+    setting_line,
     teacher_description,
     write_card,
 )
 
 __all__ = ["DATA_DOCS", "FIGURES", "HTML_FILE", "MD_FILE", "CardInputs", "loss_label", "now", "score_test_split",
-           "teacher_description", "write_card"]
+           "setting_line", "teacher_description", "write_card"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_core import data, tasks
+from kd_core import data, search, tasks
 from kd_core.card.figures import fig_accuracy_vs, fig_confusion, fig_reliability, fig_training_curves
 from kd_core.card.render import Block, Bullets, Code, Heading, Image, Para, Table, to_html, to_markdown
 from kd_core.config import Params, TeacherParams
@@ -111,11 +111,45 @@ def _summary(inp: CardInputs) -> list[str]:
         q = inp.export["student"]["onnx_int8"]
         fp32 = inp.export["student"].get("onnx", {})
         items.append(f"Edge: the int8 ONNX student is {kib(q['size_bytes'])}, accuracy {q['accuracy']:.3f} "
-                     f"({pts(-q['accuracy_drop'])} vs PyTorch), {ms(q['latency_ms_p50'])} per row with ONNX "
-                     f"Runtime (fp32 ONNX: {kib(fp32.get('size_bytes', 0))}, {ms(fp32.get('latency_ms_p50', 0))}).")
+                     f"({pts(-q['accuracy_drop'])} vs PyTorch), same class as the fp32 student on "
+                     f"{q.get('agreement_with_pytorch', 0) * 100:.1f} % of the test rows, {ms(q['latency_ms_p50'])} "
+                     f"per row with ONNX Runtime (fp32 ONNX: {kib(fp32.get('size_bytes', 0))}, "
+                     f"{ms(fp32.get('latency_ms_p50', 0))}); {int8_recipe(inp.export)}.")
+    if "chosen by" in inp.facts.get("distill", ""):
+        items.append(f"Distillation setting {inp.facts['distill'].split(': chosen by')[0]}, chosen on the "
+                     "validation rows by `distill.search` (the trials are under Configuration).")
     if inp.register:
         items.append(registry_line(inp.register))
     return items
+
+
+def setting_line(params: Params, student_dir: Path) -> str:
+    """The distillation setting the student trained with; when distill.search chose it, among what
+    and by how much on the validation rows (the configured setting is the first trial)."""
+    record = search.read(student_dir)
+    d = search.chosen_setting(params.distill, record)
+    line = f"loss {d.loss}, temperature {d.temperature:g}, alpha {d.alpha:g}"
+    if record is None:
+        return line
+    trials, won = record["trials"], record["trials"][record["chosen_index"]]
+    tried = "; ".join(f"{t['label']} {t['val_accuracy']:.3f}" for t in trials)
+    return (f"{line}: chosen by `distill.search` on the validation rows ({won['label']}, validation accuracy "
+            f"{won['val_accuracy']:.3f}, NLL {won['val_nll']:.3f}) among {len(trials)} settings trained "
+            f"{record['epochs']} epochs each from the same cache: {tried}")
+
+
+def int8_recipe(export: dict) -> str:
+    """How the int8 file was made (export.json's `int8`): recipe, repairs, where it was chosen."""
+    r = export.get("int8")
+    if not r:
+        return "ONNX Runtime dynamic quantization"
+    kept = f", {', '.join(r['kept_float'])} kept in float" if r.get("kept_float") else ""
+    how = "ONNX Runtime dynamic quantization" if r["method"] == "dynamic" else (
+        f"static QDQ, {r['method']} calibration on {r['calibration_rows']:,} training rows, per-channel int8 "
+        f"weights, {r.get('activations', 'uint8')} activations{kept}")
+    qad = " after a quantization-aware fine-tune against the cached teacher" if r.get("source") == "qad" else ""
+    return (f"{how}{qad}; chosen among {len(r['candidates'])} recipes by agreement with the fp32 student on "
+            f"{r['selection_rows']:,} other training rows")
 
 
 def registry_line(reg: dict) -> str:
@@ -157,8 +191,8 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
     ]
     if inp.export:
         blocks += [Heading("Edge export (ONNX)"),
-                   Para("The student exported to ONNX (fp32) and quantized to int8 (ONNX Runtime dynamic "
-                        "quantization, per-channel weights), each checked against PyTorch on the test rows. "
+                   Para("The student exported to ONNX (fp32) and quantized to int8 "
+                        f"({int8_recipe(inp.export)}), each checked against PyTorch on the test rows. "
                         "Latencies are measured in one process, interleaved, so machine noise hits all alike; "
                         "the PyTorch rows are re-measured here and can differ from the table above by noise."),
                    table(export_table(inp.export))]

@@ -14,6 +14,7 @@ from kd_core.card.content import (
     FIGURES,
     HTML_FILE,
     MD_FILE,
+    int8_recipe,
     registry_line,
     reproduce_blocks,
     table,
@@ -72,7 +73,12 @@ def _summary(inp: LMCardInputs) -> list[str]:
     if inp.export and "onnx_int8" in inp.export.get("student", {}):
         q = inp.export["student"]["onnx_int8"]
         items.append(f"Edge: int8 ONNX student {q['size_bytes'] / 2**20:.1f} MiB, perplexity {q['perplexity']:.2f} "
-                     f"(PyTorch {inp.export['student']['pytorch']['perplexity']:.2f}).")
+                     f"(PyTorch {inp.export['student']['pytorch']['perplexity']:.2f}), same next token as the fp32 "
+                     f"student at {q.get('agreement_with_pytorch', 0) * 100:.1f} % of positions; "
+                     f"{int8_recipe(inp.export)}.")
+    if "chosen by" in inp.facts.get("distill", ""):
+        items.append(f"Distillation setting {inp.facts['distill'].split(': chosen by')[0]}, chosen on held-out "
+                     "sequences by `distill.search` (the trials are under Configuration).")
     if inp.register:
         items.append(registry_line(inp.register))
     return items
@@ -109,8 +115,8 @@ def build_blocks(inp: LMCardInputs, figures: dict[str, str], data_docs: str | No
     ]
     if inp.export:
         blocks += [Heading("Edge export (ONNX)"),
-                   Para("The student exported to ONNX (fp32) and quantized to int8 (ONNX Runtime dynamic "
-                        "quantization), each checked against PyTorch on the held-out sequences, position by position."),
+                   Para(f"The student exported to ONNX (fp32) and quantized to int8 ({int8_recipe(inp.export)}), "
+                        "each checked against PyTorch on the held-out sequences, position by position."),
                    table(export_table(inp.export))]
     if reg:
         blocks += [Heading("Promotion decision"),

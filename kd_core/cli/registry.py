@@ -40,12 +40,25 @@ def _status_row(v: VersionInfo) -> dict[str, str]:
                         if {"student.accuracy", "baseline.accuracy"} <= has else "–"),
         "latency": _num(m, "student.latency_ms_p50", ".3f") + (" ms" if "student.latency_ms_p50" in has else ""),
         "size": _num(m, "student.size_bytes", ",.0f", 1 / 1024) + (" KiB" if "student.size_bytes" in has else ""),
-        "int8 ONNX": (f"{float(v.tags['onnx_int8.size_bytes']) / 1024:.0f} KiB, "
-                      f"{float(v.tags['onnx_int8.latency_ms_p50']):.3f} ms"
-                      if {"onnx_int8.size_bytes", "onnx_int8.latency_ms_p50"} <= set(v.tags) else "–"),
+        "int8 ONNX": _int8(v.tags),
         "failed rules": ", ".join(v.failed_rules) or "–",
         "registered (UTC)": v.created,
     } | quality
+
+
+def _int8(tags: dict[str, str]) -> str:
+    """The int8 edge model beside the fp32 one: size, accuracy change, agreement, latency, verdict."""
+    if not {"onnx_int8.size_bytes", "onnx_int8.latency_ms_p50"} <= set(tags):
+        return "–"
+    cells = [f"{float(tags['onnx_int8.size_bytes']) / 1024:.0f} KiB"]
+    if "onnx_int8.accuracy_drop" in tags:
+        cells.append(f"{-float(tags['onnx_int8.accuracy_drop']) * 100:+.1f} pts")
+    if "onnx_int8.agreement_with_pytorch" in tags:
+        cells.append(f"{float(tags['onnx_int8.agreement_with_pytorch']) * 100:.1f} % same")
+    cells.append(f"{float(tags['onnx_int8.latency_ms_p50']):.3f} ms")
+    if tags.get("int8.decision") == "rejected":
+        cells.append("[red]rejected[/]")
+    return ", ".join(cells)
 
 
 def _lm_quality(m: dict[str, float]) -> dict[str, str]:

@@ -61,7 +61,8 @@ def version_tags(report: export.ExportReport, decision: policy.Decision) -> dict
     recipe = report.int8
     tags |= {"int8.source": recipe.source, "int8.method": recipe.chosen.method,
              "int8.kept_float": ",".join(recipe.chosen.kept_float) or "none",
-             "int8.activations": recipe.chosen.activations, "int8.decision": decision.decision}
+             "int8.activations": recipe.chosen.activations,
+             "int8.decision": "accepted" if decision.decision == "promoted" else "rejected"}
     tags |= {f"int8.{k}": str(v) for k, v in (recipe.lineage or {}).items()}
     return tags | {f"reason.{r.split()[0]}": r for r in decision.reasons}
 
@@ -135,7 +136,8 @@ def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metr
             kept = f"; version {version} stays registered as it was" if version is not None else ""
             raise UserError(f"int8 export rejected by the policy: {failed}; {out} keeps the last export{kept}")
     discard_checkpoints(workdir, params, "export")
-    atomic_write_text(metrics_file, json.dumps(report.to_json(), indent=2) + "\n")
+    verdict = {"int8_policy": {"decision": "accepted", "reasons": list(decision.reasons)}}
+    atomic_write_text(metrics_file, json.dumps(report.to_json() | verdict, indent=2) + "\n")
     if version is not None:
         _attach(params, workdir, version, report, decision, [("onnx", out), (params.paths.metrics, metrics_file)])
     return ExportResult(report, out, params.registry.model_name if version is not None else None, version)

@@ -47,8 +47,7 @@ def _facts(params: Params, workdir: Path) -> dict[str, str]:
     return {"generated": card.now(), "git_commit": git_commit(workdir), "threads": str(torch.get_num_threads()),
              "source": params.data.source, "teacher": card.teacher_description(params), "loss": card.loss_label(params),
              "student": f"{params.student.arch} {dict(params.student.options)}",
-             "distill": f"loss {params.distill.loss}, temperature {params.distill.temperature}, "
-                        f"alpha {params.distill.alpha}",
+             "distill": card.setting_line(params, workdir / params.paths.student),
              "train": f"{params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr}",
              "cache": f"{params.cache.dtype}, " + (f"top {params.cache.top_k} logits per row" if params.cache.top_k
                                                    else "dense (every logit)"),
