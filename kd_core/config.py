@@ -201,7 +201,8 @@ class ExportParams(_Section):
     methods: tuple[Literal["minmax", "entropy", "percentile", "dynamic"], ...] = ("minmax", "entropy", "percentile")
     calibration_rows: int = Field(512, ge=1)  # training rows whose activations set the int8 ranges
     selection_rows: int = Field(1024, ge=1)  # other training rows on which the recipe is chosen
-    min_agreement: float = Field(0.99, ge=0.0, le=1.0)  # below it, recipes keeping edge layers float are tried
+    min_agreement: float = Field(0.99, ge=0.0, le=1.0)  # recipes below it only ship when none reaches it
+    max_size_ratio: float = Field(0.34, gt=0.0)  # int8 / fp32 file size; larger recipes only when none fits
     qad_epochs: int = Field(3, ge=1)  # qad: passes over train + transfer rows
     qad_lr: float = Field(1e-4, gt=0)  # qad: AdamW learning rate, cosine-decayed
 

@@ -164,7 +164,8 @@ def make_int8(task: Task, fp32: Path, dst: Path, inputs: Int8Inputs, threads: in
         with _quiet():
             best, tried = quantize.choose_int8(
                 src, dst, methods, task.input_name, inputs.calibration, inputs.selection, ref,
-                lambda path, x: _run_onnx(session(path, threads), x, per), cfg.min_agreement)
+                lambda path, x: _run_onnx(session(path, threads), x, per), cfg.min_agreement,
+                cfg.max_size_ratio)
     check(dst)
     return Int8Recipe("qad" if inputs.weights_dir is not None else "student", best, tuple(tried),
                       len(inputs.calibration), len(inputs.selection), inputs.lineage)

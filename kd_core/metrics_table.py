@@ -82,14 +82,15 @@ def export_table(export: dict) -> MetricsTable:
     lm = "perplexity" in export.get("student", {}).get("pytorch", {})
     for role in ("teacher", "student"):
         for k, v in export.get(role, {}).items():
-            vs_pytorch = ("–", "–", "–") if k == "pytorch" else (
-                f"{v['max_abs_logit_diff']:.2g}", f"{v['agreement_with_pytorch']:.3f}", pts(-v["accuracy_drop"]))
+            vs_pytorch = ("–", "–", "–", "–") if k == "pytorch" else (
+                f"{v['max_abs_logit_diff']:.2g}", f"{v.get('mean_abs_logit_diff', float('nan')):.2g}",
+                f"{v['agreement_with_pytorch']:.3f}", pts(-v["accuracy_drop"]))
             quality = f"{v['perplexity']:.2f}" if lm else f"{v['accuracy']:.3f}"
             rows.append((f"{role}, {RUNTIMES.get(k, k)}", kib(v["size_bytes"]), ms(v["latency_ms_p50"]),
                          quality, *vs_pytorch))
     same = "same next token as PyTorch" if lm else "same class as PyTorch"
     return MetricsTable(("model, runtime", "file size", "latency p50 (batch 1)", "perplexity" if lm else "accuracy",
-                         "max abs. logit diff vs PyTorch", same,
+                         "max abs. logit diff vs PyTorch", "mean abs. logit diff", same,
                          "next-token accuracy vs PyTorch" if lm else "accuracy vs PyTorch"), tuple(rows))
 
 

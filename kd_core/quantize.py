@@ -4,13 +4,13 @@ Static quantization (ONNX Runtime QDQ: int8 per-channel weights, uint8 activatio
 calibrated on a sample of the rows the student trained on) runs integer kernels end to end, where
 dynamic quantization re-measures every activation at run time. Which calibration method clips best
 is data-dependent, so every method in `export.methods` is tried and scored on *other* training rows
-against the fp32 model: the recipe that agrees with it most (then: smallest mean |Δlogit|) ships.
-When no all-int8 recipe reaches `export.min_agreement`, two repairs are measured with the same methods:
-the graph's first and last weight layers kept in float (the input standardisation feeds the first,
-the logits leave the last: the two layers whose error the rest of the network cannot absorb), and
-uint16 activations with int8 weights (the file stays a third of fp32; rounding of activations is
-what costs most on small students). Of the recipes that reach the threshold the smallest file ships,
-else the one that agrees most. The test split is never seen here: the export stage scores the chosen
+against the fp32 model.
+Two repairs are measured with every static method: the graph's first and last weight layers kept in
+float (the input standardisation feeds the first, the logits leave the last: the two layers whose
+error the rest of the network cannot absorb), and uint16 activations with int8 weights (the file
+stays a third of fp32; rounding activations is what costs most on small students). Among recipes
+within `export.max_size_ratio` of the fp32 file that reach `export.min_agreement`, the one with the
+smallest mean |Δlogit| ships. The test split is never seen here: the export stage scores the chosen
 file on it afterwards.
 """
 
@@ -113,17 +113,17 @@ def _score(plan: tuple[str, tuple[str, ...], str], path: Path, ref: np.ndarray, 
                      float(diff.mean()), float(diff.max()), path.stat().st_size)
 
 
-def _best(candidates: list[Candidate], min_agreement: float) -> Candidate:
-    """The smallest file among those agreeing enough (then the closest); else the closest."""
-    good = [c for c in candidates if c.agreement >= min_agreement]
-    if good:
-        return min(good, key=lambda c: (c.size_bytes, -c.agreement, c.mean_abs_logit_diff))
-    return max(candidates, key=lambda c: (c.agreement, -c.mean_abs_logit_diff))
+def _best(candidates: list[Candidate], min_agreement: float, max_size: float) -> Candidate:
+    """Within the size budget (else among all), of those agreeing enough (else all): the smallest mean
+    |Δlogit|. Agreement saturates on training rows the student is sure of; the logit error does not."""
+    pool = [c for c in candidates if c.size_bytes <= max_size] or candidates
+    pool = [c for c in pool if c.agreement >= min_agreement] or pool
+    return min(pool, key=lambda c: (c.mean_abs_logit_diff, -c.agreement, c.size_bytes))
 
 
 def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str, calibration: np.ndarray,
-                selection: np.ndarray, ref: np.ndarray, run: Run,
-                min_agreement: float) -> tuple[Candidate, list[Candidate]]:
+                selection: np.ndarray, ref: np.ndarray, run: Run, min_agreement: float,
+                max_size_ratio: float) -> tuple[Candidate, list[Candidate]]:
     """Quantize `src` by every recipe, keep the one closest to `ref` (the fp32 student's logits on the
     `selection` rows, (S·P, K)) as `dst`; return it and all tried. `calibration` and `selection` are
     disjoint samples of training rows (N, ...); `src` may be a fine-tune of the fp32 student."""
@@ -133,18 +133,16 @@ def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str,
     nodes = weight_nodes(src)
     edges = tuple(dict.fromkeys([nodes[0], nodes[-1]])) if nodes else ()
     static = [m for m in methods if m != "dynamic"]
-    repairs = [(m, edges, "uint8") for m in static if edges] + [(m, (), "uint16") for m in static]
+    plans = [(m, (), "uint8") for m in methods] + [(m, edges, "uint8") for m in static if edges] + [
+        (m, (), "uint16") for m in static]
     tried: list[Candidate] = []
     with tempfile.TemporaryDirectory() as tmp:
         files: list[Path] = []
-        for round_ in ([(m, (), "uint8") for m in methods], repairs):
-            if tried and _best(tried, min_agreement).agreement >= min_agreement:
-                break  # repairs only when the plain int8 recipes fall short
-            for plan in round_:
-                path = Path(tmp) / f"{len(tried)}.onnx"
-                quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2])
-                tried.append(_score(plan, path, ref, run, selection))
-                files.append(path)
-        best = _best(tried, min_agreement)
+        for plan in plans:
+            path = Path(tmp) / f"{len(tried)}.onnx"
+            quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2])
+            tried.append(_score(plan, path, ref, run, selection))
+            files.append(path)
+        best = _best(tried, min_agreement, max_size_ratio * src.stat().st_size)
         shutil.copyfile(files[tried.index(best)], dst)
     return best, tried

@@ -203,7 +203,7 @@ def log_epoch_metrics(root: Path, metrics: dict[str, float], step: int) -> None:
 
 def log_child_run(root: Path, name: str, summary: dict[str, Any], history: list[dict[str, float]]) -> str:
     """A finished child run of the DAG run (MLflow's `mlflow.parentRunId` tag nests it in the UI): the
-    numbers of `summary` as params and final metrics, and one step per row of `history`."""
+    settings of `summary` as params, its scores as `best.<name>` metrics, one step per row of `history`."""
     parent = os.environ[RUN_ID_ENV]
     uri = tracking_uri(root)
     client = mlflow_client(uri)
@@ -216,7 +216,7 @@ def log_child_run(root: Path, name: str, summary: dict[str, Any], history: list[
         ts = int(time.time() * 1000)
         metrics = [Metric(key(k), float(v), ts, int(row["epoch"])) for row in history for k, v in row.items()
                    if k != "epoch" and math.isfinite(v)]
-        metrics += [Metric(key(k), float(v), ts, 0) for k, v in summary.items()
+        metrics += [Metric(key(f"best.{k}"), float(v), ts, 0) for k, v in summary.items()
                     if isinstance(v, float) and k not in ("alpha", "temperature") and math.isfinite(v)]
         for i in range(0, len(metrics), 1000):
             client.log_batch(rid, metrics=metrics[i:i + 1000])

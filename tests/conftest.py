@@ -32,8 +32,9 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitig
                  "data/raw/.gitkeep", "pyproject.toml"]
 PROJECT_DIRS = ["kd_core", "flows"]
 # Small enough for a 2-core CI, big enough that KD still shows.
+# distill.search off and one int8 calibrator: tests that need them switch them on.
 TINY = {"data": {"transfer_size": 3000}, "teacher": {"epochs": 8}, "train": {"epochs": 3},
-        "cache": {"shard_rows": 1024}}
+        "cache": {"shard_rows": 1024}, "distill": {"search": None}, "export": {"methods": ["minmax"]}}
 
 
 def _dvc_config(config_dir: Path, cache: Path) -> str:

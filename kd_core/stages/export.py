@@ -25,7 +25,7 @@ from kd_core.fs import atomic_dir, atomic_write_text
 from kd_core.stages._common import checkpoint_path, discard_checkpoints, validation_rows
 from kd_core.stages._distil import kd_objective, kd_rows
 from kd_core.stages._registered import registered_version
-from kd_core.train import FitConfig, fit
+from kd_core.train import FitConfig, checkpoint_epochs, fit
 
 OUTPUT_FILE = "export.json"
 TAGGED = ("size_bytes", "latency_ms_p50", "accuracy", "max_abs_logit_diff", "mean_abs_logit_diff",
@@ -98,14 +98,16 @@ def _qad(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits, s
               "distill": distill.model_dump(mode="json"), "cache": rows.keys,
               "train": params.train.model_dump(mode="json")}
     loss, soft = kd_objective(distill, rows)
+    ckpt = checkpoint_path(workdir, params, "export", inputs, 1)
+    resumed = checkpoint_epochs(ckpt)
     history = fit(model, rows.x[:n], rows.y[:n], loss, cfg, soft=soft, val=rows.val,
-                  progress=progress.bar("quantization-aware fine-tune"),
-                  checkpoint=checkpoint_path(workdir, params, "export", inputs, 1),
+                  progress=progress.bar("quantization-aware fine-tune"), checkpoint=ckpt,
                   lengths=rows.lengths[:n] if rows.lengths is not None else None)
     qad.release(model)
     task.save(model, spec, out)
     setting = search.label(distill.alpha, distill.temperature, distill.loss)
     return {"cache_key": ",".join(rows.keys), "setting": setting, "qad_epochs": str(len(history)),
+            "qad_resumed_after_epoch": str(resumed),
             "qad_val_accuracy": f"{history[-1].get('val_accuracy', float('nan')):.4f}"}
 
 

@@ -68,7 +68,8 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=min(epochs, cfg.epochs), patience=None)
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
-              "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "cache": rows.keys}
+              "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "patience": cfg.patience,
+              "cache": rows.keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed = train.checkpoint_epochs(ckpt)
     loss, soft = kd_objective(distill, rows)

@@ -34,7 +34,7 @@ LM = {"data": {"source": "stdlib", "seq_len": SEQ, "max_tokens": 3072, "max_test
                              "test_fraction": 0.1},
       "teacher": {"source": TEACHER}, "student": {"arch": "layers", "options": {"layers": [0, 3]}},
       "cache": {"top_k": K, "dtype": "float16", "shard_rows": 500, "batch_size": 4},
-      "distill": {"temperature": 1.0, "alpha": 0.5},
+      "distill": {"temperature": 1.0, "alpha": 0.5, "search": None},
       "train": {"epochs": 2, "batch_size": 8, "lr": 0.001, "patience": None, "val_fraction": 0.1}}
 ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline", "evaluate", "register",
        "export", "report"}

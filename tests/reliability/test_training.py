@@ -1,6 +1,7 @@
 """Student training through the real CLI: kill -9 mid-training resumes to the uninterrupted run's
 weights, seeded runs repeat byte for byte, and 2 gloo processes learn what 1 process learns."""
 
+import json
 import os
 import shutil
 import signal
@@ -108,3 +109,46 @@ def test_two_gloo_processes_reach_the_accuracy_of_one(ready, uninterrupted, tmp_
     single, ddp = _test_accuracy(uninterrupted), _test_accuracy(proj)
     assert single > 0.7
     assert abs(ddp - single) <= 0.01, (single, ddp)
+
+
+QAD = {"export": {"int8": "qad", "qad_epochs": 6, "methods": ["minmax"]}}
+
+
+def _int8_logits(project: Path) -> np.ndarray:
+    from kd_core import export
+
+    splits = data.read_prepared(project / "data/prepared")
+    sess = export.session(project / "artifacts/onnx" / export.INT8_FILE, 1)
+    return export._run_onnx(sess, data.features_array(splits.test, splits.schema))
+
+
+@pytest.mark.fault("kill -9 mid quantization-aware fine-tune")
+def test_sigkill_mid_qad_resumes_to_the_same_int8_model(uninterrupted: Path, tmp_path: Path, tally: Damage) -> None:
+    clean = _copy(uninterrupted, tmp_path / "clean", QAD)
+    _kd(clean, "stage", "export")
+    proj = _copy(uninterrupted, tmp_path / "killed", QAD)
+    kept = (*EARLIER, "artifacts/student")
+    earlier = snapshot(proj, kept)
+    proc = subprocess.Popen([str(BIN / "kd"), "stage", "export"], cwd=proj, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = proj / ".kd/train/export"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(checkpoint_epochs(p) >= 2 for p in store.glob("*.safetensors")):
+        assert proc.poll() is None, "the fine-tune finished before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    [ckpt] = store.glob("*.safetensors")
+    done = checkpoint_epochs(ckpt)
+    assert 2 <= done < QAD["export"]["qad_epochs"], done
+    assert not (proj / "artifacts/onnx").exists()  # nothing half-published
+
+    _kd(proj, "stage", "export")
+    tally.lost(lost_bytes(earlier, snapshot(proj, kept)))
+    report = json.loads((proj / "metrics/export.json").read_text())
+    lineage = report["int8"]["lineage"]
+    assert report["int8"]["source"] == "qad" and lineage["qad_resumed_after_epoch"] == str(done)
+    manifest = json.loads((proj / "artifacts/logits/manifest.json").read_text())
+    assert lineage["cache_key"] == manifest["key"]  # lineage: the cache it fine-tuned against
+    assert np.array_equal(_int8_logits(proj), _int8_logits(clean))  # the same int8 model as without the kill
+    assert not store.exists()

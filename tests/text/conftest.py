@@ -45,7 +45,9 @@ TINY_TEXT = {
     "cache": {"batch_size": 64},
     "train": {"epochs": 5, "batch_size": 32, "lr": 0.01, "device": "cpu", "patience": None},  # 3 epochs: chance
     "policy": {"min_teacher_retention": 0.0, "min_gain_over_baseline": -1.0, "max_latency_ratio": 100.0,
-               "max_size_bytes": None, "max_class_drop": 1.0, "min_gain_over_champion": -1.0, "max_p_value": 1.0},
+               "max_size_bytes": None, "max_class_drop": 1.0, "min_gain_over_champion": -1.0, "max_p_value": 1.0,
+               "max_int8_accuracy_drop": None},
+    "distill": {"search": None},
 }
 
 

@@ -1,0 +1,81 @@
+"""distill.search and the int8 edge model through `kd run`: candidates as MLflow child runs, the setting on
+the version and in the card; the int8 file checked against PyTorch on the test set; an int8 export the
+policy rejects fails with one line, keeps the last good export and leaves the registered version as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from kd_core import data, export, models
+from tests.conftest import kd, write_params
+
+pytestmark = pytest.mark.slow
+SEARCH = {"distill": {"search": {"epochs": 2, "candidates": [{"alpha": 0.5, "temperature": 4.0}]}},
+          "export": {"methods": ["minmax", "percentile"]}}
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.bad_input("int8 export above the policy's size rule")
+def test_search_then_int8_checked_then_a_rejected_int8_keeps_everything(project: Path) -> None:
+    write_params(project, SEARCH)
+    res = kd(project, "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    reg = json.loads((project / "metrics/register.json").read_text())
+    client = MlflowClient()
+    version = client.get_model_version(reg["model_name"], str(reg["version"]))
+
+    # the search: three settings tried (configured, labels only, the candidate), each a child run
+    record = json.loads((project / "artifacts/student/search.json").read_text())
+    assert [t["label"] for t in record["trials"]] == ["alpha 0.9, T 2, hinton", "alpha 0 (labels only)",
+                                                      "alpha 0.5, T 4, hinton"]
+    won = record["trials"][record["chosen_index"]]
+    assert won["val_accuracy"] >= max(t["val_accuracy"] for t in record["trials"]) - 1e-12
+    children = client.search_runs([client.get_run(version.run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{version.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(f"search: {t['label']}" for t in record["trials"])
+    assert all(len(client.get_metric_history(r.info.run_id, "val_accuracy")) == 2 for r in children)  # the curve
+    assert version.tags["distill.setting"] == won["label"]
+    assert "chosen on the validation rows among 3 settings" in version.tags["distill.search"]
+    assert "chosen by `distill.search`" in (project / "reports/model_card.md").read_text()
+
+    # the int8 file, checked here against PyTorch on the test set: what export.json and the tags say
+    report = json.loads((project / "metrics/export.json").read_text())
+    splits = data.read_prepared(project / "data/prepared")
+    x, y = data.features_array(splits.test, splits.schema), data.label_indices(splits.test, splits.schema)
+    student, _ = models.load(project / "artifacts/student")
+    ref = models.predict_logits(student, x)
+    q = export._run_onnx(export.session(project / "artifacts/onnx" / export.INT8_FILE, 1), x)
+    int8 = report["student"]["onnx_int8"]
+    assert int8["accuracy"] == pytest.approx(float((q.argmax(1) == y).mean()))
+    assert int8["agreement_with_pytorch"] == pytest.approx(float((q.argmax(1) == ref.argmax(1)).mean()))
+    assert int8["max_abs_logit_diff"] == pytest.approx(float(np.abs(q - ref).max()), rel=1e-4)
+    assert int8["agreement_with_pytorch"] >= 0.9 and int8["size_bytes"] < report["student"]["onnx"]["size_bytes"] / 2
+    assert {c["method"] for c in report["int8"]["candidates"]} >= {"minmax", "percentile"}
+    assert report["int8_policy"]["decision"] == "accepted"
+    tags = client.get_model_version(reg["model_name"], str(reg["version"])).tags
+    assert tags["int8.decision"] == "accepted" and float(tags["onnx_int8.size_bytes"]) == int8["size_bytes"]
+
+    # a rule the int8 file cannot meet: one line, exit != 0, the last export and the version untouched
+    before, before_metrics = _digest(project / "artifacts/onnx"), (project / "metrics/export.json").read_bytes()
+    aliases = sorted(client.get_model_version(reg["model_name"], str(reg["version"])).aliases)
+    write_params(project, {"policy": {"max_int8_size_bytes": 1000}})
+    res = kd(project, "stage", "export")
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "int8 export rejected by the policy: int8_size_bytes" in lines[0] and "<= 1000: fail" in lines[0]
+    assert _digest(project / "artifacts/onnx") == before
+    assert (project / "metrics/export.json").read_bytes() == before_metrics
+    after = client.get_model_version(reg["model_name"], str(reg["version"]))
+    assert sorted(after.aliases) == aliases and after.tags["decision"] == version.tags["decision"]
+    assert after.tags["int8.decision"] == "rejected" and after.tags["reason.int8_size_bytes"].endswith("fail")
+    assert len(client.search_model_versions(f"name = '{reg['model_name']}'")) == 1  # nothing new registered
