@@ -190,7 +190,7 @@ class PolicyParams(_Section):
     max_class_drop: float = Field(0.05, ge=0.0, le=1.0)
     min_gain_over_champion: float = Field(0.0, ge=-1.0, le=1.0)
     max_p_value: float = Field(0.05, gt=0.0, le=1.0)
-    max_int8_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)  # export: fp32 - int8 test accuracy
+    max_int8_accuracy_drop: float | None = Field(0.01, ge=0.0, le=1.0)  # export: fp32 - int8 test accuracy
     max_int8_size_bytes: int | None = Field(None, ge=1)  # export: the int8 ONNX file
 
 

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kd_core.config import DistillParams
-from kd_core.train import History, best_epoch
 
 SEARCH_FILE = "search.json"  # in the student's directory: what was tried and what was kept
 
@@ -63,9 +62,10 @@ def candidates(distill: DistillParams) -> list[DistillParams]:
     return list(seen.values())
 
 
-def trial(d: DistillParams, history: History) -> Trial:
-    """Score a candidate's curve at its best epoch (the one fit kept)."""
-    row = history[best_epoch(history) - 1]
+def trial(d: DistillParams, history: list[dict[str, float]], best_epoch: int) -> Trial:
+    """Score a candidate's curve at its best epoch (the one fit kept: kd_core.train.best_epoch). No import
+    of the training code here: register and report read search records without depending on it."""
+    row = history[best_epoch - 1]
     return Trial(d.alpha, d.temperature, d.loss, row["val_accuracy"], row.get("val_nll", math.inf),
                  int(row["epoch"]), sum(h["seconds"] for h in history))
 

@@ -13,8 +13,8 @@ from kd_core.stages._common import (
     checkpoint_path,
     discard_checkpoints,
     epoch_logger,
-    fit_config,
     labelled_arrays,
+    labels_only_config,
     per_row,
     validation_rows,
 )
@@ -34,12 +34,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
     x, y = labelled_arrays(task, splits)
     tp = params.train
     val = validation_rows(len(x), tp.val_fraction, tp.seed)  # (V,)
-    student_rows = len(splits.train) + len(splits.transfer) - len(val)
-    steps_ratio = student_rows / max(len(x) - len(val), 1)
-    scaled = {"epochs": max(1, round(fit_config(tp, student_rows).epochs * steps_ratio)), "min_steps": None}
-    if tp.patience is not None:
-        scaled["patience"] = max(1, round(tp.patience * steps_ratio))
-    cfg = fit_config(tp.model_copy(update=scaled), len(x) - len(val))
+    cfg = labels_only_config(tp, len(splits.train) + len(splits.transfer), len(x), len(val))
     spec = task.spec(params.student, splits.schema)
     model = task.build(spec, x, tp.seed, task.init_dir(params, workdir))
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),

@@ -25,6 +25,7 @@ from kd_core.stages._common import (
     discard_checkpoints,
     epoch_logger,
     fit_config,
+    labels_only_config,
     log_trial,
 )
 from kd_core.stages._distil import KDRows, kd_objective, kd_rows
@@ -60,13 +61,19 @@ def _hinted(distill: DistillParams, cache: LogitCache, model: models.KDModel,
 def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
            distill: DistillParams, epochs: int | None, world: int) -> tuple[models.KDModel, train.History, int]:
     """One training of a fresh student with `distill` (`epochs`: a search's short budget); returns the
-    model, its curve and the epochs a checkpoint restored. Labels alone train on the labelled rows only."""
+    model, its curve and the epochs a checkpoint restored. Labels alone train as the baseline does: on
+    the labelled rows, with as many steps, so a student chosen that way is the baseline's twin."""
     lead = distributed.ranks()[0] == 0
-    n = rows.labelled if search.labels_only(distill) else len(rows.x)  # labelled rows come first
-    model = task.build(spec, rows.x, params.train.seed, task.init_dir(params, workdir))
+    alone = search.labels_only(distill)
+    n = rows.labelled if alone else len(rows.x)  # labelled rows come first
+    model = task.build(spec, rows.x[:n], params.train.seed, task.init_dir(params, workdir))
     cfg = fit_config(params.train, n - len(rows.val))
     if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=min(epochs, cfg.epochs), patience=None)
+        cfg = dataclasses.replace(cfg, epochs=min(epochs, cfg.epochs))
+    if alone:  # the baseline's recipe: as many steps as the student, over the labelled rows
+        cfg = labels_only_config(params.train, len(rows.x), n, len(rows.val), cfg.epochs)
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, patience=None)
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
               "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "patience": cfg.patience,
               "cache": rows.keys}
@@ -92,7 +99,7 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
     settings, trials = search.candidates(params.distill), []
     for d in settings:
         _, history, _ = _train(params, workdir, task, rows, spec, d, budget, world)
-        trials.append(search.trial(d, history))
+        trials.append(search.trial(d, history, train.best_epoch(history)))
         if distributed.ranks()[0] == 0:
             log_trial(workdir, trials[-1], history)
     chosen = search.best(trials, task.headline)

@@ -21,13 +21,16 @@ def test_code_defaults_match_params_yaml():
     """A key left out of someone's params.yaml must mean what the shipped params.yaml says.
 
     Only the architecture `options` differ: they are keyword arguments of the chosen factory, so
-    their default is empty (the factory's own defaults), not the demo's CNN/MLP widths.
+    their default is empty (the factory's own defaults), not the demo's CNN/MLP widths. And
+    `distill.search`: off unless asked for (it multiplies the student's training time), on in
+    every shipped example.
     """
     shipped = load_params(ROOT).model_dump(mode="json")
     defaults = Params().model_dump(mode="json")
     for section in ("teacher", "student"):
         shipped[section].pop("options")
         defaults[section].pop("options")
+    assert defaults["distill"].pop("search") is None and shipped["distill"].pop("search")["candidates"]
     assert defaults == shipped
 
 
