@@ -44,9 +44,10 @@ class Candidate:
     mean_abs_logit_diff: float
     max_abs_logit_diff: float
     size_bytes: int
+    error: str | None = None  # the recipe could not be applied to this graph (then never chosen)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"kept_float": list(self.kept_float)}
+        return {k: v for k, v in asdict(self).items() if v is not None} | {"kept_float": list(self.kept_float)}
 
 
 def weight_nodes(path: Path) -> list[str]:
@@ -113,9 +114,16 @@ def _score(plan: tuple[str, tuple[str, ...], str], path: Path, ref: np.ndarray, 
                      float(diff.mean()), float(diff.max()), path.stat().st_size)
 
 
+def _failed(plan: tuple[str, tuple[str, ...], str], exc: Exception) -> Candidate:
+    """A recipe the quantizer refused (e.g. a histogram calibrator on a constant tensor), kept on record."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return Candidate(plan[0], plan[1], plan[2], 0.0, float("inf"), float("inf"), 0, f"{type(exc).__name__}: {first}")
+
+
 def _best(candidates: list[Candidate], min_agreement: float, max_size: float) -> Candidate:
     """Within the size budget (else among all), of those agreeing enough (else all): the smallest mean
     |Δlogit|. Agreement saturates on training rows the student is sure of; the logit error does not."""
+    candidates = [c for c in candidates if c.error is None]
     pool = [c for c in candidates if c.size_bytes <= max_size] or candidates
     pool = [c for c in pool if c.agreement >= min_agreement] or pool
     return min(pool, key=lambda c: (c.mean_abs_logit_diff, -c.agreement, c.size_bytes))
@@ -140,9 +148,15 @@ def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str,
         files: list[Path] = []
         for plan in plans:
             path = Path(tmp) / f"{len(tried)}.onnx"
-            quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2])
-            tried.append(_score(plan, path, ref, run, selection))
+            try:
+                quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2])
+            except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; the recipe is out
+                tried.append(_failed(plan, exc))
+            else:
+                tried.append(_score(plan, path, ref, run, selection))
             files.append(path)
+        if all(c.error for c in tried):
+            raise UserError(f"no int8 recipe applies to {src.name}: {tried[0].method}: {tried[0].error}")
         best = _best(tried, min_agreement, max_size_ratio * src.stat().st_size)
         shutil.copyfile(files[tried.index(best)], dst)
     return best, tried

@@ -13,6 +13,7 @@ from torch import nn
 from kd_core import export, models, policy, qad, quantize, tasks
 from kd_core.config import ExportParams, Params, PolicyParams
 from kd_core.data import Schema, Splits
+from kd_core.errors import UserError
 from kd_core.stages._common import validation_rows
 from kd_core.stages.export import int8_samples
 
@@ -120,3 +121,25 @@ def test_int8_rules(drop: float | None, size: int | None, decision: str, failed:
     assert d.decision == decision
     assert [r.split()[0] for r in d.reasons if r.endswith("fail")] == failed
     assert len(d.reasons) == 2 and all("\n" not in r for r in d.reasons)
+
+
+def test_a_recipe_the_quantizer_refuses_is_recorded_and_never_chosen(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32)
+    src, _ = _mlp_onnx(tmp_path, x)
+    ref = export._run_onnx(export.session(src, 1), x[64:])
+    real = quantize.quantize
+
+    def picky(src_: Path, dst: Path, method: str, *args: object) -> None:
+        if method == "entropy":  # as ONNX Runtime's histogram calibrators do on a constant tensor
+            raise ValueError("Too many bins for data range. Cannot create 128 finite-sized bins.")
+        real(src_, dst, method, *args)
+    monkeypatch.setattr(quantize, "quantize", picky)
+    run = lambda path, rows: export._run_onnx(export.session(path, 1), rows)  # noqa: E731
+    best, tried = quantize.choose_int8(src, tmp_path / "q.onnx", ("entropy", "minmax"), "features", x[:64], x[64:],
+                                       ref, run, 0.99, 0.34)
+    refused = [c for c in tried if c.error]
+    assert len(refused) == 3 and all(c.method == "entropy" and "Too many bins" in c.error for c in refused)
+    assert best.method == "minmax" and best.error is None
+    with pytest.raises(UserError, match=r"^no int8 recipe applies to model.onnx: entropy: ValueError: Too many"):
+        quantize.choose_int8(src, tmp_path / "r.onnx", ("entropy",), "features", x[:64], x[64:], ref, run, 0.99, 0.34)
