@@ -5,6 +5,7 @@ expensive part); each test reads one output of that run against the contract in 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from kd_core import text_data
-from tests.conftest import dvc, kd, stages_ran
+from tests.conftest import dvc, kd, stages_ran, write_params
 from tests.text.conftest import ENCODER, LABEL, LABELS, TEXT, Tables, text_project
 
 pytestmark = pytest.mark.slow
@@ -104,6 +105,34 @@ def test_registered_model_answers_raw_text_with_class_names(run: tuple[Path, str
     probs = model.predict(queries.head(4), params={"output": "probabilities"})
     assert list(probs.columns) == LABELS
     np.testing.assert_allclose(probs.to_numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_is_calibrated_static_and_qad_fine_tunes_a_text_student(run: tuple[Path, str]) -> None:
+    """Sequence inputs: the static recipe calibrated on training documents, then QAD from the cache; both
+    int8 files take any batch and sequence length and are compared with the registered fp32 student."""
+    import onnxruntime as ort
+
+    proj, _ = run
+    static = read(proj, "metrics/export.json")["int8"]
+    assert static["source"] == "student" and static["method"] in ("minmax", "entropy", "percentile")
+    assert static["calibration_rows"] > 0 and len(static["candidates"]) >= 3
+    before = (proj / "params.yaml").read_text()
+    write_params(proj, {"export": {"int8": "qad", "qad_epochs": 1, "methods": ["minmax"]}})
+    try:
+        res = kd(proj, "export", "--out", "edge-qad")
+    finally:
+        (proj / "params.yaml").write_text(before)  # the module's later tests expect the DAG unchanged
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = read(proj, "edge-qad/export.json")
+    assert report["int8"]["source"] == "qad" and report["int8"]["lineage"]["qad_epochs"] == "1"
+    assert report["student"]["onnx_int8"]["agreement_with_pytorch"] > 0.5
+    sess = ort.InferenceSession(str(proj / "edge-qad/model.int8.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((1, 5), (3, 32)):
+        ids = np.full(shape, 7, np.int64)
+        ids[:, 0], ids[:, -1] = 2, 3
+        (logits,) = sess.run(["logits"], {sess.get_inputs()[0].name: ids})
+        assert logits.shape == (shape[0], len(LABELS))
+    shutil.rmtree(proj / "edge-qad")
 
 
 def test_model_card_is_written(run: tuple[Path, str]) -> None:
