@@ -76,22 +76,28 @@ def test_seeded_runs_give_byte_identical_weights(ready, uninterrupted, tmp_path)
     assert (again / WEIGHTS).read_bytes() == (uninterrupted / WEIGHTS).read_bytes()
 
 
+def _kill_after(proj: Path, stage: str, store: Path, epochs: int) -> int:
+    """Run `kd stage <stage>`, kill -9 it once its checkpoint in `store` holds `epochs` epochs; returns
+    the epochs the checkpoint kept."""
+    proc = subprocess.Popen([str(BIN / "kd"), "stage", stage], cwd=proj, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(checkpoint_epochs(p) >= epochs for p in store.glob("*.safetensors")):
+        assert proc.poll() is None, f"{stage} finished before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    [ckpt] = store.glob("*.safetensors")
+    return checkpoint_epochs(ckpt)
+
+
 @pytest.mark.fault("kill -9 mid training")
 def test_sigkill_mid_training_resumes_from_the_checkpoint_to_the_same_weights(ready: Path, uninterrupted: Path,
                                                                               tmp_path: Path, tally: Damage) -> None:
     proj = _copy(ready, tmp_path / "killed")
     earlier = snapshot(proj, EARLIER)
-    proc = subprocess.Popen([str(BIN / "kd"), "stage", "train_student"], cwd=proj, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = proj / ".kd/train/train_student"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(checkpoint_epochs(p) >= 3 for p in store.glob("*.safetensors")):
-        assert proc.poll() is None, "training finished before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    [ckpt] = store.glob("*.safetensors")
-    done = checkpoint_epochs(ckpt)
+    done = _kill_after(proj, "train_student", store, 3)
     assert 3 <= done < DEMO["train"]["epochs"], done  # really killed mid-training
     assert not (proj / "artifacts/student").exists()  # nothing half-published
 
@@ -129,17 +135,8 @@ def test_sigkill_mid_qad_resumes_to_the_same_int8_model(uninterrupted: Path, tmp
     proj = _copy(uninterrupted, tmp_path / "killed", QAD)
     kept = (*EARLIER, "artifacts/student")
     earlier = snapshot(proj, kept)
-    proc = subprocess.Popen([str(BIN / "kd"), "stage", "export"], cwd=proj, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = proj / ".kd/train/export"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(checkpoint_epochs(p) >= 2 for p in store.glob("*.safetensors")):
-        assert proc.poll() is None, "the fine-tune finished before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    [ckpt] = store.glob("*.safetensors")
-    done = checkpoint_epochs(ckpt)
+    done = _kill_after(proj, "export", store, 2)
     assert 2 <= done < QAD["export"]["qad_epochs"], done
     assert not (proj / "artifacts/onnx").exists()  # nothing half-published
 
