@@ -131,6 +131,8 @@ class SearchParams(_Section):
 
     candidates: tuple[SearchCandidate, ...] = ()  # besides the distill section's own setting and alpha 0
     epochs: int = Field(10, ge=1)  # each candidate's short training; the winner then trains train.epochs
+    max_p_value: float = Field(0.05, gt=0.0, le=1.0)  # classifiers: a teacher-based winner must beat labels
+    # alone this significantly on the validation rows (one-sided exact McNemar), else labels alone is kept
 
 
 class DistillParams(_Section):

@@ -4,8 +4,11 @@ Hinton's α and T are data-dependent: on some tables the teacher's soft labels h
 labels do. Every candidate trains briefly from the same cache (the teacher never runs again), each
 is scored on the labelled rows held out by `train.val_fraction`, and the best one trains fully. The
 `distill` section's own setting is always the first candidate (it wins ties) and labels alone
-(`alpha: 0`, trained on the labelled rows only, i.e. the hard-label baseline's recipe) is always
-one, so the student is never worse than the baseline on validation. Pure functions; no training here.
+(`alpha: 0`, trained on the labelled rows with the hard-label baseline's recipe) is always one. A few
+hundred validation rows (or a dozen, on a small table) rank settings noisily, so for classifiers a
+teacher-based winner must beat labels alone *significantly* on the same rows (one-sided exact
+McNemar test, `search.max_p_value`); otherwise labels alone is kept and the student is the baseline's
+twin: never worse than it. Pure functions; no training here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kd_core.config import DistillParams
+from kd_core.policy import mcnemar_p_value
 
 SEARCH_FILE = "search.json"  # in the student's directory: what was tried and what was kept
 
@@ -79,9 +85,21 @@ def best(trials: list[Trial], headline: str) -> int:
     return max(range(len(trials)), key=lambda i: (key(i), -i))
 
 
-def write(path: Path, trials: list[Trial], chosen: int, epochs: int) -> None:
-    path.write_text(json.dumps({"chosen": trials[chosen].label, "chosen_index": chosen, "epochs": epochs,
-                                "trials": [asdict(t) | {"label": t.label} for t in trials]}, indent=2) + "\n")
+def guarded(best_index: int, labels_index: int, right: list[np.ndarray], max_p: float) -> tuple[int, float | None]:
+    """The winner, unless it uses the teacher and does not beat labels alone significantly on the same
+    validation rows; `right[i]` is trial i's per-row correctness (V,). Returns the index kept and the
+    p-value of the winner against labels alone (None when the winner is labels alone)."""
+    if best_index == labels_index:
+        return best_index, None
+    won, lost = right[best_index], right[labels_index]
+    p = mcnemar_p_value(int((won & ~lost).sum()), int((~won & lost).sum()))
+    return (best_index if p <= max_p else labels_index), p
+
+
+def write(path: Path, trials: list[Trial], chosen: int, epochs: int, p_value: float | None = None) -> None:
+    record = {"chosen": trials[chosen].label, "chosen_index": chosen, "epochs": epochs,
+              "p_value_vs_labels_only": p_value, "trials": [asdict(t) | {"label": t.label} for t in trials]}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read(model_dir: Path) -> dict | None:

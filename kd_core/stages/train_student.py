@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,7 +72,8 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=min(epochs, cfg.epochs))
     if alone:  # the baseline's recipe: as many steps as the student, over the labelled rows
-        cfg = labels_only_config(params.train, len(rows.x), n, len(rows.val), cfg.epochs)
+        cfg = labels_only_config(params.train, len(rows.x), n, len(rows.val), epochs and cfg.epochs)
+        distill = distill.model_copy(update={"features": ()})  # no hints either: the baseline's twin
     if epochs is not None:
         cfg = dataclasses.replace(cfg, patience=None)
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
@@ -93,17 +95,29 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
 
 
 def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
-            world: int) -> tuple[DistillParams, list[search.Trial], int]:
-    """Try every candidate setting briefly; each one's curve becomes a child run of the DAG run."""
-    budget = params.distill.search.epochs if params.distill.search else 0
-    settings, trials = search.candidates(params.distill), []
+            world: int) -> tuple[DistillParams, list[search.Trial], int, float | None]:
+    """Try every candidate setting briefly; each one's curve becomes a child run of the DAG run. Returns
+    the setting kept, the trials, its index and its p-value against labels alone."""
+    cfg = params.distill.search
+    settings, trials, right = search.candidates(params.distill), [], []
     for d in settings:
-        _, history, _ = _train(params, workdir, task, rows, spec, d, budget, world)
+        model, history, _ = _train(params, workdir, task, rows, spec, d, cfg.epochs, world)
         trials.append(search.trial(d, history, train.best_epoch(history)))
+        right.append(_right(task, model, rows))
         if distributed.ranks()[0] == 0:
             log_trial(workdir, trials[-1], history)
-    chosen = search.best(trials, task.headline)
-    return settings[chosen], trials, chosen
+    chosen, p = search.best(trials, task.headline), None
+    if task.headline == "accuracy":  # lm ranks by perplexity over many tokens: no per-row gate
+        alone = next(i for i, d in enumerate(settings) if search.labels_only(d))
+        chosen, p = search.guarded(chosen, alone, right, cfg.max_p_value)
+    return settings[chosen], trials, chosen, p
+
+
+def _right(task: tasks.Task, model: models.KDModel, rows: KDRows) -> np.ndarray:
+    """Per validation row: classified right (classifiers only; lm rows are not scored here).  # (V,)"""
+    if task.headline != "accuracy":
+        return np.zeros(0, dtype=bool)
+    return task.predict_logits(model, rows.x[rows.val]).argmax(1) == rows.y[rows.val]
 
 
 def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResult:
@@ -112,15 +126,15 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     splits = data.read_prepared(workdir / params.paths.prepared)
     rows = kd_rows(params, workdir, task, splits)
     spec = task.spec(params.student, splits.schema)
-    distill, trials, chosen = params.distill, [], -1
+    distill, trials, chosen, p_value = params.distill, [], -1, None
     if params.distill.search is not None:
-        distill, trials, chosen = _search(params, workdir, task, rows, spec, world)
+        distill, trials, chosen, p_value = _search(params, workdir, task, rows, spec, world)
     model, history, resumed = _train(params, workdir, task, rows, spec, distill, None, world)
     if rank == 0:
         with atomic_dir(workdir / params.paths.student) as out:
             task.save(model, spec, out)
             if trials:
-                search.write(out / search.SEARCH_FILE, trials, chosen, params.distill.search.epochs)
+                search.write(out / search.SEARCH_FILE, trials, chosen, params.distill.search.epochs, p_value)
         write_curve(history, workdir / params.paths.metrics / CURVE)
         discard_checkpoints(workdir, params, "train_student")
     result = StudentResult.from_history("student", spec.arch, history, resumed, world)

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from kd_core import data, export, models
-from tests.conftest import kd, write_params
+from tests.conftest import dvc, kd, write_params
 
 pytestmark = pytest.mark.slow
 SEARCH = {"distill": {"search": {"epochs": 2, "candidates": [{"alpha": 0.5, "temperature": 4.0}]}},
@@ -79,3 +79,17 @@ def test_search_then_int8_checked_then_a_rejected_int8_keeps_everything(project:
     assert sorted(after.aliases) == aliases and after.tags["decision"] == version.tags["decision"]
     assert after.tags["int8.decision"] == "rejected" and after.tags["reason.int8_size_bytes"].endswith("fail")
     assert len(client.search_model_versions(f"name = '{reg['model_name']}'")) == 1  # nothing new registered
+
+
+def test_labels_alone_kept_by_the_search_is_the_baselines_twin(project: Path) -> None:
+    """A teacher-based setting that does not beat labels alone significantly on the validation rows loses;
+    the student then trains with the baseline's recipe and is its twin, weight for weight."""
+    write_params(project, {"distill": {"search": {"epochs": 2, "candidates": [], "max_p_value": 1e-300}}})
+    res = dvc(project, "repro", "train_student", "train_baseline")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    record = json.loads((project / "artifacts/student/search.json").read_text())
+    assert record["chosen"] == "alpha 0 (labels only)"
+    best = max(record["trials"], key=lambda t: t["val_accuracy"])
+    assert best["label"] != "alpha 0 (labels only)" and record["p_value_vs_labels_only"] > 1e-300  # the gate held
+    student, twin = (project / "artifacts" / role / models.WEIGHTS_FILE for role in ("student", "baseline"))
+    assert student.read_bytes() == twin.read_bytes()

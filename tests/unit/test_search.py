@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kd_core import search
@@ -54,3 +55,14 @@ def test_a_search_needs_validation_rows_and_known_losses() -> None:
         Params(distill=_distill(), train={"val_fraction": 0.0})
     with pytest.raises(ValueError, match="unknown loss 'kl'"):
         _distill({"loss": "kl"})
+
+
+def test_a_teacher_based_winner_must_beat_labels_alone_significantly() -> None:
+    labels = np.array([True] * 30 + [False] * 10)
+    clear = np.array([True] * 40)  # right on every row labels alone missed: p = 0.5**10
+    slight = np.array([True] * 31 + [False] * 9)  # one more row right: p = 0.5
+    right = [slight, labels, clear]
+    assert search.guarded(2, 1, right, 0.05) == (2, pytest.approx(0.5 ** 10))
+    assert search.guarded(0, 1, right, 0.05) == (1, pytest.approx(0.5))  # noise: labels alone is kept
+    assert search.guarded(1, 1, right, 0.05) == (1, None)
+    assert search.guarded(0, 1, right, 1.0)[0] == 0  # max_p_value 1 switches the gate off
