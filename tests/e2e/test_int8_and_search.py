@@ -25,7 +25,8 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.bad_input("int8 export above the policy's size rule")
-def test_search_then_int8_checked_then_a_rejected_int8_keeps_everything(project: Path) -> None:
+def test_search_then_int8_checked_then_a_rejected_int8_keeps_everything(project: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     write_params(project, SEARCH)
     res = kd(project, "run")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -79,6 +80,10 @@ def test_search_then_int8_checked_then_a_rejected_int8_keeps_everything(project:
     assert sorted(after.aliases) == aliases and after.tags["decision"] == version.tags["decision"]
     assert after.tags["int8.decision"] == "rejected" and after.tags["reason.int8_size_bytes"].endswith("fail")
     assert len(client.search_model_versions(f"name = '{reg['model_name']}'")) == 1  # nothing new registered
+    monkeypatch.setenv("COLUMNS", "220")  # wide enough for every column of the table
+    status = kd(project, "status", "--limit", "1")
+    assert status.returncode == 0, status.stderr
+    assert "KiB" in status.stdout and "% same" in status.stdout and "rejected" in status.stdout  # int8 beside fp32
 
 
 def test_labels_alone_kept_by_the_search_is_the_baselines_twin(project: Path) -> None:
