@@ -39,11 +39,15 @@ def test_search_then_int8_checked_then_a_rejected_int8_keeps_everything(project:
     assert [t["label"] for t in record["trials"]] == ["alpha 0.9, T 2, hinton", "alpha 0 (labels only)",
                                                       "alpha 0.5, T 4, hinton"]
     won = record["trials"][record["chosen_index"]]
-    assert won["val_accuracy"] >= max(t["val_accuracy"] for t in record["trials"]) - 1e-12
+    best = max(t["val_accuracy"] for t in record["trials"])
+    gated = won["label"] == "alpha 0 (labels only)" and (record["p_value_vs_labels_only"] or 0) > 0.05
+    assert won["val_accuracy"] >= best - 1e-12 or gated, record  # the best, unless not significantly better
     children = client.search_runs([client.get_run(version.run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{version.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(f"search: {t['label']}" for t in record["trials"])
-    assert all(len(client.get_metric_history(r.info.run_id, "val_accuracy")) == 2 for r in children)  # the curve
+    curves = {r.info.run_name: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in children}
+    assert curves.pop("search: alpha 0 (labels only)") > 2  # as many steps over the labelled rows alone
+    assert set(curves.values()) == {2}  # one point per epoch of each teacher-based candidate
     assert version.tags["distill.setting"] == won["label"]
     assert "chosen on the validation rows among 3 settings" in version.tags["distill.search"]
     assert "chosen by `distill.search`" in (project / "reports/model_card.md").read_text()
