@@ -5,6 +5,7 @@ flattening params/metrics into MLflow's names. Connection failures become Tracki
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -198,7 +199,22 @@ def log_epoch_metrics(root: Path, metrics: dict[str, float], step: int) -> None:
         return
     ts = int(time.time() * 1000)
     batch = [Metric(key(k), float(v), ts, step) for k, v in metrics.items()]
-    mlflow_client(tracking_uri(root)).log_batch(run_id, metrics=batch, synchronous=False)
+    uri = tracking_uri(root)
+    _LIVE.add(uri)
+    mlflow_client(uri).log_batch(run_id, metrics=batch, synchronous=False)
+
+
+_LIVE: set[str] = set()  # stores this process sent live metrics to, asynchronously
+
+
+def flush_live_metrics() -> None:
+    """Wait until the queued live metrics are written. MLflow drains its queue at interpreter exit, but
+    by then concurrent.futures refuses new work, so the last epochs of a stage that ends right after
+    them were now and then lost; a stage calls this before it exits. An outage only costs the curves."""
+    for uri in list(_LIVE):
+        with contextlib.suppress(Exception):  # live curves are best effort; the stage's outputs are what count
+            mlflow_client(uri)._tracking_client.store.flush_async_logging()  # the client's own store
+        _LIVE.discard(uri)
 
 
 def log_child_run(root: Path, name: str, summary: dict[str, Any], history: list[dict[str, float]]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,8 +28,13 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}
     root = project_root()
     params = load_params(root)
     module = importlib.import_module(f"kd_core.stages.{name}")
-    with progress_bars():  # rows/s and ETA for caching and training, on a terminal
-        result = module.run(params, root)
+    try:
+        with progress_bars():  # rows/s and ETA for caching and training, on a terminal
+            result = module.run(params, root)
+    finally:
+        tracking = sys.modules.get("kd_core.tracking")  # imported only where a stage logged to MLflow
+        if tracking is not None:
+            tracking.flush_live_metrics()
     print(f"{name}: {result.summary()}")
 
 
