@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_core import data, losses, tasks, train
+from kd_core import data, losses, search, tasks, train
 from kd_core.cache import LogitCache, expected_keys
 from kd_core.config import DistillParams, Params
 from kd_core.stages._common import labelled_arrays, per_row, position_targets, validation_rows
@@ -31,10 +31,10 @@ class KDRows:
     keys: list[str]  # their cache keys
     lengths: np.ndarray | None  # (N,) text: sequence lengths, for length-bucketed batches
 
-    @property
-    def trained(self) -> np.ndarray:
-        """Row numbers the student trains on: every row but the held-out validation rows.  # (N - V,)"""
-        return np.setdiff1d(np.arange(len(self.x)), self.val)
+    def extent(self, distill: DistillParams) -> int:
+        """Rows 0 … n - 1 that `distill` trains on: all of them, or the labelled ones (they come first)
+        for labels alone (kd_core.search.labels_only)."""
+        return self.labelled if search.labels_only(distill) else len(self.x)
 
 
 def kd_rows(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits) -> KDRows:

@@ -89,7 +89,7 @@ def _qad(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits, s
     distill = search.chosen_setting(params.distill, record)
     model, spec = task.load(student_dir)
     qad.simulate(model)
-    n = rows.labelled if search.labels_only(distill) else len(rows.x)  # labelled rows come first
+    n = rows.extent(distill)
     cfg = FitConfig(params.export.qad_epochs, params.train.batch_size, params.export.qad_lr,
                     params.train.weight_decay, params.train.seed, params.train.device)
     weights = hashlib.sha256((student_dir / models.WEIGHTS_FILE).read_bytes()).hexdigest()

@@ -66,7 +66,7 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
     the labelled rows, with as many steps, so a student chosen that way is the baseline's twin."""
     lead = distributed.ranks()[0] == 0
     alone = search.labels_only(distill)
-    n = rows.labelled if alone else len(rows.x)  # labelled rows come first
+    n = rows.extent(distill)
     model = task.build(spec, rows.x[:n], params.train.seed, task.init_dir(params, workdir))
     cfg = fit_config(params.train, n - len(rows.val))
     if epochs is not None:
