@@ -21,61 +21,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from _project import BIN, ROOT, deep_update, env, new_project, set_params
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-COPY = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "pyproject.toml",
-        "kd_core", "flows"]
 QUICK = {"data": {"transfer_size": 10_000}, "teacher": {"epochs": 30}, "train": {"epochs": 20},
          "distill": {"search": {"epochs": 10}}}
 NO_INT8_RULE = {"policy": {"max_int8_accuracy_drop": None}}  # measured here, not enforced
 
 
-def deep_update(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        base[k] = deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
-    return base
-
-
-def new_project(dest: Path, params: dict) -> Path:
-    for rel in COPY:
-        src, dst = ROOT / rel, dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@kd.invalid",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@kd.invalid"}
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
-        subprocess.run(["git", *args], cwd=dest, check=True, env=env, capture_output=True)
-    return dest
-
-
 def run(proj: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
-    env.pop("MLFLOW_RUN_ID", None)
-    res = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=proj, env=env, capture_output=True, text=True)
+    res = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=proj, env=env(proj), capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{' '.join(args)} failed in {proj}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res.stdout
-
-
-def set_params(proj: Path, change: dict) -> None:
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    (proj / "params.yaml").write_text(yaml.safe_dump(deep_update(params, change), sort_keys=False))
 
 
 def read(proj: Path, rel: str) -> dict:

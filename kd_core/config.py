@@ -127,12 +127,16 @@ class SearchCandidate(_Section):
 
 
 class SearchParams(_Section):
-    """Settings tried on the validation rows before the full training (kd_core.search)."""
+    """Settings tried on held-out labelled rows before the full training (kd_core.search)."""
 
     candidates: tuple[SearchCandidate, ...] = ()  # besides the distill section's own setting and alpha 0
-    epochs: int = Field(10, ge=1)  # each candidate's short training; the winner then trains train.epochs
-    max_p_value: float = Field(0.05, gt=0.0, le=1.0)  # classifiers: a teacher-based winner must beat labels
-    # alone this significantly on the validation rows (one-sided exact McNemar), else labels alone is kept
+    epochs: int = Field(10, ge=1)  # each candidate's budget: epochs over the student's rows (labels alone: as
+    # many optimizer steps over the labelled rows); the winner then trains train.epochs
+    max_p_value: float = Field(0.05, gt=0.0, le=1.0)  # another setting replaces the configured one only when it
+    # beats it this significantly on the same rows (classifiers: McNemar; lm: sign test per sequence)
+    min_val_rows: int = Field(300, ge=0)  # fewer validation positions than this cannot tell settings apart:
+    # score by k-fold over the labelled rows instead
+    folds: int = Field(5, ge=2)  # k of that k-fold
 
 
 class DistillParams(_Section):
@@ -194,13 +198,16 @@ class PolicyParams(_Section):
     max_p_value: float = Field(0.05, gt=0.0, le=1.0)
     max_int8_accuracy_drop: float | None = Field(0.01, ge=0.0, le=1.0)  # export: fp32 - int8 test accuracy
     max_int8_size_bytes: int | None = Field(None, ge=1)  # export: the int8 ONNX file
+    max_int8_perplexity_increase: float | None = Field(0.02, ge=0.0)  # export, lm: int8 / fp32 perplexity - 1
 
 
 class ExportParams(_Section):
     """The int8 edge model (kd_core.quantize, kd_core.qad)."""
 
     int8: Literal["static", "dynamic", "qad"] = "static"  # qad: a fake-quantized fine-tune from the cache first
-    methods: tuple[Literal["minmax", "entropy", "percentile", "dynamic"], ...] = ("minmax", "entropy", "percentile")
+    # static calibrators tried (the weight-only dynamic forms, kd_core.quantize.DYNAMIC, always are)
+    methods: tuple[Literal["minmax", "entropy", "percentile", "dynamic", "dynamic_matmul"], ...] = (
+        "minmax", "entropy", "percentile")
     calibration_rows: int = Field(512, ge=1)  # training rows whose activations set the int8 ranges
     selection_rows: int = Field(1024, ge=1)  # other training rows on which the recipe is chosen
     min_agreement: float = Field(0.99, ge=0.0, le=1.0)  # recipes below it only ship when none reaches it

@@ -172,13 +172,16 @@ def decide_promotion(candidate: dict, teacher: dict, baseline: dict, champion: C
     return Decision(decision, tuple(reason for _, reason in checks))
 
 
-INT8_RULES = ("int8_accuracy_drop", "int8_size_bytes")
+INT8_RULES = ("int8_accuracy_drop", "int8_size_bytes", "int8_perplexity_increase")
 
 
-def decide_int8(fp32_accuracy: float, int8_accuracy: float, int8_size: int, policy: PolicyParams) -> Decision:
+def decide_int8(fp32_accuracy: float, int8_accuracy: float, int8_size: int, policy: PolicyParams,
+                perplexity: tuple[float, float] | None = None) -> Decision:
     """Whether the int8 edge model may ship beside the registered fp32 student: it loses at most
-    `max_int8_accuracy_drop` of the fp32 student's test accuracy and its file fits `max_int8_size_bytes`
-    (either null: no limit). The export stage asks; a rejection keeps the last good export."""
+    `max_int8_accuracy_drop` of the fp32 student's test accuracy, its file fits `max_int8_size_bytes`
+    and (`lm`: `perplexity` = (fp32, int8)) its perplexity grows at most `max_int8_perplexity_increase`
+    (a fraction); a null rule is no limit. The export stage asks and records the verdict; a rejected
+    int8 file is not shipped, and the pipeline goes on (like a rejected promotion)."""
     drop, limit = fp32_accuracy - int8_accuracy, policy.max_int8_accuracy_drop
     checks = [
         _at_most(INT8_RULES[0], drop, limit, f" (fp32 {fp32_accuracy:.4f}, int8 {int8_accuracy:.4f})")
@@ -186,4 +189,8 @@ def decide_int8(fp32_accuracy: float, int8_accuracy: float, int8_size: int, poli
         _at_most(INT8_RULES[1], int8_size, policy.max_int8_size_bytes, fmt=".0f")
         if policy.max_int8_size_bytes is not None else (True, f"{INT8_RULES[1]} n/a (no limit): pass"),
     ]
+    if perplexity is not None:
+        rise, most = perplexity[1] / perplexity[0] - 1, policy.max_int8_perplexity_increase
+        checks.append(_at_most(INT8_RULES[2], rise, most, f" (fp32 {perplexity[0]:.2f}, int8 {perplexity[1]:.2f})")
+                      if most is not None else (True, f"{INT8_RULES[2]} n/a (no limit): pass"))
     return Decision("promoted" if all(ok for ok, _ in checks) else "rejected", tuple(r for _, r in checks))

@@ -8,10 +8,11 @@ against the fp32 model.
 Two repairs are measured with every static method: the graph's first and last weight layers kept in
 float (the input standardisation feeds the first, the logits leave the last: the two layers whose
 error the rest of the network cannot absorb), and uint16 activations with int8 weights (the file
-stays a third of fp32; rounding activations is what costs most on small students). Among recipes
-within `export.max_size_ratio` of the fp32 file that reach `export.min_agreement`, the one with the
-smallest mean |Δlogit| ships. The test split is never seen here: the export stage scores the chosen
-file on it afterwards.
+stays a third of fp32; rounding activations is what costs most on small students). Weight-only
+dynamic forms are always measured too (transformers lose to static activation ranges what they keep
+with these). Among recipes that reach `export.min_agreement`, those within `export.max_size_ratio`
+of the fp32 file first, the one with the smallest mean |Δlogit| ships. The test split is never seen
+here: the export stage scores the chosen file on it afterwards.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ import numpy as np
 from kd_core.errors import UserError
 
 STATIC = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators (CalibrationMethod)
+# Weight-only int8 with activations quantized at run time, always tried: `dynamic` is ONNX Runtime's default
+# op set (MatMul, Gemm, Gather: embeddings too); `dynamic_matmul` quantizes only the MatMul/Gemm weights
+# and leaves LayerNorm, Softmax, GELU and the embeddings in float — the form that keeps a transformer's
+# accuracy where static activation ranges cannot (attention probabilities, LayerNorm outputs).
+DYNAMIC = {"dynamic": None, "dynamic_matmul": ["MatMul", "Gemm"]}
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose weights carry the model's size
 CALIBRATION_BATCH = 32  # rows per calibration pass; every pass the same shape (histograms need it)
 
@@ -37,7 +43,7 @@ Run = Callable[[Path, np.ndarray], np.ndarray]  # (an ONNX file, inputs (N, ...)
 class Candidate:
     """One int8 recipe and how close it came to the fp32 model on the selection rows."""
 
-    method: str  # dynamic | minmax | entropy | percentile
+    method: str  # dynamic | dynamic_matmul | minmax | entropy | percentile
     kept_float: tuple[str, ...]  # graph nodes left in float
     activations: str  # uint8, or uint16 (weights are int8 either way); dynamic: quantized at run time
     agreement: float  # share of selection positions whose class is the fp32 model's
@@ -89,12 +95,12 @@ def _preprocessed(src: Path, dst: Path) -> Path:
 
 def quantize(src: Path, dst: Path, method: str, input_name: str, calibration: np.ndarray,
              kept_float: tuple[str, ...] = (), activations: str = "uint8") -> None:
-    """Write `dst`, the int8 form of `src` by one recipe: `dynamic`, or a static QDQ calibrator."""
+    """Write `dst`, the int8 form of `src` by one recipe: a DYNAMIC one, or a static QDQ calibrator."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    if method == "dynamic":
+    if method in DYNAMIC:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=list(kept_float))
+                         nodes_to_exclude=list(kept_float), op_types_to_quantize=DYNAMIC[method])
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = _preprocessed(src, Path(tmp) / "pre.onnx")
@@ -109,7 +115,7 @@ def _score(plan: tuple[str, tuple[str, ...], str], path: Path, ref: np.ndarray, 
            selection: np.ndarray) -> Candidate:
     out = run(path, selection)
     diff = np.abs(out - ref)
-    activations = "dynamic" if plan[0] == "dynamic" else plan[2]
+    activations = "dynamic" if plan[0] in DYNAMIC else plan[2]
     return Candidate(plan[0], plan[1], activations, float((out.argmax(-1) == ref.argmax(-1)).mean()),
                      float(diff.mean()), float(diff.max()), path.stat().st_size)
 
@@ -121,11 +127,13 @@ def _failed(plan: tuple[str, tuple[str, ...], str], exc: Exception) -> Candidate
 
 
 def _best(candidates: list[Candidate], min_agreement: float, max_size: float) -> Candidate:
-    """Within the size budget (else among all), of those agreeing enough (else all): the smallest mean
-    |Δlogit|. Agreement saturates on training rows the student is sure of; the logit error does not."""
+    """Of those agreeing enough with fp32, the ones within the size budget if any; else the agreeing
+    ones whatever their size (a bigger file that keeps the student's answers beats a small one that
+    does not); else all. Among them the smallest mean |Δlogit|: agreement saturates on training rows
+    the student is sure of; the logit error does not."""
     candidates = [c for c in candidates if c.error is None]
-    pool = [c for c in candidates if c.size_bytes <= max_size] or candidates
-    pool = [c for c in pool if c.agreement >= min_agreement] or pool
+    agreeing = [c for c in candidates if c.agreement >= min_agreement]
+    pool = [c for c in agreeing if c.size_bytes <= max_size] or agreeing or candidates
     return min(pool, key=lambda c: (c.mean_abs_logit_diff, -c.agreement, c.size_bytes))
 
 
@@ -140,9 +148,9 @@ def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str,
                         "the train and transfer splits are empty")
     nodes = weight_nodes(src)
     edges = tuple(dict.fromkeys([nodes[0], nodes[-1]])) if nodes else ()
-    static = [m for m in methods if m != "dynamic"]
-    plans = [(m, (), "uint8") for m in methods] + [(m, edges, "uint8") for m in static if edges] + [
-        (m, (), "uint16") for m in static]
+    static = [m for m in methods if m not in DYNAMIC]
+    plans = [(m, (), "uint8") for m in static] + [(m, edges, "uint8") for m in static if edges] + [
+        (m, (), "uint16") for m in static] + [(m, (), "dynamic") for m in DYNAMIC]
     tried: list[Candidate] = []
     with tempfile.TemporaryDirectory() as tmp:
         files: list[Path] = []

@@ -325,8 +325,8 @@ def setting_tags(params: Params, student_dir: Path) -> dict[str, str]:
     """The distillation setting the student was trained with, and whether distill.search chose it."""
     record = search.read(student_dir)
     d = search.chosen_setting(params.distill, record)
-    how = (f"chosen on the validation rows among {len(record['trials'])} settings, {record['epochs']} epochs each"
-           if record else "configured (distill.search off)")
+    how = (f"{record.get('decision', 'chosen')}; {len(record['trials'])} settings on the same budget, scored on "
+           f"{record.get('scored_by', 'the validation rows')}" if record else "configured (distill.search off)")
     return {"distill.setting": search.label(d.alpha, d.temperature, d.loss), "distill.search": how}
 
 

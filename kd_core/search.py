@@ -1,14 +1,19 @@
-"""`distill.search`: the distillation setting chosen on the held-out validation rows.
+"""`distill.search`: the distillation setting chosen on held-out labelled rows, fairly.
 
-Hinton's α and T are data-dependent: on some tables the teacher's soft labels help less than the
-labels do. Every candidate trains briefly from the same cache (the teacher never runs again), each
-is scored on the labelled rows held out by `train.val_fraction`, and the best one trains fully. The
-`distill` section's own setting is always the first candidate (it wins ties) and labels alone
-(`alpha: 0`, trained on the labelled rows with the hard-label baseline's recipe) is always one. A few
-hundred validation rows (or a dozen, on a small table) rank settings noisily, so for classifiers a
-teacher-based winner must beat labels alone *significantly* on the same rows (one-sided exact
-McNemar test, `search.max_p_value`); otherwise labels alone is kept and the student is the baseline's
-twin: never worse than it. Pure functions; no training here.
+Hinton's α and T are data-dependent: on some data the teacher's soft labels help less than the labels
+do. Every candidate trains from the same cache (the teacher never runs again) with the **same budget**:
+as many optimizer steps from the same initialisation (labels alone, `alpha: 0`, take them over the
+labelled rows with the baseline's recipe), scored once at the end of its budget on the same held-out
+labelled rows — no candidate gets more chances to be picked at a lucky epoch than another.
+When the validation rows are too few to tell settings apart (`search.min_val_rows`), every candidate
+is scored by k-fold over the labelled rows instead (`search.folds` trainings each, every labelled
+row scored once, out of fold).
+
+The decision: the `distill` section's own setting is the default. Another candidate (labels alone
+included) replaces it only when it scores better *and* beats it significantly on the same rows — a
+one-sided exact McNemar test on per-row correctness for classifiers, a sign test on per-sequence
+NLL for `lm` (`search.max_p_value`). "We could not tell" keeps the configured setting and says so.
+Pure functions; no training here.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_core.config import DistillParams
+from kd_core.config import DistillParams, SearchParams
 from kd_core.policy import mcnemar_p_value
 
 SEARCH_FILE = "search.json"  # in the student's directory: what was tried and what was kept
@@ -28,19 +33,30 @@ SEARCH_FILE = "search.json"  # in the student's directory: what was tried and wh
 
 @dataclass(frozen=True)
 class Trial:
-    """One candidate's short training, scored at its best epoch on the validation rows."""
+    """One candidate's training budget and its score on the held-out rows (pooled over folds)."""
 
     alpha: float
     temperature: float
     loss: str
     val_accuracy: float
     val_nll: float
-    best_epoch: int
     seconds: float
+    steps: int  # optimizer steps per training (the same for every candidate, up to rounding of epochs)
+    epochs: int  # passes over its rows per training
+    rows: int  # rows it trained on per epoch (labels alone: the labelled ones)
+    folds: int  # trainings it was scored by (1: the validation rows)
+    scored_rows: int  # held-out labelled rows scored, every one once
 
     @property
     def label(self) -> str:
         return label(self.alpha, self.temperature, self.loss)
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: int  # index into the trials
+    p_value: float | None  # of the best-scoring candidate against the configured setting; None: it is that
+    reason: str  # one line: why this setting trains
 
 
 def label(alpha: float, temperature: float, loss: str) -> str:
@@ -68,16 +84,24 @@ def candidates(distill: DistillParams) -> list[DistillParams]:
     return list(seen.values())
 
 
-def trial(d: DistillParams, history: list[dict[str, float]], best_epoch: int) -> Trial:
-    """Score a candidate's curve at its best epoch (the one fit kept: kd_core.train.best_epoch). No import
-    of the training code here: register and report read search records without depending on it."""
-    row = history[best_epoch - 1]
-    return Trial(d.alpha, d.temperature, d.loss, row["val_accuracy"], row.get("val_nll", math.inf),
-                 int(row["epoch"]), sum(h["seconds"] for h in history))
+def folds(labelled: int, val: np.ndarray, positions: int, cfg: SearchParams, seed: int) -> list[np.ndarray]:
+    """The held-out row sets candidates are scored on: the validation rows when they hold at least
+    `cfg.min_val_rows` positions, else k folds of all labelled rows (each scored once).  # [(V_f,)]"""
+    if len(val) * positions >= cfg.min_val_rows or labelled < 2:
+        return [np.sort(val)]
+    order = np.random.default_rng(seed).permutation(labelled)
+    return [np.sort(f) for f in np.array_split(order, min(cfg.folds, labelled))]
+
+
+def scored_by(held_out: list[np.ndarray]) -> str:
+    rows = sum(len(f) for f in held_out)
+    if len(held_out) == 1:
+        return f"the {rows} validation rows"
+    return f"{len(held_out)}-fold over the {rows} labelled rows (too few validation rows)"
 
 
 def best(trials: list[Trial], headline: str) -> int:
-    """Index of the winner: highest validation accuracy, then lowest NLL (for `lm`, whose headline is
+    """Index of the best score: highest accuracy, then lowest NLL (for `lm`, whose headline is
     perplexity: lowest NLL first); the earliest of equals, so the configured setting wins ties."""
     def key(i: int) -> tuple[float, float]:
         t = trials[i]
@@ -85,20 +109,26 @@ def best(trials: list[Trial], headline: str) -> int:
     return max(range(len(trials)), key=lambda i: (key(i), -i))
 
 
-def guarded(best_index: int, labels_index: int, right: list[np.ndarray], max_p: float) -> tuple[int, float | None]:
-    """The winner, unless it uses the teacher and does not beat labels alone significantly on the same
-    validation rows; `right[i]` is trial i's per-row correctness (V,). Returns the index kept and the
-    p-value of the winner against labels alone (None when the winner is labels alone)."""
-    if best_index == labels_index:
-        return best_index, None
-    won, lost = right[best_index], right[labels_index]
-    p = mcnemar_p_value(int((won & ~lost).sum()), int((~won & lost).sum()))
-    return (best_index if p <= max_p else labels_index), p
+def decide(trials: list[Trial], per_row: list[np.ndarray], headline: str, max_p: float) -> Decision:
+    """The configured setting (trial 0) unless the best-scoring candidate beats it significantly on
+    the same rows. `per_row[i]`: trial i's per-row score, higher is better (classifiers: 1 right,
+    0 wrong; `lm`: minus the sequence's NLL).  # [(V,)]"""
+    top = best(trials, headline)
+    if top == 0:
+        return Decision(0, None, "the configured setting scored best")
+    won, own = per_row[top], per_row[0]
+    p = mcnemar_p_value(int((won > own).sum()), int((won < own).sum()))
+    name = trials[top].label
+    if p <= max_p:
+        return Decision(top, p, f"{name} beat the configured setting significantly (p = {p:.2g})")
+    return Decision(0, p, f"not separable: {name} scored higher but not significantly (p = {p:.2g} > "
+                          f"{max_p:g}); the configured setting is kept")
 
 
-def write(path: Path, trials: list[Trial], chosen: int, epochs: int, p_value: float | None = None) -> None:
-    record = {"chosen": trials[chosen].label, "chosen_index": chosen, "epochs": epochs,
-              "p_value_vs_labels_only": p_value, "trials": [asdict(t) | {"label": t.label} for t in trials]}
+def write(path: Path, trials: list[Trial], decision: Decision, how: str, epochs: int) -> None:
+    record = {"chosen": trials[decision.chosen].label, "chosen_index": decision.chosen, "epochs": epochs,
+              "scored_by": how, "decision": decision.reason, "p_value_vs_configured": decision.p_value,
+              "trials": [asdict(t) | {"label": t.label} for t in trials]}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -115,3 +145,10 @@ def chosen_setting(distill: DistillParams, record: dict | None) -> DistillParams
     t = record["trials"][record["chosen_index"]]
     return distill.model_copy(update={"search": None, "alpha": t["alpha"], "temperature": t["temperature"],
                                       "loss": t["loss"]})
+
+
+def pooled(scores: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """Mean accuracy and NLL over the held-out rows of every fold, each row counted once: [(V_f,) x 2]."""
+    acc = np.concatenate([a for a, _ in scores])
+    nll = np.concatenate([n for _, n in scores])
+    return (float(acc.mean()), float(nll.mean())) if len(acc) else (math.nan, math.inf)

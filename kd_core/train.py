@@ -63,6 +63,8 @@ class FitConfig:
     device: str = "auto"
     compile: bool = False
     patience: int | None = None  # epochs below the best validation accuracy before stopping; None: never
+    keep_best: bool = True  # end with the best validation epoch's weights; False: the last epoch's (a search
+    # scores every candidate once, at the end of the same budget)
 
 
 def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any:
@@ -320,10 +322,11 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     value per row, and accuracy and agreement count positions.
 
     `val` (row numbers of labelled rows) are held out: never trained on, scored every epoch for
-    early stopping; the model ends with the best epoch's weights. With `checkpoint`, training
-    resumes from that file if it exists and rank 0 rewrites it after every epoch. Returns one dict
-    of metrics per epoch (also passed to `on_epoch`): mean loss, accuracy on the labelled rows
-    trained on, agreement with the teacher when soft labels are given, and the validation scores.
+    early stopping; the model ends with the best epoch's weights (unless `cfg.keep_best` is off).
+    With `checkpoint`, training resumes from that file if it exists and rank 0 rewrites it after
+    every epoch. Returns one dict of metrics per epoch (also passed to `on_epoch`): mean loss,
+    accuracy on the labelled rows trained on, agreement with the teacher when soft labels are given,
+    and the validation scores.
     `extra(rows)` adds a per-row term computed after each forward (kd_core.features.extra_loss).
     `lengths` (N,): rows are padded sequences of these lengths; batches then group similar lengths.
     """
@@ -355,7 +358,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
             row |= _validate(st, net, r, soft, val)
         row["seconds"] = time.perf_counter() - t0
         s.history.append(row)
-        if val is not None and best_epoch(s.history) == epoch:
+        if val is not None and cfg.keep_best and best_epoch(s.history) == epoch:
             s.best = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, s)

@@ -114,10 +114,10 @@ def _summary(inp: CardInputs) -> list[str]:
                      f"({pts(-q['accuracy_drop'])} vs PyTorch), same class as the fp32 student on "
                      f"{q.get('agreement_with_pytorch', 0) * 100:.1f} % of the test rows, {ms(q['latency_ms_p50'])} "
                      f"per row with ONNX Runtime (fp32 ONNX: {kib(fp32.get('size_bytes', 0))}, "
-                     f"{ms(fp32.get('latency_ms_p50', 0))}); {int8_recipe(inp.export)}.")
+                     f"{ms(fp32.get('latency_ms_p50', 0))}); {int8_recipe(inp.export)}{int8_verdict(inp.export)}.")
     if "chosen by" in inp.facts.get("distill", ""):
-        items.append(f"Distillation setting {inp.facts['distill'].split(': chosen by')[0]}, chosen on the "
-                     "validation rows by `distill.search` (the trials are under Configuration).")
+        items.append(f"Distillation setting {inp.facts['distill'].split(': chosen by')[0]}, chosen on held-out "
+                     "labelled rows by `distill.search` (the trials are under Configuration).")
     if inp.register:
         items.append(registry_line(inp.register))
     return items
@@ -132,10 +132,20 @@ def setting_line(params: Params, student_dir: Path) -> str:
     if record is None:
         return line
     trials, won = record["trials"], record["trials"][record["chosen_index"]]
-    tried = "; ".join(f"{t['label']} {t['val_accuracy']:.3f}" for t in trials)
-    return (f"{line}: chosen by `distill.search` on the validation rows ({won['label']}, validation accuracy "
-            f"{won['val_accuracy']:.3f}, NLL {won['val_nll']:.3f}) among {len(trials)} settings trained "
-            f"{record['epochs']} epochs each from the same cache: {tried}")
+    tried = "; ".join(f"{t['label']} {t['val_accuracy']:.3f} (NLL {t['val_nll']:.3f}, {t.get('steps', '?')} steps)"
+                      for t in trials)
+    how = record.get("scored_by", "the validation rows")
+    return (f"{line}: chosen by `distill.search` ({won['label']}: {record.get('decision', 'best score')}) among "
+            f"{len(trials)} settings trained on the same budget from the same cache, scored on {how}: {tried}")
+
+
+def int8_verdict(export: dict) -> str:
+    """'' when the int8 file shipped; else why the policy kept it back (export.json's `int8_policy`)."""
+    verdict = export.get("int8_policy", {})
+    if verdict.get("decision") != "rejected":
+        return ""
+    failed = "; ".join(r for r in verdict.get("reasons", []) if r.endswith("fail"))
+    return f". **The int8 policy rejected it and it is not shipped** ({failed}); the fp32 ONNX file is"
 
 
 def int8_recipe(export: dict) -> str:

@@ -15,6 +15,7 @@ from kd_core.card.content import (
     HTML_FILE,
     MD_FILE,
     int8_recipe,
+    int8_verdict,
     registry_line,
     reproduce_blocks,
     table,
@@ -75,7 +76,7 @@ def _summary(inp: LMCardInputs) -> list[str]:
         items.append(f"Edge: int8 ONNX student {q['size_bytes'] / 2**20:.1f} MiB, perplexity {q['perplexity']:.2f} "
                      f"(PyTorch {inp.export['student']['pytorch']['perplexity']:.2f}), same next token as the fp32 "
                      f"student at {q.get('agreement_with_pytorch', 0) * 100:.1f} % of positions; "
-                     f"{int8_recipe(inp.export)}.")
+                     f"{int8_recipe(inp.export)}{int8_verdict(inp.export)}.")
     if "chosen by" in inp.facts.get("distill", ""):
         items.append(f"Distillation setting {inp.facts['distill'].split(': chosen by')[0]}, chosen on held-out "
                      "sequences by `distill.search` (the trials are under Configuration).")

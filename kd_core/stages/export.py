@@ -3,8 +3,9 @@
 The int8 file is calibrated and its recipe chosen on training rows only (kd_core.quantize); with
 `export.int8: qad` it is made from a quantization-aware fine-tune of the student against the same
 cached teacher logits (kd_core.qad; resumable like training). The policy's int8 rules then judge it
-on the test split: a rejection leaves the last good export in place and the version registered as it
-was, tags the version with the reasons and fails the stage with one line. The result is attached to
+on the test split. A rejection is a decision, like a rejected promotion: the int8 file is not shipped
+(the fp32 ONNX is), export.json, the version's tags and the card say why, and the DAG goes on. Bad
+input stays an error that leaves the last export in place. The result is attached to
 the model version `register` wrote to metrics/register.json: tags on the version and files on its run.
 """
 
@@ -38,6 +39,7 @@ class ExportResult:
     out: Path
     model_name: str | None = None
     version: int | None = None
+    int8_rejected: tuple[str, ...] = ()  # the int8 rules that failed: the int8 file was not shipped
 
     def summary(self) -> str:
         s = self.report.student
@@ -47,9 +49,11 @@ class ExportResult:
         recipe = self.report.int8
         how = f"{recipe.chosen.method}, {recipe.chosen.activations} activations" + (
             " after QAD" if recipe.source == "qad" else "")
+        rejected = "; ".join(self.int8_rejected)
+        verdict = f"; REJECTED by the policy, not shipped: {rejected}" if rejected else ""
         return (f"ONNX {fp.size_bytes / 1024:.0f} KiB (max |Δlogit| {fp.max_abs_logit_diff:.1g}), int8 ({how}) "
                 f"{q.size_bytes / 1024:.0f} KiB (accuracy {q.accuracy:.3f}, {change:+.1f} pts, agreement "
-                f"{q.agreement_with_pytorch:.3f}); batch-1 latency PyTorch {pt.latency_ms_p50:.3f} / ONNX "
+                f"{q.agreement_with_pytorch:.3f}{verdict}); batch-1 latency PyTorch {pt.latency_ms_p50:.3f} / ONNX "
                 f"{fp.latency_ms_p50:.3f} / int8 {q.latency_ms_p50:.3f} ms -> {self.out}{where}")
 
 
@@ -128,21 +132,26 @@ def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metr
         inputs = export.Int8Inputs(calibration, selection, params.export,
                                    Path(tuned) if lineage is not None else None, lineage)
         report = export.export_and_check(task, model_dir, x, y, tmp, inputs, teacher if teacher.is_dir() else None)
-        s = report.student
-        decision = policy.decide_int8(s["pytorch"].accuracy, s["onnx_int8"].accuracy,
-                                      s["onnx_int8"].size_bytes, params.policy)
-        if decision.decision == "rejected":
-            if version is not None:  # the verdict is recorded on the version; its files stay the last good ones
-                _attach(params, workdir, version, report, decision, [])
-            failed = "; ".join(r for r in decision.reasons if r.endswith("fail"))
-            kept = f"; version {version} stays registered as it was" if version is not None else ""
-            raise UserError(f"int8 export rejected by the policy: {failed}; {out} keeps the last export{kept}")
+        decision = int8_decision(report, params)
+        if decision.decision == "rejected":  # recorded, not shipped: the fp32 ONNX still is
+            (tmp / export.INT8_FILE).unlink()
     discard_checkpoints(workdir, params, "export")
-    verdict = {"int8_policy": {"decision": "accepted", "reasons": list(decision.reasons)}}
+    accepted = decision.decision == "promoted"
+    verdict = {"int8_policy": {"decision": "accepted" if accepted else "rejected", "shipped": accepted,
+                               "reasons": list(decision.reasons)}}
     atomic_write_text(metrics_file, json.dumps(report.to_json() | verdict, indent=2) + "\n")
     if version is not None:
         _attach(params, workdir, version, report, decision, [("onnx", out), (params.paths.metrics, metrics_file)])
-    return ExportResult(report, out, params.registry.model_name if version is not None else None, version)
+    return ExportResult(report, out, params.registry.model_name if version is not None else None, version,
+                        tuple(r for r in decision.reasons if r.endswith("fail")))
+
+
+def int8_decision(report: export.ExportReport, params: Params) -> policy.Decision:
+    """The policy's int8 rules on the test figures of the int8 file against the fp32 student's."""
+    s = report.student
+    pt, q = s["pytorch"], s["onnx_int8"]
+    perplexity = (pt.perplexity, q.perplexity) if pt.perplexity and q.perplexity else None
+    return policy.decide_int8(pt.accuracy, q.accuracy, q.size_bytes, params.policy, perplexity)
 
 
 def _attach(params: Params, workdir: Path, version: int, report: export.ExportReport, decision: policy.Decision,

@@ -30,9 +30,10 @@ from kd_core.stages._common import (
     log_trial,
 )
 from kd_core.stages._distil import KDRows, kd_objective, kd_rows
-from kd_core.train import fit
+from kd_core.train import FitConfig, fit
 
 CURVE = "train_student.csv"
+SCORE_POSITIONS = 512  # positions per scoring pass of a search candidate (lm: 4 sequences of 128 tokens)
 
 
 def run(params: Params, workdir: Path) -> StudentResult:
@@ -60,64 +61,86 @@ def _hinted(distill: DistillParams, cache: LogitCache, model: models.KDModel,
 
 
 def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
-           distill: DistillParams, epochs: int | None, world: int) -> tuple[models.KDModel, train.History, int]:
-    """One training of a fresh student with `distill` (`epochs`: a search's short budget); returns the
-    model, its curve and the epochs a checkpoint restored. Labels alone train as the baseline does: on
-    the labelled rows, with as many steps, so a student chosen that way is the baseline's twin."""
+           distill: DistillParams, world: int, budget: int | None = None,
+           held: np.ndarray | None = None) -> tuple[models.KDModel, train.History, int, FitConfig]:
+    """One training of a fresh student with `distill`; returns the model, its curve, the epochs a
+    checkpoint restored and the loop it ran. `budget` (a search candidate): that many epochs over the
+    student's rows, `held` held out and scored once at the end. Labels alone train as the baseline does:
+    on the labelled rows, with as many steps, so a student chosen that way is the baseline's twin."""
     lead = distributed.ranks()[0] == 0
-    alone = search.labels_only(distill)
+    held = rows.val if held is None else held
     n = rows.extent(distill)
     model = task.build(spec, rows.x[:n], params.train.seed, task.init_dir(params, workdir))
-    cfg = fit_config(params.train, n - len(rows.val))
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=min(epochs, cfg.epochs))
-    if alone:  # the baseline's recipe: as many steps as the student, over the labelled rows
-        cfg = labels_only_config(params.train, len(rows.x), n, len(rows.val), epochs and cfg.epochs)
+    cfg = fit_config(params.train, len(rows.x) - len(held))
+    if budget is not None:
+        cfg = dataclasses.replace(cfg, epochs=min(budget, cfg.epochs))
+    if search.labels_only(distill):  # the baseline's recipe: as many steps as the student, over the labelled rows
+        cfg = labels_only_config(params.train, len(rows.x), n, len(held), budget and cfg.epochs)
         distill = distill.model_copy(update={"features": ()})  # no hints either: the baseline's twin
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, patience=None)
+    if budget is not None:
+        cfg = dataclasses.replace(cfg, patience=None, keep_best=False)
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
               "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "patience": cfg.patience,
-              "cache": rows.keys}
+              "keep_best": cfg.keep_best, "held_out": [len(held), int(held.sum())], "cache": rows.keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed = train.checkpoint_epochs(ckpt)
     loss, soft = kd_objective(distill, rows)
     net, extra = _hinted(distill, rows.caches[0], model, task.example(spec, batch=2))
     name = search.label(distill.alpha, distill.temperature, distill.loss)
-    what = "training student" if epochs is None else f"trying {name}"
-    history = fit(net, rows.x[:n], rows.y[:n], loss, cfg, soft=soft, val=rows.val,
-                  on_epoch=epoch_logger(workdir, "student") if lead and epochs is None else None,
+    what = "training student" if budget is None else f"trying {name}"
+    history = fit(net, rows.x[:n], rows.y[:n], loss, cfg, soft=soft, val=held,
+                  on_epoch=epoch_logger(workdir, "student") if lead and budget is None else None,
                   progress=progress.bar(what) if lead else None, checkpoint=ckpt, extra=extra,
                   lengths=rows.lengths[:n] if rows.lengths is not None else None)
     if isinstance(net, features.HintedStudent):
         net.release()  # hooks off; `model`, saved below, is the bare student: the projections stay behind
-    return model, history, resumed
+    return model, history, resumed, cfg
 
 
 def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
-            world: int) -> tuple[DistillParams, list[search.Trial], int, float | None]:
-    """Try every candidate setting briefly; each one's curve becomes a child run of the DAG run. Returns
-    the setting kept, the trials, its index and its p-value against labels alone."""
+            world: int) -> tuple[DistillParams, list[search.Trial], search.Decision, str]:
+    """Train every candidate setting on the same budget and score it on the same held-out rows (the
+    validation rows, or k folds of the labelled rows when those are too few); each candidate's curve
+    becomes a child run of the DAG run. Returns the setting kept, the trials, the decision and how
+    the candidates were scored."""
     cfg = params.distill.search
-    settings, trials, right = search.candidates(params.distill), [], []
+    held_out = search.folds(rows.labelled, rows.val, rows.positions, cfg, params.train.seed)
+    settings, trials, per_row = search.candidates(params.distill), [], []
     for d in settings:
-        model, history, _ = _train(params, workdir, task, rows, spec, d, cfg.epochs, world)
-        trials.append(search.trial(d, history, train.best_epoch(history)))
-        right.append(_right(task, model, rows))
+        scores, seconds = [], 0.0
+        for held in held_out:
+            model, history, _, fcfg = _train(params, workdir, task, rows, spec, d, world, cfg.epochs, held)
+            scores.append(_held_out_scores(task, model, rows, held))
+            seconds += sum(h["seconds"] for h in history)
+        trained = rows.extent(d) - len(held_out[0])
+        acc, nll = search.pooled(scores)
+        trials.append(search.Trial(d.alpha, d.temperature, d.loss, acc, nll, seconds,
+                                   -(-trained // fcfg.batch_size) * fcfg.epochs, fcfg.epochs, trained,
+                                   len(held_out), sum(len(h) for h in held_out)))
+        # per row, higher is better: right or wrong for classifiers, minus the sequence's NLL for lm
+        per_row.append(np.concatenate([a if task.headline == "accuracy" else -n for a, n in scores]))
         if distributed.ranks()[0] == 0:
             log_trial(workdir, trials[-1], history)
-    chosen, p = search.best(trials, task.headline), None
-    if task.headline == "accuracy":  # lm ranks by perplexity over many tokens: no per-row gate
-        alone = next(i for i, d in enumerate(settings) if search.labels_only(d))
-        chosen, p = search.guarded(chosen, alone, right, cfg.max_p_value)
-    return settings[chosen], trials, chosen, p
+    decision = search.decide(trials, per_row, task.headline, cfg.max_p_value)
+    return settings[decision.chosen], trials, decision, search.scored_by(held_out)
 
 
-def _right(task: tasks.Task, model: models.KDModel, rows: KDRows) -> np.ndarray:
-    """Per validation row: classified right (classifiers only; lm rows are not scored here).  # (V,)"""
-    if task.headline != "accuracy":
-        return np.zeros(0, dtype=bool)
-    return task.predict_logits(model, rows.x[rows.val]).argmax(1) == rows.y[rows.val]
+def _held_out_scores(task: tasks.Task, model: models.KDModel, rows: KDRows,
+                     held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out row: accuracy and mean NLL over its labelled positions.  # (V,), (V,)"""
+    acc, nll = [], []
+    step = max(1, SCORE_POSITIONS // rows.positions)
+    for start in range(0, len(held), step):
+        idx = held[start:start + step]  # (b,)
+        z = torch.from_numpy(task.predict_logits(model, rows.x[idx])).float()  # (b·P, C)
+        y = torch.from_numpy(rows.y[idx].reshape(-1)).long()  # (b·P,)
+        mask = (y >= 0).reshape(len(idx), -1).float()  # (b, P)
+        lp = torch.log_softmax(z, -1).gather(1, y.clamp(min=0)[:, None]).reshape(len(idx), -1)  # (b, P)
+        right = (z.argmax(-1) == y).float().reshape(len(idx), -1)  # (b, P)
+        count = mask.sum(1).clamp(min=1)
+        acc.append(((right * mask).sum(1) / count).numpy())
+        nll.append((-(lp * mask).sum(1) / count).numpy())
+    return np.concatenate(acc), np.concatenate(nll)
 
 
 def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResult:
@@ -126,16 +149,16 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     splits = data.read_prepared(workdir / params.paths.prepared)
     rows = kd_rows(params, workdir, task, splits)
     spec = task.spec(params.student, splits.schema)
-    distill, trials, chosen, p_value = params.distill, [], -1, None
+    distill, trials, decision, how = params.distill, [], None, ""
     if params.distill.search is not None:
-        distill, trials, chosen, p_value = _search(params, workdir, task, rows, spec, world)
-    model, history, resumed = _train(params, workdir, task, rows, spec, distill, None, world)
+        distill, trials, decision, how = _search(params, workdir, task, rows, spec, world)
+    model, history, resumed, _ = _train(params, workdir, task, rows, spec, distill, world)
     if rank == 0:
         with atomic_dir(workdir / params.paths.student) as out:
             task.save(model, spec, out)
-            if trials:
-                search.write(out / search.SEARCH_FILE, trials, chosen, params.distill.search.epochs, p_value)
+            if decision is not None:
+                search.write(out / search.SEARCH_FILE, trials, decision, how, params.distill.search.epochs)
         write_curve(history, workdir / params.paths.metrics / CURVE)
         discard_checkpoints(workdir, params, "train_student")
     result = StudentResult.from_history("student", spec.arch, history, resumed, world)
-    return dataclasses.replace(result, setting=trials[chosen].label if trials else None)
+    return dataclasses.replace(result, setting=trials[decision.chosen].label if decision else None)

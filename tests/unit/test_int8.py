@@ -29,7 +29,11 @@ def test_within_size_and_agreement_the_smallest_logit_error_ships() -> None:
     sure, closer_unsure = _candidate(0.995, 100, 0.2), _candidate(0.98, 100, 0.1)
     finer = _candidate(0.992, 90, 0.15)
     assert quantize._best([big, sure, closer_unsure, finer], 0.99, 200) is finer
-    assert quantize._best([big, closer_unsure], 0.99, 200) is closer_unsure  # none agrees enough: the closest fit
+    # a small file that changes the student's answers loses to a bigger one that keeps them (a transformer's
+    # static int8 against its weight-only dynamic form): agreement first, then the size budget
+    assert quantize._best([big, closer_unsure], 0.99, 200) is big
+    closest = _candidate(0.5, 300, 0.05)
+    assert quantize._best([closer_unsure, closest], 0.99, 200) is closest  # none agrees: the closest, any size
     assert quantize._best([big], 0.99, 200) is big  # none fits: all are considered
 
 
@@ -52,8 +56,8 @@ def test_every_recipe_and_repair_is_measured_and_the_reported_file_is_written(tm
                                        x[128:], ref, run, 0.0, 10.0)
     nodes = quantize.weight_nodes(src)
     assert [(c.method, c.kept_float, c.activations) for c in tried] == [
-        ("minmax", (), "uint8"), ("dynamic", (), "dynamic"), ("minmax", (nodes[0], nodes[-1]), "uint8"),
-        ("minmax", (), "uint16")]
+        ("minmax", (), "uint8"), ("minmax", (nodes[0], nodes[-1]), "uint8"), ("minmax", (), "uint16"),
+        ("dynamic", (), "dynamic"), ("dynamic_matmul", (), "dynamic")]  # weight-only forms always measured
     assert best == min(tried, key=lambda c: (c.mean_abs_logit_diff, -c.agreement, c.size_bytes))
     got = run(tmp_path / "q.onnx", x[128:])  # the file written is the one reported
     assert (got.argmax(1) == ref.argmax(1)).mean() == pytest.approx(best.agreement)
@@ -123,6 +127,15 @@ def test_int8_rules(drop: float | None, size: int | None, decision: str, failed:
     assert len(d.reasons) == 2 and all("\n" not in r for r in d.reasons)
 
 
+@pytest.mark.parametrize(("rise", "perplexity", "decision"), [
+    (0.02, (100.0, 101.9), "promoted"), (0.02, (100.0, 102.5), "rejected"), (None, (100.0, 350.0), "promoted")])
+def test_lm_int8_is_judged_on_perplexity(rise: float | None, perplexity: tuple[float, float], decision: str) -> None:
+    rules = PolicyParams(max_int8_accuracy_drop=None, max_int8_perplexity_increase=rise)
+    d = policy.decide_int8(0.31, 0.30, 60_000, rules, perplexity)
+    assert d.decision == decision and d.reasons[-1].startswith("int8_perplexity_increase")
+    assert len(policy.decide_int8(0.31, 0.30, 60_000, rules).reasons) == 2  # classifiers: no perplexity rule
+
+
 def test_a_recipe_the_quantizer_refuses_is_recorded_and_never_chosen(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     x = np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32)
@@ -140,6 +153,7 @@ def test_a_recipe_the_quantizer_refuses_is_recorded_and_never_chosen(tmp_path: P
                                        ref, run, 0.99, 0.34)
     refused = [c for c in tried if c.error]
     assert len(refused) == 3 and all(c.method == "entropy" and "Too many bins" in c.error for c in refused)
-    assert best.method == "minmax" and best.error is None
+    assert best.method != "entropy" and best.error is None
+    monkeypatch.setattr(quantize, "DYNAMIC", {})  # nothing left that applies
     with pytest.raises(UserError, match=r"^no int8 recipe applies to model.onnx: entropy: ValueError: Too many"):
         quantize.choose_int8(src, tmp_path / "r.onnx", ("entropy",), "features", x[:64], x[64:], ref, run, 0.99, 0.34)
