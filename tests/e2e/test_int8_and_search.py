@@ -94,12 +94,16 @@ def test_labels_alone_kept_by_the_search_is_the_baselines_twin(project: Path) ->
     """The configured setting is kept unless another beats it significantly; when the configured setting
     is labels alone, the student trains with the baseline's recipe and is its twin, weight for weight."""
     write_params(project, {"distill": {"alpha": 0.0, "search": {"epochs": 2, "candidates": [{"alpha": 0.9}],
-                                                                "max_p_value": 1e-300}}})
+                                                                "max_p_value": 1e-300, "min_val_rows": 1000,
+                                                                "folds": 2}}})
     res = dvc(project, "repro", "train_student", "train_baseline")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     record = json.loads((project / "artifacts/student/search.json").read_text())
     assert record["chosen"] == "alpha 0 (labels only)"
     best = max(record["trials"], key=lambda t: t["val_accuracy"])
     assert best["label"] == record["chosen"] or record["decision"].startswith("not separable")  # the gate held
+    # 400 validation rows < min_val_rows: both settings scored by 2-fold over every labelled row, each once
+    assert record["scored_by"].startswith("2-fold over the 4000 labelled rows")
+    assert all(t["folds"] == 2 and t["scored_rows"] == 4000 for t in record["trials"])
     student, twin = (project / "artifacts" / role / models.WEIGHTS_FILE for role in ("student", "baseline"))
     assert student.read_bytes() == twin.read_bytes()
