@@ -65,6 +65,8 @@ class FitConfig:
     patience: int | None = None  # epochs below the best validation accuracy before stopping; None: never
     keep_best: bool = True  # end with the best validation epoch's weights; False: the last epoch's (a search
     # scores every candidate once, at the end of the same budget)
+    steps: int | None = None  # optimizer steps in all (the last epoch stops when they are done): equal budgets
+    # over row sets of different sizes; None: `epochs` whole passes
 
 
 def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any:
@@ -103,6 +105,13 @@ def bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.ra
     full = [b for b in batches if len(b) == batch_size]
     rest = [b for b in batches if len(b) < batch_size]
     return np.concatenate([full[i] for i in rng.permutation(len(full))] + rest) if batches else order
+
+
+def budget(cfg: FitConfig, rows: int) -> tuple[int, int]:
+    """Optimizer steps and passes (the last maybe partial) that `cfg` trains over `rows` rows."""
+    per_epoch = max(1, -(-rows // cfg.batch_size))
+    steps = cfg.steps or per_epoch * cfg.epochs
+    return steps, -(-steps // per_epoch)
 
 
 def should_stop(history: History, patience: int | None) -> bool:
@@ -336,7 +345,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
     rows = np.setdiff1d(np.arange(len(x)), val) if val is not None else np.arange(len(x))  # (N_train,)
     torch.manual_seed(cfg.seed)
     net = model.to(device).train()
-    steps = -(-len(rows) // cfg.batch_size) * cfg.epochs
+    per_epoch = -(-len(rows) // cfg.batch_size)
+    steps, epochs = budget(cfg, len(rows))
     # fused: one kernel for the whole update on CUDA, where a small student's step is launch-bound
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
@@ -346,13 +356,14 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
         restore_checkpoint(checkpoint, s)
     st = _Step(_prepare(net, cfg, device, world), device, device.type == "cuda", rank, world)
     r = _Rows.of(x, y, device)
-    while len(s.history) < cfg.epochs and not should_stop(s.history, cfg.patience):
+    while len(s.history) < epochs and not should_stop(s.history, cfg.patience):
         epoch, t0 = len(s.history) + 1, time.perf_counter()
         order = rows[s.rng.permutation(len(rows))]  # (N_train,) the same on every rank
         if lengths is not None:
             order = bucketed(order, lengths, cfg.batch_size, s.rng)
+        order = order[:(steps - (epoch - 1) * per_epoch) * cfg.batch_size]  # the budget's last epoch may be short
         tick = None if progress is None else (
-            lambda done, e=epoch: progress((e - 1) * len(rows) + done, cfg.epochs * len(rows)))
+            lambda done, e=epoch: progress((e - 1) * len(rows) + done, epochs * len(rows)))
         row = {"epoch": float(epoch), **_train_epoch(st, s, r, soft, order, loss_fn, cfg.batch_size, tick, extra)}
         if val is not None:
             row |= _validate(st, net, r, soft, val)

@@ -5,6 +5,7 @@ Stages never import each other; what two of them share lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -99,16 +100,17 @@ def fit_config(train: TrainParams, rows: int) -> FitConfig:
 def labels_only_config(train: TrainParams, all_rows: int, labelled: int, n_val: int,
                        epochs: int | None = None) -> FitConfig:
     """The loop of a network trained on the labelled rows alone (the baseline, or distill.search's
-    `alpha: 0`): as many optimizer steps as the student gets over all `all_rows` rows in
+    `alpha: 0`): exactly as many optimizer steps as the student gets over all `all_rows` rows in
     `epochs` (default: the student's), with a patience of as many steps, so a comparison is about
     the labels and not the training budget."""
     student_rows = all_rows - n_val
     ratio = student_rows / max(labelled - n_val, 1)
     base = epochs if epochs is not None else fit_config(train, student_rows).epochs
+    steps = -(-student_rows // train.batch_size) * base
     scaled = {"epochs": max(1, round(base * ratio)), "min_steps": None}
     if train.patience is not None:
         scaled["patience"] = max(1, round(train.patience * ratio))
-    return fit_config(train.model_copy(update=scaled), labelled - n_val)
+    return dataclasses.replace(fit_config(train.model_copy(update=scaled), labelled - n_val), steps=steps)
 
 
 def validation_rows(n_labelled: int, fraction: float, seed: int) -> np.ndarray:

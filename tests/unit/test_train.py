@@ -202,3 +202,21 @@ def test_min_steps_raises_epochs_on_small_data_only() -> None:
     assert epochs_for(5, 100, 640, 32) == 5  # 20 steps per epoch: 100 already
     assert epochs_for(5, 100, 120, 32) == 25  # 4 steps per epoch
     assert epochs_for(5, 100, 0, 32) == 100  # no rows: one (empty) step per epoch, never a division by zero
+
+
+def test_a_step_budget_ends_mid_epoch_and_labels_alone_get_the_students_steps() -> None:
+    """distill.search's fairness: the same optimizer steps whatever the rows a setting trains on."""
+    from kd_core.config import TrainParams
+    from kd_core.stages._common import fit_config, labels_only_config
+
+    calls = []
+    model = _model()
+    model.register_forward_hook(lambda *_: calls.append(1))
+    cfg = FitConfig(epochs=99, batch_size=64, lr=1e-2, weight_decay=0.0, seed=0, steps=23)
+    history = _fit(model, cfg)  # 600 rows: 10 batches an epoch, so 2 whole passes and 3 batches
+    assert len(calls) == 23 and len(history) == 3 and train.budget(cfg, N) == (23, 3)
+
+    tp = TrainParams(epochs=5, batch_size=64, min_steps=None, patience=None)
+    student = fit_config(tp, 9000 - 60)  # all rows but the validation ones
+    twin = labels_only_config(tp, 9000, 600, 60)  # the 540 labelled rows trained on
+    assert train.budget(twin, 540)[0] == train.budget(student, 9000 - 60)[0] == 140 * 5
