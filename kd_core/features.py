@@ -213,14 +213,16 @@ def extra_loss(net: HintedStudent,
     return extra
 
 
-def check(params: Params, teacher: nn.Module, schema: Schema, init: Path | None = None) -> tuple[Shape, ...]:
+def check(params: Params, teacher: nn.Module, schema: Schema, init: Path | None = None,
+          root: Path | None = None) -> tuple[Shape, ...]:
     """Config-time check of both feature lists against the teacher and the student `params` describe,
     before any compute (an untrained network will do: only names and shapes matter; `init`: the task's
-    pretrained weights, which text students are built from). Returns the teacher features' per-row shapes."""
+    pretrained weights, which text students are built from; `root`: the project, for a student.arch
+    directory). Returns the teacher features' per-row shapes."""
     if not params.cache.features:  # distill.features needs cache.features (kd_core.config)
         return ()
     task = tasks.for_params(params)
-    spec = task.spec(params.student, schema)
+    spec = task.spec(params.student, schema, root)
     with torch.random.fork_rng():  # building the student must not move the seeded stream
         student = task.build(spec, None, None, init)
     example = task.example(spec, batch=2)

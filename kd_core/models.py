@@ -12,7 +12,7 @@ import importlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +164,22 @@ class ModelSpec:
     options: dict[str, Any]
     schema: Schema
     task: str = "tabular"  # kd_core.tasks: what the model reads, so serving asks the right task
+    # the project a relative `arch` directory (a Hugging Face config) belongs to; never saved
+    root: Path | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         return {"arch": self.arch, "options": self.options, "task": self.task, **self.schema.to_json()}
+
+    def arch_dir(self) -> Path:
+        return arch_dir(self.arch, self.root)
+
+
+def arch_dir(arch: str, root: Path | None) -> Path:
+    """`arch` as a directory: params.yaml names a relative one from the project root, so it is read
+    there, whatever the working directory (`kd` from a subfolder, a flow's `root`); None: a caller
+    outside any project, whose paths are the working directory's."""
+    path = Path(arch).expanduser()
+    return path if path.is_absolute() or root is None else root / path
 
 
 def build(spec: ModelSpec, x_train: np.ndarray | None = None, seed: int | None = None) -> KDModel:

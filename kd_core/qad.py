@@ -2,10 +2,13 @@
 
 Post-training quantization rounds weights and activations the network never saw rounded; a short
 fine-tune with the rounding in the forward pass lets the weights settle where int8 loses least (Jacob
-et al. 2018; NVIDIA ModelOpt's QAD does this for large models). Every `nn.Linear` computes
-`linear(fq(x), fq(W), b)` — weights per output channel, symmetric int8 in [-127, 127] like ONNX
-Runtime's per-channel weights; inputs per tensor, asymmetric uint8 with ranges tracked as a moving
-average of each batch's min and max (frozen in eval mode) like its calibrated activations. Gradients
+et al. 2018; NVIDIA ModelOpt's QAD does this for large models). Every layer the int8 export quantizes
+— `nn.Linear`, `nn.Conv1d/2d/3d` (the cnn1d architecture) and transformers' `Conv1D` (GPT-2: a linear
+with its weight transposed) — computes `op(fq(x), fq(W), b)`: weights per output channel, symmetric
+int8 in [-127, 127] like ONNX Runtime's per-channel weights; inputs per tensor, asymmetric uint8 with
+ranges tracked as a moving average of each batch's min and max (frozen in eval mode) like its
+calibrated activations. A student computing with any other weight (a transposed convolution, a raw
+matrix) is refused rather than fine-tuned without rounding under the name of QAD. Gradients
 pass straight through the rounding (PyTorch's fake-quantize ops). The simulation lives on the modules
 only while training: `release` restores plain modules, whose weights are the fine-tuned float ones
 the static int8 export then quantizes. Tied weights stay tied (the module's own Parameter is rounded).
@@ -13,22 +16,27 @@ the static int8 export then quantizes. Tied weights stay tied (the module's own 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-RANGE = "qad_input_range"  # buffer on each simulated Linear: [min, max] of its input; in checkpoints
+from kd_core.errors import UserError
+
+RANGE = "qad_input_range"  # buffer on each simulated layer: [min, max] of its input; in checkpoints
 MOMENTUM = 0.01  # moving average of the input range, as torch.ao's MovingAverageMinMaxObserver
 W_MAX = 127  # symmetric int8 weights
 A_LEVELS = 255  # uint8 activations
 
 
-def fake_weight(w: torch.Tensor) -> torch.Tensor:
-    """w rounded to int8 per output channel (row), symmetric.  # (out, in) -> (out, in)"""
-    scale = (w.detach().abs().amax(dim=1).clamp_min(1e-8) / W_MAX).float()  # (out,)
+def fake_weight(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """w rounded to int8 per output channel (along `axis`), symmetric.  # (out, in, ...) -> same shape"""
+    rest = [d for d in range(w.dim()) if d != axis]
+    scale = (w.detach().abs().amax(dim=rest).clamp_min(1e-8) / W_MAX).float()  # (out,)
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -W_MAX, W_MAX).to(w.dtype)
+    return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, axis, -W_MAX, W_MAX).to(w.dtype)
 
 
 def fake_input(x: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
@@ -39,7 +47,7 @@ def fake_input(x: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, A_LEVELS).to(x.dtype)
 
 
-def _observe(module: nn.Linear, x: torch.Tensor) -> None:
+def _observe(module: nn.Module, x: torch.Tensor) -> None:
     """Training mode: move the input range toward this batch's (the first batch sets it)."""
     with torch.no_grad():
         now = torch.stack([x.detach().min(), x.detach().max()]).float()
@@ -50,32 +58,65 @@ def _observe(module: nn.Linear, x: torch.Tensor) -> None:
             rng.lerp_(now, MOMENTUM)
 
 
-def _simulated_forward(module: nn.Linear):
+Op = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, weight, bias) -> y
+
+
+def _kind(module: nn.Module) -> tuple[int, Op] | None:
+    """How `module` computes with its weight: (output-channel axis of the weight, op), or None."""
+    if isinstance(module, nn.Linear):
+        return 0, nn.functional.linear
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return 0, module._conv_forward  # padding modes included
+    hf = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # loaded if a model has one
+    if hf is not None and isinstance(module, hf):  # y = x @ W + b, W: (in, out)
+        return 1, lambda x, w, b: nn.functional.linear(x, w.t(), b)
+    return None
+
+
+def _simulated_forward(module: nn.Module, axis: int, op: Op):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if module.training:
             _observe(module, x)
-        return nn.functional.linear(fake_input(x, getattr(module, RANGE)), fake_weight(module.weight), module.bias)
+        return op(fake_input(x, getattr(module, RANGE)), fake_weight(module.weight, axis), module.bias)
     return forward
 
 
-def linears(model: nn.Module) -> Iterator[nn.Linear]:
-    return (m for m in model.modules() if isinstance(m, nn.Linear))
+def layers(model: nn.Module) -> Iterator[tuple[nn.Module, int, Op]]:
+    """Every layer int8 is simulated on, with its weight's output-channel axis and op."""
+    return ((m, *k) for m in model.modules() if (k := _kind(m)) is not None)
+
+
+def _unsimulated(model: nn.Module) -> Counter[str]:
+    """Types of the modules that multiply by a weight matrix or kernel QAD would not round: any other
+    module owning a parameter of 2+ dimensions (embedding tables are looked up, not multiplied)."""
+    return Counter(type(m).__name__ for m in model.modules()
+                   if _kind(m) is None and not isinstance(m, nn.Embedding)
+                   and any(p.dim() >= 2 for p in m.parameters(recurse=False)))
 
 
 def simulate(model: nn.Module) -> int:
-    """Put int8 simulation on every Linear of `model`, in place; returns how many. The input ranges
-    start unknown (NaN) and are buffers, so a checkpoint of the model carries them."""
+    """Put int8 simulation on every layer of `model`, in place; returns how many. The input ranges
+    start unknown (NaN) and are buffers, so a checkpoint of the model carries them. A model with a
+    weight this cannot simulate, or with nothing to simulate, is refused before anything changes."""
+    left = _unsimulated(model)
+    if left:
+        named = ", ".join(f"{name} ×{n}" for name, n in sorted(left.items()))
+        raise UserError(f"export.int8: qad simulates int8 only in Linear, Conv1d/2d/3d and transformers' Conv1D "
+                        f"layers; this student also computes with {named}: use export.int8: static or dynamic")
     n = 0
-    for m in linears(model):
+    for m, axis, op in layers(model):
         m.register_buffer(RANGE, torch.full((2,), float("nan"), device=m.weight.device))
-        m.forward = _simulated_forward(m)
+        m.forward = _simulated_forward(m, axis, op)
         n += 1
+    if n == 0:
+        raise UserError("export.int8: qad found no Linear or Conv layer to simulate int8 in: "
+                        "use export.int8: static or dynamic")
     return n
 
 
 def release(model: nn.Module) -> None:
     """Plain modules again: the simulation and its range buffers removed, the fine-tuned weights kept."""
-    for m in linears(model):
+    for m, _, _ in layers(model):
         if RANGE in m._buffers:
             del m._buffers[RANGE]
             del m.forward  # the instance attribute; the class's forward is back

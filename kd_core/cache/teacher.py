@@ -6,7 +6,12 @@ imports another.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import hashlib
+import importlib.metadata
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,7 @@ from kd_core import data, distributed, features, tasks
 from kd_core.cache.encode import Encoded, concat, encode_batch
 from kd_core.cache.format import CacheSettings, Features, cache_key
 from kd_core.config import Params
+from kd_core.errors import UserError
 from kd_core.models import KDModel
 
 
@@ -36,17 +42,69 @@ def expected_keys(params: Params, workdir: Path) -> list[str]:
     return [cache_key(task.fingerprint(workdir / d), data_fp, settings(params)) for d in params.teacher_dirs()]
 
 
-@functools.lru_cache(maxsize=2)
-def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, device: str) -> tuple[KDModel, np.ndarray]:
-    """Loaded once per process (in the stage, or in each Dask worker) and moved to `device`."""
+@functools.cache
+def code_identity() -> str:
+    """This process's kd_core: its installed version and a hash of every kd_core source file (a superset
+    of what the cache code runs, so any change asks a long-lived cluster to restart rather than risk it).
+
+    Taken once per process, at its first cache task (just after the task's unpickling imported the
+    modules), so a long-lived Dask worker keeps the identity of the code it actually loaded.
+    """
+    try:
+        version = importlib.metadata.version("kd-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    package = Path(__file__).resolve().parents[1]  # kd_core/
+    h = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        h.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return f"kd-pipeline {version} (source {h.hexdigest()[:12]})"
+
+
+_KEEP = 2  # (teacher, rows) pairs a process holds: an ensemble's members alternate without reloading
+_loaded: OrderedDict[tuple[str, str, str, str], tuple[tuple[str, str], KDModel, np.ndarray]] = OrderedDict()
+_loaded_lock = threading.Lock()
+
+
+def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, device: str,
+                      fingerprints: tuple[str, str]) -> tuple[KDModel, np.ndarray]:
+    """The teacher (on `device`) and input rows, loaded once per process (the stage, or each Dask worker)
+    for each (teacher, data) fingerprint pair: a task whose fingerprints differ from what this process
+    holds for the same paths (a teacher retrained in place) reloads, so it never runs a stale teacher."""
+    where = (task_name, teacher_dir, prepared_dir, device)
+    with _loaded_lock:
+        held = _loaded.get(where)
+        if held is not None and held[0] == fingerprints:
+            _loaded.move_to_end(where)
+            return held[1], held[2]
+        _loaded.pop(where, None)  # free the stale teacher before its successor takes the memory
+        model, rows = _load(task_name, Path(teacher_dir), Path(prepared_dir), device, fingerprints)
+        _loaded[where] = (fingerprints, model, rows)
+        while len(_loaded) > _KEEP:
+            _loaded.popitem(last=False)
+        return model, rows
+
+
+def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
+          fingerprints: tuple[str, str]) -> tuple[KDModel, np.ndarray]:
+    """Load, then check the files loaded are the ones the submitting stage keyed the cache by."""
     task = tasks.TASKS[task_name]
-    model = task.load(Path(teacher_dir))[0].to(distributed.pick_device(device))
-    return model, task.cache_inputs(data.read_prepared(Path(prepared_dir)))
+    model = task.load(teacher_dir)[0].to(distributed.pick_device(device))
+    rows = task.cache_inputs(data.read_prepared(prepared_dir))
+    seen = (task.fingerprint(teacher_dir), data.data_fingerprint(prepared_dir))
+    for what, path, got, want in zip(("teacher", "prepared data"), (teacher_dir, prepared_dir), seen, fingerprints,
+                                     strict=True):
+        if got != want:
+            raise UserError(f"cache task on {socket.gethostname()}: the {what} at {path} has fingerprint {got[:12]}, "
+                            f"the cache_logits stage expected {want[:12]} (it changed while caching, or this worker "
+                            "sees other files): re-run cache_logits")
+    return model, rows
 
 
 @dataclass(frozen=True)
 class TeacherLogits:
-    """Picklable `compute(start, stop)`: paths travel to Dask workers, not tensors.
+    """Picklable `compute(start, stop)`: paths travel to Dask workers, not tensors, with the teacher and
+    data fingerprints and the kd_core identity of the submitter, which every task checks its worker against.
 
     The teacher runs on `device` (resolved where the call runs: `auto` is each worker's own GPU),
     under bf16 autocast on CUDA when `autocast`. On an accelerator every batch is encoded where it
@@ -66,11 +124,25 @@ class TeacherLogits:
     device: str = "cpu"
     autocast: bool = False
     encode_each_batch: bool | None = None  # None: on accelerators, and for rows of several positions
+    # what the cache key was made from, fixed where the task is submitted ("": taken from the files then)
+    teacher_fingerprint: str = ""
+    data_fingerprint: str = ""
+    code: str = field(default_factory=code_identity)  # the submitter's kd_core; a worker must run the same
+
+    def __post_init__(self) -> None:
+        if not self.teacher_fingerprint:
+            object.__setattr__(self, "teacher_fingerprint", tasks.TASKS[self.task].fingerprint(Path(self.teacher_dir)))
+        if not self.data_fingerprint:
+            object.__setattr__(self, "data_fingerprint", data.data_fingerprint(Path(self.prepared_dir)))
 
     @torch.inference_mode()
     def __call__(self, start: int, stop: int) -> Encoded | torch.Tensor | tuple[torch.Tensor, Features]:
+        if self.code != code_identity():
+            raise UserError(f"cache worker on {socket.gethostname()} runs {code_identity()}, the submitting "
+                            f"process {self.code}: restart the Dask cluster with the same kd_core")
         task = tasks.TASKS[self.task]
-        teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device)
+        teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device,
+                                       (self.teacher_fingerprint, self.data_fingerprint))
         device = next(teacher.parameters()).device
         per = task.positions(x)  # cache rows per input row
         # a row of many positions (lm) makes (rows · positions, vocabulary) logits: encoded batch by batch

@@ -36,7 +36,7 @@ def _feature_shapes(params: Params, task: tasks.Task, teacher_dir: Path, schema:
     captured features' per-row shapes (none without `cache.features`)."""
     if not params.cache.features:
         return ()
-    return features.check(params, task.load(teacher_dir)[0], schema, task.init_dir(params, workdir))
+    return features.check(params, task.load(teacher_dir)[0], schema, task.init_dir(params, workdir), workdir)
 
 
 def _gpus(params: Params) -> int:
@@ -63,7 +63,9 @@ def run(params: Params, workdir: Path) -> CacheResult:
         shapes = _feature_shapes(params, task, teacher_dir, splits.schema, workdir)
         compute = cache.TeacherLogits(task.name, str(teacher_dir.resolve()), str(prepared_dir.resolve()),
                                       params.cache.batch_size, settings, len(splits.schema.classes),
-                                      params.cache.device, amp is not None)
+                                      params.cache.device, amp is not None,
+                                      teacher_fingerprint=meta["teacher_fingerprint"],
+                                      data_fingerprint=meta["data_fingerprint"])
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
         reports.append(cache.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
                                          workdir / params.paths.work, key, settings, meta,

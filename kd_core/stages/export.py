@@ -92,7 +92,7 @@ def _qad(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits, s
     record = search.read(student_dir)
     distill = search.chosen_setting(params.distill, record)
     model, spec = task.load(student_dir)
-    qad.simulate(model)
+    simulated = qad.simulate(model)  # refuses a student whose int8 layers it cannot all simulate
     n = rows.extent(distill)
     cfg = FitConfig(params.export.qad_epochs, params.train.batch_size, params.export.qad_lr,
                     params.train.weight_decay, params.train.seed, params.train.device)
@@ -111,7 +111,7 @@ def _qad(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits, s
     task.save(model, spec, out)
     setting = search.label(distill.alpha, distill.temperature, distill.loss)
     return {"cache_key": ",".join(rows.keys), "setting": setting, "qad_epochs": str(len(history)),
-            "qad_resumed_after_epoch": str(resumed),
+            "qad_resumed_after_epoch": str(resumed), "qad_simulated_layers": str(simulated),
             "qad_val_accuracy": f"{history[-1].get('val_accuracy', float('nan')):.4f}"}
 
 

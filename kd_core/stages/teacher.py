@@ -56,10 +56,10 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
     task = tasks.for_params(params)
     if tp.source == "train":
         x, y = labelled_arrays(task, splits)
-        spec = task.spec(tp, splits.schema)
+        spec = task.spec(tp, splits.schema, workdir)
         init = task.init_dir(params, workdir)
         model = task.build(spec, x, seed, init)
-        features.check(params, model, splits.schema, init)  # a bad feature name must not cost a teacher's training
+        features.check(params, model, splits.schema, init, workdir)  # a bad feature name costs no training
         epochs = epochs_for(tp.epochs, tp.min_steps, len(x), tp.batch_size)
         cfg = FitConfig(epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)
         history = fit(model, x, y, lambda s, _t, yb: F.cross_entropy(s, yb, reduction="none"), cfg,
@@ -76,5 +76,5 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
     if not src.exists():
         raise UserError(f"{name}.source {tp.source} not found")
     model = task.adopt(src, tp, splits.schema, out)
-    return TeacherResult(task.spec(tp, splits.schema).arch, tp.source, None,
+    return TeacherResult(task.spec(tp, splits.schema, workdir).arch, tp.source, None,
                          sum(p.numel() for p in model.parameters()))

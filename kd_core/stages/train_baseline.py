@@ -35,7 +35,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
     tp = params.train
     val = validation_rows(len(x), tp.val_fraction, tp.seed)  # (V,)
     cfg = labels_only_config(tp, len(splits.train) + len(splits.transfer), len(x), len(val))
-    spec = task.spec(params.student, splits.schema)
+    spec = task.spec(params.student, splits.schema, workdir)
     model = task.build(spec, x, tp.seed, task.init_dir(params, workdir))
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
               "data": data.data_fingerprint(workdir / params.paths.prepared)}

