@@ -35,6 +35,8 @@ INT8_FILE = "model.int8.onnx"
 OUTPUT = "logits"  # (B, K); the input is the task's: `features` (B, F) rows or `input_ids` (B, L) tokens
 ONNX_BATCH = 256  # rows per ONNX Runtime call when scoring a split
 FP32_TOLERANCE = 1e-3  # fp32 ONNX may differ from PyTorch only by float reordering (~1e-5 seen)
+CHUNK_LOGITS = 1 << 24  # logits per array while the test rows are scored (64 MB of float32): a classifier's
+# test split is one chunk; lm: a few sequences (49,152 classes x 128 positions: 2 sequences)
 
 
 @dataclass(frozen=True)
@@ -199,20 +201,65 @@ def _onnx_call(sess, example: torch.Tensor) -> Callable[[], object]:
     return lambda: sess.run([OUTPUT], {name: x})
 
 
-def _perplexity(logits: np.ndarray, y: np.ndarray, task: Task) -> float | None:
-    """exp(mean NLL of the targets) for `lm`; None for classifiers.  # (N, K), (N,)"""
-    if task.headline != "perplexity":
-        return None
+@dataclass
+class _Tally:
+    """One runtime's figures on the test rows, summed chunk by chunk so that memory does not grow with the
+    test set (lm: 4,096 tokens x 49,152 classes is 805 MB of logits per array); diffs are against PyTorch."""
+
+    rows: int = 0
+    correct: int = 0
+    agree: int = 0
+    max_diff: float = 0.0
+    abs_diff: float = 0.0  # sum over chunks of mean |Δlogit| x values: one chunk gives back its mean exactly
+    values: int = 0
+    nll: float = 0.0  # lm: summed NLL of the targets
+
+    def add(self, logits: np.ndarray, y: np.ndarray, ref: np.ndarray | None, lm: bool) -> None:
+        """One chunk: logits (n, K) of cache rows with targets y (n,), and PyTorch's (n, K) unless this is it."""
+        pred = logits.argmax(1)
+        self.rows, self.correct = self.rows + len(y), self.correct + int((pred == y).sum())
+        if ref is not None and len(y):
+            diff = np.abs(logits - ref)
+            self.agree += int((pred == ref.argmax(1)).sum())
+            self.max_diff = float(np.max([self.max_diff, diff.max()]))  # a NaN stays: the export check fails
+            self.abs_diff, self.values = self.abs_diff + float(diff.mean()) * diff.size, self.values + diff.size
+        if lm:
+            self.nll += _nll_sum(logits, y)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.rows if self.rows else float("nan")
+
+
+def _nll_sum(logits: np.ndarray, y: np.ndarray) -> float:
+    """Summed NLL of the targets, for `lm`'s perplexity = exp(NLL / tokens).  # (n, K), (n,)"""
     z = torch.from_numpy(logits).float()
     nll = -torch.log_softmax(z, dim=-1).gather(-1, torch.from_numpy(y)[:, None].long())[:, 0]
-    return float(torch.exp(nll.mean()))
+    return float(nll.double().sum())
 
 
-def _compare(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, size: int, latency: float, task: Task) -> Variant:
-    acc, ref_acc = float((logits.argmax(1) == y).mean()), float((ref.argmax(1) == y).mean())
-    diff = np.abs(logits - ref)
-    return Variant(size, latency, acc, float(diff.max()), float(diff.mean()),
-                   float((logits.argmax(1) == ref.argmax(1)).mean()), ref_acc - acc, _perplexity(logits, y, task))
+def _compare(t: _Tally, ref: _Tally | None, size: int, latency: float, lm: bool) -> Variant:
+    """The Variant of a tally; `ref` (PyTorch's tally) for a runtime compared with PyTorch, else None."""
+    ppl = float(np.exp(t.nll / max(t.rows, 1))) if lm else None
+    if ref is None:
+        return Variant(size, latency, t.accuracy, perplexity=ppl)
+    return Variant(size, latency, t.accuracy, t.max_diff, t.abs_diff / max(t.values, 1), t.agree / max(t.rows, 1),
+                   ref.accuracy - t.accuracy, ppl)
+
+
+def _score(task: Task, model: nn.Module, sessions: dict, x: np.ndarray, y: np.ndarray, classes: int) -> dict:
+    """PyTorch's and each ONNX session's tally on the test inputs x (N, ...) with targets y (N·P,), a few rows
+    at a time (about CHUNK_LOGITS logits per array): {"pytorch": _Tally, **{session name: _Tally}}."""
+    per, lm = task.positions(x), task.headline == "perplexity"
+    step = max(1, CHUNK_LOGITS // max(1, per * classes))
+    tallies = {k: _Tally() for k in ("pytorch", *sessions)}
+    for i in range(0, len(x), step):
+        rows, targets = x[i:i + step], y[i * per:(i + step) * per]
+        ref = task.predict_logits(model, rows)  # (n·P, K)
+        tallies["pytorch"].add(ref, targets, None, lm)
+        for k, sess in sessions.items():
+            tallies[k].add(_run_onnx(sess, rows, per), targets, ref, lm)
+    return tallies
 
 
 def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray, out: Path, int8: Int8Inputs,
@@ -220,7 +267,8 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
     """Write `out/model.onnx` and `out/model.int8.onnx` for the student in `student_dir`, check both
     against PyTorch on the task's test inputs `x` (N, ...) with class indices `y` (N,) (`lm`: next tokens
     (N, L), compared per position), and time batch-1 CPU
-    inference of every variant (the teacher too, in PyTorch and fp32 ONNX, when `teacher_dir` is given)."""
+    inference of every variant (the teacher too, in PyTorch and fp32 ONNX, when `teacher_dir` is given).
+    The test rows are scored a chunk at a time, so memory stays flat however large the test set."""
     if len(x) == 0:
         raise UserError("export needs test rows to check the ONNX models against PyTorch; the test split is empty")
     threads, y = torch.get_num_threads(), y.reshape(-1)  # one label per cache row
@@ -230,9 +278,9 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
     to_onnx(student, task, spec, out / ONNX_FILE)
     recipe = make_int8(task, out / ONNX_FILE, out / INT8_FILE, int8, threads)
     sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
-    ref = task.predict_logits(student, x)  # (N, K)
-    per = task.positions(x)
-    fp32_diff = float(np.abs(_run_onnx(sessions["onnx"], x, per) - ref).max())
+    lm, classes = task.headline == "perplexity", len(spec.schema.classes)
+    tallies = _score(task, student, sessions, x, y, classes)
+    fp32_diff = tallies["onnx"].max_diff
     if not fp32_diff <= FP32_TOLERANCE:
         raise UserError(f"the ONNX export of {student_dir} disagrees with PyTorch: max |logit difference| "
                         f"{fp32_diff:.3g} > {FP32_TOLERANCE}; the architecture uses an op the exporter mistranslates")
@@ -246,21 +294,20 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
             teacher_example = task.example(teacher_spec)
             calls |= {"teacher.pytorch": _torch_call(teacher, teacher_example),
                       "teacher.onnx": _onnx_call(teacher_sess, teacher_example)}
-            teacher_ref = task.predict_logits(teacher, x)
-            teacher_onnx = _run_onnx(teacher_sess, x, per)
+            teacher_tallies = _score(task, teacher, {"onnx": teacher_sess}, x, y, len(teacher_spec.schema.classes))
             teacher_size = (Path(tmp) / ONNX_FILE).stat().st_size
         with torch.inference_mode():
             ms = interleaved_medians_ms(calls)
-    pytorch = Variant((student_dir / models.WEIGHTS_FILE).stat().st_size, ms["student.pytorch"],
-                      float((ref.argmax(1) == y).mean()), perplexity=_perplexity(ref, y, task))
-    variants = {"pytorch": pytorch, **{
-        k: _compare(_run_onnx(s, x, per), ref, y, (out / (ONNX_FILE if k == "onnx" else INT8_FILE)).stat().st_size,
-                    ms[f"student.{k}"], task) for k, s in sessions.items()}}
+    pt = tallies["pytorch"]
+    variants = {"pytorch": _compare(pt, None, (student_dir / models.WEIGHTS_FILE).stat().st_size,
+                                    ms["student.pytorch"], lm), **{
+        k: _compare(tallies[k], pt, (out / (ONNX_FILE if k == "onnx" else INT8_FILE)).stat().st_size,
+                    ms[f"student.{k}"], lm) for k in sessions}}
     teacher_variants: dict[str, Variant] = {}
     if teacher_dir is not None:
+        tt = teacher_tallies["pytorch"]
         teacher_variants = {
-            "pytorch": Variant((teacher_dir / models.WEIGHTS_FILE).stat().st_size, ms["teacher.pytorch"],
-                               float((teacher_ref.argmax(1) == y).mean()),
-                               perplexity=_perplexity(teacher_ref, y, task)),
-            "onnx": _compare(teacher_onnx, teacher_ref, y, teacher_size, ms["teacher.onnx"], task)}
+            "pytorch": _compare(tt, None, (teacher_dir / models.WEIGHTS_FILE).stat().st_size,
+                                ms["teacher.pytorch"], lm),
+            "onnx": _compare(teacher_tallies["onnx"], tt, teacher_size, ms["teacher.onnx"], lm)}
     return ExportReport(variants, teacher_variants, len(x), threads, recipe)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import sys
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ SKIP_STDLIB = ("test", "tests", "idle_test", "idlelib", "lib2to3", "tkinter", "t
                "ensurepip", "__phello__", "__hello__.py")
 
 
+def python_version() -> str:
+    """major.minor of the running interpreter, whose standard library the stdlib source reads."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 @dataclass(frozen=True)
 class LMInfo:
     """What turns documents into model inputs; travels in schema.json and every model.json."""
@@ -42,6 +48,9 @@ class LMInfo:
     tokenizer_sha256: str
     train_tokens: int
     test_tokens: int
+    # the Python that read the documents (major.minor): the stdlib source is its standard library, which
+    # changes between versions, so a different Python is different data (schema.json is fingerprinted)
+    python: str = field(default_factory=python_version)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -63,8 +72,9 @@ def _docstrings(source: str) -> str:
 
 
 def stdlib_documents() -> list[tuple[str, str]]:
-    """The running interpreter's standard library, one document per module (its docstrings), sorted by
-    module name: the demo corpus that needs no install."""
+    """The running interpreter's standard library (Python major.minor: the corpus changes between versions,
+    see LMInfo.python), one document per module (its docstrings), sorted by module name: the demo corpus
+    that needs no install."""
     root = Path(sysconfig.get_path("stdlib"))
     docs = []
     for path in sorted(root.rglob("*.py")):
@@ -83,6 +93,12 @@ def stdlib_documents() -> list[tuple[str, str]]:
 def _held_out(name: str, fraction: float) -> bool:
     """A document's split from its name alone: stable when other documents come and go."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def _sample_order(docs: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """Documents in the order of a seeded hash of their names, so the data.max_tokens prefix that packing
+    keeps is a sample of the corpus, not its alphabetical start; stable when other documents come and go."""
+    return sorted(docs, key=lambda d: hashlib.sha256(f"{seed}\0{d[0]}".encode()).digest())
 
 
 def _text_files(path: Path, what: str) -> list[tuple[str, str]]:
@@ -117,7 +133,7 @@ def _parquet_documents(path: Path, column: str, what: str) -> list[tuple[str, st
 def read_documents(params: DataParams, root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, test) documents of the configured source; each document is in exactly one split."""
     if params.source == "stdlib":
-        docs = stdlib_documents()
+        docs = _sample_order(stdlib_documents(), params.seed)
         test = [d for d in docs if _held_out(d[0], params.test_fraction)]
         return [d for d in docs if not _held_out(d[0], params.test_fraction)], test
     read = (lambda p, w: _parquet_documents(p, params.text_column, w)) if params.source == "parquet" \

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from kd_core.errors import UserError
@@ -216,19 +217,20 @@ def from_config_dir(path: Path, seed: int | None) -> nn.Module:
 
 def save(model: CausalLM, spec: ModelSpec, out: Path, dtype: torch.dtype = torch.float32) -> None:
     """Weights as safetensors (`dtype`: a converted teacher keeps bf16, half the bytes), config,
-    tokenizer, spec. Tied weights are stored once."""
+    tokenizer, spec. Tied weights are stored once, under the name Hugging Face keeps (the embedding)."""
     out.mkdir(parents=True, exist_ok=True)
-    aliases = _aliases(model)
-    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).cpu().contiguous()
-             for k, v in model.state_dict().items() if k not in aliases}
-    save_file(state, str(out / WEIGHTS_FILE))
+    state, aliases = _stored(model, dtype)
+    save_file(state, str(out / WEIGHTS_FILE), metadata=aliases or None)  # alias -> stored key, as save_model notes
     model.net.config.to_json_file(str(out / CONFIG_FILE))
     (out / TOKENIZER_FILE).write_bytes(model.tokenizer_json)
     (out / META_FILE).write_text(json.dumps(spec.to_json(), indent=2))
 
 
 def load(path: Path) -> tuple[CausalLM, ModelSpec]:
-    """A kd lm model directory, in float32; weights through safetensors, so loading never executes code."""
+    """A kd lm model directory, in float32; weights through safetensors, so loading never executes code.
+
+    safetensors' load_model fills a tied weight from whichever of its names the file holds, so directories
+    written before save recorded its aliases load too."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kd_core.data import Schema
@@ -241,26 +243,43 @@ def load(path: Path) -> tuple[CausalLM, ModelSpec]:
     with quiet_transformers():
         net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     model = CausalLM(net, spec.schema.text["vocab_size"], (path / TOKENIZER_FILE).read_bytes())
+    weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
     try:
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+        with safe_open(str(weights), "pt"):
+            pass
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{path / WEIGHTS_FILE}: not a valid safetensors file: {exc}") from None
-    state |= {alias: state[key] for alias, key in _aliases(model).items() if key in state and alias not in state}
-    load_into(model, state, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}")
+        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
+    try:
+        missing_keys, unexpected = load_model(model, str(weights), strict=False)  # copies into float32
+    except RuntimeError as exc:  # load_state_dict's shape mismatches, one per line
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise UserError(f"{problem}: {lines[0] if lines else str(exc).splitlines()[0]}") from None
+    if missing_keys or unexpected:
+        missing_keys = sorted(missing_keys)
+        raise UserError(f"{problem}: missing {missing_keys[:3]} ({len(missing_keys)} in all), "
+                        f"unexpected {sorted(unexpected)[:3]} ({len(unexpected)} in all)")
     return model.eval(), spec
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """State-dict keys whose tensor is an earlier key's (tied embeddings): {alias: the key stored}."""
-    first: dict[int, str] = {}
-    out = {}
-    for k, v in model.state_dict().items():
+def _stored(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write, each once, and {alias: stored key} for tied ones. An alias is exactly an earlier
+    key's tensor (same storage, offset, shape and strides), not merely one in the same storage: a slice of a
+    fused weight is its own weight and is stored, as its own copy (safetensors refuses shared memory)."""
+    state, first, aliases, keys_of = model.state_dict(), {}, {}, {}
+    for key, v in state.items():
         ptr = v.untyped_storage().data_ptr()
-        if ptr in first:
-            out[k] = first[ptr]
+        view = (ptr, v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if ptr and view in first:  # ptr 0: an empty tensor, which has no storage to share
+            aliases[key] = first[view]
         else:
-            first[ptr] = k
-    return out
+            first[view] = key
+            keys_of.setdefault(ptr, []).append(key)
+    shared = {ptr for ptr, keys in keys_of.items() if ptr and len(keys) > 1}
+    out = {}
+    for key in (k for k in state if k not in aliases):
+        v = state[key].detach().to("cpu", dtype if state[key].is_floating_point() else state[key].dtype)
+        out[key] = v.clone() if v.untyped_storage().data_ptr() in shared else v.contiguous()
+    return out, aliases
 
 
 @torch.inference_mode()

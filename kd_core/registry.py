@@ -268,7 +268,7 @@ def _classifier_champion(root: Path, params: Params, ev: _Evidence,
 def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVersion | None) -> ChampionScore | None:
     """`lm`: the candidate's per-sequence NLL on the held-out sequences, checked against eval.json's
     perplexity, paired with the champion's on the same sequences (its model directory, downloaded)."""
-    from kd_core import lm_eval
+    from kd_core import lm_eval, lm_models
 
     task = tasks.TASKS["lm"]
     x, y = task.inputs(ev.test, ev.schema), task.labels(ev.test, ev.schema)  # (N, L) each
@@ -281,6 +281,12 @@ def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVe
         return None
     uri = f"models:/{params.registry.model_name}/{champion_mv.version}"
     theirs = tasks.load_model(serving.download_model_dir(uri, root / params.paths.work / "champion", root))[0]
+    # today's ids mean nothing to a model of another tokenizer (a grown vocabulary would even index past its
+    # embeddings): such a champion cannot score the test set, which stops registration like any such champion
+    own, today = lm_models.tokenizer_sha256(theirs.tokenizer_json), ev.schema.text["tokenizer_sha256"]
+    if own != today:
+        raise UserError(f"{uri} cannot score the current test set: its tokenizer ({own[:12]}) is not the prepared "
+                        f"data's ({today[:12]}); remove its alias if the tokenizer changed")
     nll, correct = lm_eval.nll_per_sequence(theirs, x, y)
     return paired_nll(int(champion_mv.version), mine, nll, y.size, float(correct.sum() / y.size))
 

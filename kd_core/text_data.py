@@ -10,6 +10,7 @@ the cache key, changes when the tokenizer does.
 from __future__ import annotations
 
 import hashlib
+import json
 import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ IDS, TOKENS = "kd_input_ids", "kd_tokens"  # prepared columns: ids (truncated), 
 # the fortune files the demo reads, one class each; `limerick` and the `-o` files are never read
 FORTUNE_CLASSES = ("fortunes", "murphy", "startrek", "zippy")
 TRANSFER_CLASS = "fortunes"  # its entries beyond the labelled ones are the unlabelled transfer text
-PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
+PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")  # when the tokenizer names none itself
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' tokenizer settings, beside tokenizer.json
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,31 @@ def load_tokenizer(blob: bytes, where: Path | str):  # -> tokenizers.Tokenizer
     return tok
 
 
-def pad_id(tok, where: Path) -> int:
-    """The id that marks padding: the tokenizer's own padding setting, else a usual pad token."""
+def own_pad_token(tokenizer: Path) -> str | None:
+    """The pad token a tokenizer names itself: its tokenizer.json's padding setting, else the `pad_token` of
+    the tokenizer_config.json beside it (what transformers' `tokenizer.pad_token_id` reads); None if neither."""
+    padding = json.loads(tokenizer.read_bytes()).get("padding") or {}
+    if isinstance(padding.get("pad_token"), str):
+        return padding["pad_token"]
+    config = tokenizer.parent / TOKENIZER_CONFIG_FILE
+    try:
+        token = json.loads(config.read_text(encoding="utf-8")).get("pad_token") if config.is_file() else None
+    except (ValueError, AttributeError):  # not a JSON object: transformers could not read it either
+        return None
+    token = token.get("content") if isinstance(token, dict) else token  # an AddedToken is saved as a dict
+    return token if isinstance(token, str) else None
+
+
+def pad_id(tok, where: Path, own: str | None = None) -> int:
+    """The id that marks padding: the tokenizer's own pad token (its padding setting, or `own`, what it names
+    in its files, as load_tokenizer switches padding off), else a usual pad token."""
+    named = (tok.padding or {}).get("pad_token") or own
+    if named is not None and (i := tok.token_to_id(named)) is not None:
+        return int(i)
+    # No pad token of its own: a usual one, which may be a real token (<|endoftext|>). Safe, as padding is
+    # only ever a mask: padded positions are dropped from attention and pooling (TextClassifier) and a label
+    # belongs to a whole document, so no label is read at a padded position. (A literal <|endoftext|> inside
+    # a document is masked too: why the tokenizer's own pad token comes first.)
     for token in PAD_TOKENS:
         if (i := tok.token_to_id(token)) is not None:
             return int(i)
@@ -214,7 +239,7 @@ def tokenised(splits: Splits, tokenizer: Path, max_length: int) -> Splits:
         df[IDS], df[TOKENS] = pd.Series(ids, dtype=object), lengths
         out[name] = df
     lengths = np.minimum(out["train"][TOKENS].to_numpy(), max_length)
-    info = TextInfo(max_length, pad_id(tok, tokenizer), int(np.median(lengths)) if len(lengths) else max_length,
-                    file_sha256(tokenizer))
+    info = TextInfo(max_length, pad_id(tok, tokenizer, own_pad_token(tokenizer)),
+                    int(np.median(lengths)) if len(lengths) else max_length, file_sha256(tokenizer))
     schema = Schema(splits.schema.features, splits.schema.label_column, splits.schema.classes, info.to_json())
     return Splits(out["train"], out["test"], out["transfer"], schema)
