@@ -42,6 +42,7 @@ class ChampionScore:
     wins: int  # rows the candidate classifies right and the champion wrong (lm: sequences it predicts better)
     losses: int  # rows the champion classifies right and the candidate wrong (lm: sequences it predicts worse)
     perplexity: float | None = None  # lm: the champion's perplexity on today's held-out sequences
+    incomparable: str | None = None  # why the champion cannot score today's rows (lm: another tokenizer)
 
 
 def paired_score(version: int, candidate: np.ndarray, champion: np.ndarray, labels: np.ndarray) -> ChampionScore:
@@ -109,6 +110,10 @@ def _at_most(name: str, value: float, threshold: float, detail: str = "", fmt: s
 def _champion_checks(candidate: dict, student: float, champion: ChampionScore,
                      policy: PolicyParams) -> list[tuple[bool, str]]:
     vs = f" vs version {champion.version}"
+    if champion.incomparable:  # nothing shows the candidate beats it: rejected, with the reason; promote by hand
+        why = f"version {champion.version} not comparable: {champion.incomparable}"
+        return [(True, f"{RULES[4]} n/a ({why}): pass"), (False, f"{RULES[5]} {why}: fail"),
+                (True, f"{RULES[6]} n/a ({why}): pass")]
     p = mcnemar_p_value(champion.wins, champion.losses)
     significance = _at_most(RULES[6], p, policy.max_p_value, f" ({champion.wins} wins, {champion.losses} losses{vs})")
     if PERPLEXITY in candidate:  # lm: perplexity points gained over the champion; no classes

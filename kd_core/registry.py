@@ -10,6 +10,7 @@ champion there, and leaves an audit entry. Reading versions back is kd_core.vers
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -282,11 +283,11 @@ def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVe
     uri = f"models:/{params.registry.model_name}/{champion_mv.version}"
     theirs = tasks.load_model(serving.download_model_dir(uri, root / params.paths.work / "champion", root))[0]
     # today's ids mean nothing to a model of another tokenizer (a grown vocabulary would even index past its
-    # embeddings): such a champion cannot score the test set, which stops registration like any such champion
+    # embeddings): it is not scored, and the decision says why (the candidate cannot show it is better)
     own, today = lm_models.tokenizer_sha256(theirs.tokenizer_json), ev.schema.text["tokenizer_sha256"]
     if own != today:
-        raise UserError(f"{uri} cannot score the current test set: its tokenizer ({own[:12]}) is not the prepared "
-                        f"data's ({today[:12]}); remove its alias if the tokenizer changed")
+        return ChampionScore(int(champion_mv.version), math.nan, {}, 0, 0, None,
+                             f"its tokenizer ({own[:12]}) is not the prepared data's ({today[:12]})")
     nll, correct = lm_eval.nll_per_sequence(theirs, x, y)
     return paired_nll(int(champion_mv.version), mine, nll, y.size, float(correct.sum() / y.size))
 
@@ -376,7 +377,7 @@ def register_candidate(root: Path, params: Params) -> RegisterOutcome:
         extra = ({f"{CHAMPION}.{ACCURACY}": champion.accuracy,
                   f"{CHAMPION}.p_value": mcnemar_p_value(champion.wins, champion.losses)}
                  | ({f"{CHAMPION}.{PERPLEXITY}": champion.perplexity} if champion.perplexity is not None else {})
-                 if champion is not None else {})
+                 if champion is not None and champion.incomparable is None else {})
         # as the active run: a failure marks it FAILED, success FINISHED (then end_dag_run decides)
         with mlflow.start_run(run_id=run_id):
             model_uri = _record_run(client, run_id, root, params, ev, extra)
