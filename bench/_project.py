@@ -42,9 +42,10 @@ def new_project(dest: Path, params: dict) -> Path:
 
 def env(proj: Path) -> dict[str, str]:
     """The environment a user's shell gives a command in `proj`: the venv's tools first, the project's
-    own MLflow store, no DAG run inherited from the caller."""
+    own MLflow store, no DAG run inherited from the caller, and the copy's own kd_core imported (not the
+    venv's editable install of this checkout, which may change while a benchmark runs)."""
     out = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}", "PYTHONPATH": str(proj)}
     out.pop("MLFLOW_RUN_ID", None)
     return out
 
