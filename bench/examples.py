@@ -129,11 +129,13 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("examples", nargs="*", default=list(EXAMPLES), choices=[[], *EXAMPLES], metavar="EXAMPLE",
+    ap.add_argument("examples", nargs="*", default=list(EXAMPLES), metavar="EXAMPLE",
                     help=f"which to run (default: all of {', '.join(EXAMPLES)})")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (their path is printed)")
     args = ap.parse_args()
+    if unknown := set(args.examples) - set(EXAMPLES):
+        ap.error(f"unknown example(s) {sorted(unknown)}; choose from {', '.join(EXAMPLES)}")
     tmp = Path(tempfile.mkdtemp(prefix="kd-examples-"))
     logs = tmp / "logs"
     logs.mkdir()
