@@ -44,6 +44,7 @@ def repro(proj: Path, log: Path) -> tuple[int, dict[str, float], float]:
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             out.write(line)
+            out.flush()  # the log is how one follows a 15-minute example
             if line.startswith(STAGE_LINE):
                 now = time.perf_counter()
                 if current is not None:
