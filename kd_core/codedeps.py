@@ -16,6 +16,7 @@ import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeGuard
 
 PACKAGE = "kd_core"
 ROOT = Path(__file__).resolve().parents[1]  # the project root that holds kd_core/ and dvc.yaml
@@ -30,7 +31,7 @@ def _module_file(name: str, root: Path) -> Path | None:
     return file if file.exists() else None
 
 
-def _is_type_checking(node: ast.AST) -> bool:
+def _is_type_checking(node: ast.AST) -> TypeGuard[ast.If]:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")

@@ -36,6 +36,12 @@ class Schema:
     # task text: how documents become token ids (kd_core.text_data.TextInfo as a dict); None for tables
     text: dict | None = None
 
+    @property
+    def text_info(self) -> dict:
+        """`text` of a schema that has one (tasks text and lm)."""
+        assert self.text is not None, "a table's schema has no text info"
+        return self.text
+
     def to_json(self) -> dict:
         out = {"features": list(self.features), "label_column": self.label_column, "classes": list(self.classes)}
         return out | ({"text": self.text} if self.text is not None else {})
@@ -141,8 +147,8 @@ def sorted_classes(labels: pd.Series) -> tuple:
 def parquet_splits(params: DataParams, root: Path) -> Splits:
     """Read the user's tables; features are every non-label column unless listed explicitly."""
     label = params.label_column
-    paths = {s: (root / p if p else None) for s, p in
-             (("train", params.train), ("test", params.test), ("transfer", params.transfer))}
+    assert params.train and params.test  # config: data.source parquet needs data.train and data.test
+    paths = {"train": root / params.train, "test": root / params.test}
     train = read_parquet(paths["train"], "data.train")
     test = read_parquet(paths["test"], "data.test")
     for name, df in (("train", train), ("test", test)):
@@ -160,9 +166,10 @@ def parquet_splits(params: DataParams, root: Path) -> Splits:
         raise UserError(f"{paths['train']}: has 0 rows")
     if len(test) == 0:
         raise UserError(f"{paths['test']}: has 0 rows")
-    if paths["transfer"] is not None:
-        transfer = read_parquet(paths["transfer"], "data.transfer")
-        _check_features(transfer, features, paths["transfer"])
+    if params.transfer:
+        transfer_path = root / params.transfer
+        transfer = read_parquet(transfer_path, "data.transfer")
+        _check_features(transfer, features, transfer_path)
         transfer = transfer[list(features)]
     else:
         transfer = train[list(features)].iloc[:0]

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def ranks() -> tuple[int, int]:
     return 0, 1
 
 
-def no_buffer_sync() -> dict[str, bool]:
+def no_buffer_sync() -> dict[str, Any]:
     """DDP's switch for 'do not re-broadcast buffers every forward': `forward_sync_buffers` where this
     torch has it, else the older `broadcast_buffers` (which also skips the one sync at start-up; every
     rank builds the same buffers from the same rows, so nothing is lost)."""

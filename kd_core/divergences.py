@@ -19,6 +19,7 @@ depend on T when mixed with the hard loss.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -85,7 +86,8 @@ def skew_kl(log_t: torch.Tensor, log_s: torch.Tensor, skew: float) -> torch.Tens
     return forward_kl(log_t, log_s) if skew <= 0 else _kl(log_t, _mixture(log_t, log_s, skew))
 
 
-DIVERGENCES = {"hinton": forward_kl, "reverse_kl": reverse_kl, "jsd": generalized_jsd, "skew_kl": skew_kl}
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {"hinton": forward_kl, "reverse_kl": reverse_kl,
+                                                       "jsd": generalized_jsd, "skew_kl": skew_kl}
 
 
 def as_buckets(teacher: torch.Tensor | TopKTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -5,15 +5,21 @@ The same keys are used in eval.json, MLflow and the promotion policy, so nothing
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from kd_core.models import ModelSpec
+    from kd_core.tasks.base import Task
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -98,10 +104,10 @@ def interleaved_medians_ms(fns: dict[str, Callable[[], object]], repeats: int = 
 def batch1_latencies_ms(models: dict[str, nn.Module], examples: dict[str, torch.Tensor]) -> dict[str, float]:
     """Median batch-1 CPU forward time of every model, timed interleaved in one process, so the
     policy's latency ratio compares models that saw the same machine noise."""
-    calls = {}
+    calls: dict[str, Callable[[], object]] = {}
     for name, model in models.items():
         model.eval()
-        calls[name] = (lambda m=model, x=examples[name]: m(x))
+        calls[name] = functools.partial(model, examples[name])
     with torch.inference_mode():
         return interleaved_medians_ms(calls)
 
@@ -122,7 +128,7 @@ def model_metrics(model: nn.Module, example: torch.Tensor, logits: np.ndarray, y
     }
 
 
-def classifier_scores(task, loaded: dict[str, tuple[nn.Module, object]], x: np.ndarray, y: np.ndarray,
+def classifier_scores(task: Task, loaded: dict[str, tuple[nn.Module, ModelSpec]], x: np.ndarray, y: np.ndarray,
                       weights: dict[str, Path]) -> dict[str, dict]:
     """`tabular` and `text`: every model's contract metrics on the test rows `x`, labels `y`; one
     model is `teacher` (the agreement reference: with several teachers, their ensemble)."""

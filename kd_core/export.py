@@ -127,11 +127,11 @@ def to_onnx(model: nn.Module, task: Task, spec: models.ModelSpec, path: Path) ->
     example = task.example(spec, batch=2)  # B = 2 so the exporter cannot specialise on 1
     if 1 in task.dynamic_axes and example.shape[1] == 1:  # nor on a one-token sequence (lm's example)
         example = example.repeat(1, 8)
-    example = (example,)
+    args = (example,)
     dims = {a: torch.export.Dim(("batch", "sequence")[a] if a < 2 else f"axis{a}") for a in task.dynamic_axes}
     try:
         with _quiet():
-            torch.onnx.export(model, example, str(path), input_names=[task.input_name], output_names=[OUTPUT],
+            torch.onnx.export(model, args, str(path), input_names=[task.input_name], output_names=[OUTPUT],
                               dynamic_shapes=(dims,), dynamo=True, external_data=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; any of them means "not exportable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -83,7 +83,8 @@ def _keep(store: dict[str, torch.Tensor], name: str, _module: nn.Module, _inputs
 def captured(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """While open, every forward pass of `model` leaves each named module's output in the yielded dict."""
     check_modules(model, names, "features")
-    modules, store = dict(model.named_modules()), {}
+    modules = dict(model.named_modules())
+    store: dict[str, torch.Tensor] = {}
     handles = [modules[n].register_forward_hook(partial(_keep, store, n)) for n in names]
     try:
         yield store

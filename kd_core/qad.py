@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -77,7 +78,8 @@ def _simulated_forward(module: nn.Module, axis: int, op: Op):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if module.training:
             _observe(module, x)
-        return op(fake_input(x, getattr(module, RANGE)), fake_weight(module.weight, axis), module.bias)
+        weight, bias = cast(torch.Tensor, module.weight), cast("torch.Tensor | None", module.bias)
+        return op(fake_input(x, getattr(module, RANGE)), fake_weight(weight, axis), bias)
     return forward
 
 
@@ -105,7 +107,7 @@ def simulate(model: nn.Module) -> int:
                         f"layers; this student also computes with {named}: use export.int8: static or dynamic")
     n = 0
     for m, axis, op in layers(model):
-        m.register_buffer(RANGE, torch.full((2,), float("nan"), device=m.weight.device))
+        m.register_buffer(RANGE, torch.full((2,), float("nan"), device=cast(torch.Tensor, m.weight).device))
         m.forward = _simulated_forward(m, axis, op)
         n += 1
     if n == 0:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import mlflow
 import numpy as np
@@ -238,7 +238,8 @@ def _identical_version(client: MlflowClient, name: str, fp: Fingerprints) -> Mod
 def _recorded(client: MlflowClient, name: str, mv: ModelVersion) -> RegisterOutcome:
     mv = client.get_model_version(name, mv.version)  # search results carry no aliases
     reasons = [mv.tags[f"reason.{r}"] for r in RULES if f"reason.{r}" in mv.tags]
-    return RegisterOutcome(mv.tags["decision"], (f"unchanged: identical to version {mv.version}", *reasons),
+    decision = cast(Literal["promoted", "rejected"], mv.tags["decision"])  # as decide_promotion wrote it
+    return RegisterOutcome(decision, (f"unchanged: identical to version {mv.version}", *reasons),
                            name, int(mv.version), tuple(sorted(mv.aliases)), None, True)
 
 
@@ -258,12 +259,13 @@ def _classifier_champion(root: Path, params: Params, ev: _Evidence,
                          champion_mv: ModelVersion | None) -> ChampionScore | None:
     """The candidate checked against eval.json, and the champion re-scored through its own served
     model on the same test rows (paired)."""
-    name = params.registry.model_name
-    champion_pred = (serving.predict_registered(f"models:/{name}/{champion_mv.version}", ev.features)
-                     if champion_mv is not None else None)
+    if champion_mv is None:
+        _predict_candidate(root / params.paths.student, ev)
+        return None
+    champion_pred = serving.predict_registered(f"models:/{params.registry.model_name}/{champion_mv.version}",
+                                               ev.features)
     candidate_pred = _predict_candidate(root / params.paths.student, ev)
-    return (paired_score(int(champion_mv.version), candidate_pred, champion_pred, ev.labels)
-            if champion_mv is not None else None)
+    return paired_score(int(champion_mv.version), candidate_pred, champion_pred, ev.labels)
 
 
 def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVersion | None) -> ChampionScore | None:
@@ -281,10 +283,11 @@ def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVe
     if champion_mv is None:
         return None
     uri = f"models:/{params.registry.model_name}/{champion_mv.version}"
-    theirs = tasks.load_model(serving.download_model_dir(uri, root / params.paths.work / "champion", root))[0]
+    theirs = cast(lm_models.CausalLM,
+                  tasks.load_model(serving.download_model_dir(uri, root / params.paths.work / "champion", root))[0])
     # today's ids mean nothing to a model of another tokenizer (a grown vocabulary would even index past its
     # embeddings): it is not scored, and the decision says why (the candidate cannot show it is better)
-    own, today = lm_models.tokenizer_sha256(theirs.tokenizer_json), ev.schema.text["tokenizer_sha256"]
+    own, today = lm_models.tokenizer_sha256(theirs.tokenizer_json), ev.schema.text_info["tokenizer_sha256"]
     if own != today:
         return ChampionScore(int(champion_mv.version), math.nan, {}, 0, 0, None,
                              f"its tokenizer ({own[:12]}) is not the prepared data's ({today[:12]})")

@@ -13,16 +13,20 @@ from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from kd_core import models, tasks, tracking
 from kd_core.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MODEL_ARTIFACT = "kd_model"  # name of the kd model directory inside the pyfunc model's artifacts
 
@@ -43,7 +47,7 @@ mlflow.models.set_model(KDPyfuncModel())
 '''
 
 
-def predict_frame(model: models.KDModel, spec: models.ModelSpec, frame: pd.DataFrame,
+def predict_frame(model: nn.Module, spec: models.ModelSpec, frame: pd.DataFrame,
                   output: str | None = None, **params: Any) -> np.ndarray | pd.DataFrame:
     """Raw inputs -> what the model's task answers: class names or probabilities (tables: columns by
     name, any order, extras ignored; text: documents), or completions (`lm`: prompts)."""
@@ -51,13 +55,13 @@ def predict_frame(model: models.KDModel, spec: models.ModelSpec, frame: pd.DataF
     return task.answer(model, spec, frame, {"output": output or task.outputs[0], **params})
 
 
-class KDPyfuncModel(mlflow.pyfunc.PythonModel):
+class KDPyfuncModel(PythonModel):
     """A kd model directory served on raw rows; answers class names (or probabilities on request)."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self._model, self._spec = tasks.load_model(Path(context.artifacts[MODEL_ARTIFACT]))
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray | pd.DataFrame:
         return predict_frame(self._model, self._spec, model_input, **(params or {}))
 

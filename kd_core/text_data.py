@@ -151,7 +151,8 @@ def fortune_dir() -> Path:
 
 def read_fortunes(path: Path) -> list[str]:
     """Entries of a `%`-separated fortune file; the `%%` header entry is not a fortune."""
-    entries, current = [], []
+    entries: list[str] = []
+    current: list[str] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.strip() == "%":
             entries.append("\n".join(current).strip())

@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 from kd_core.data import TOKENIZER_FILE
 from kd_core.errors import UserError
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
+
+if TYPE_CHECKING:  # transformers is imported where it is used (the table task never pays for it)
+    from transformers import PreTrainedModel
 
 CONFIG_FILE = "config.json"
 STUDENT_ARCHS = ("layers", "narrow")  # or a directory holding a Hugging Face config.json
@@ -43,7 +47,7 @@ class TextClassifier(nn.Module):
     take the sequence length as given.
     """
 
-    def __init__(self, net: nn.Module, pad_id: int, tokenizer_json: bytes) -> None:
+    def __init__(self, net: PreTrainedModel, pad_id: int, tokenizer_json: bytes) -> None:
         super().__init__()
         self.net, self.pad_id, self.tokenizer_json, self.trim = net, pad_id, tokenizer_json, True
         self.mask: torch.Tensor | None = None  # the last forward's (B, L) padding mask, for feature pooling
@@ -84,7 +88,7 @@ def _labels(classes: tuple) -> dict:
 HEAD_PREFIXES = ("classifier", "score", "pre_classifier", "pooler", "bert.pooler", "roberta.pooler")  # new for a head
 
 
-def pretrained(path: Path, classes: tuple, require_head: bool = False) -> nn.Module:
+def pretrained(path: Path, classes: tuple, require_head: bool = False) -> PreTrainedModel:
     """A local encoder (or classifier) as a sequence classifier over `classes`; safetensors only.
     `require_head`: the directory must hold a trained head for these classes (a given teacher)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -115,14 +119,14 @@ def pretrained(path: Path, classes: tuple, require_head: bool = False) -> nn.Mod
     return net
 
 
-def from_config(config) -> nn.Module:
+def from_config(config) -> PreTrainedModel:
     from transformers import AutoModelForSequenceClassification
 
     with quiet_transformers():
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def encoder_layers(net: nn.Module) -> nn.ModuleList:
+def encoder_layers(net: PreTrainedModel) -> nn.ModuleList:
     """The stack of transformer layers: the ModuleList as long as the config's layer count."""
     n = net.config.num_hidden_layers
     for module in net.modules():
@@ -131,7 +135,7 @@ def encoder_layers(net: nn.Module) -> nn.ModuleList:
     raise UserError(f"{type(net).__name__}: no list of {n} layers found to take a subset of")
 
 
-def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
+def layer_subset(source: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """DistilBERT's (and Minitron's) initialisation: `source` with only the listed layers, each keeping
     its weights; encoders and causal LMs alike."""
     n = source.config.num_hidden_layers
@@ -144,12 +148,20 @@ def layer_subset(source: nn.Module, layers: list[int]) -> nn.Module:
         del stack[i]
     stack.extend(kept)
     for i, layer in enumerate(stack):  # a decoder's KV cache is indexed by each attention's layer_idx
-        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
-            layer.self_attn.layer_idx = i
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
     student.config.num_hidden_layers = len(layers)
     if getattr(student.config, "layer_types", None):
         student.config.layer_types = [student.config.layer_types[i] for i in layers]
     return student
+
+
+def input_embeddings(net: PreTrainedModel) -> torch.Tensor:
+    """A Hugging Face model's word-embedding matrix (a Parameter).  # (V, H)"""
+    weight = net.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def pca_projection(embeddings: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +171,8 @@ def pca_projection(embeddings: torch.Tensor, width: int) -> tuple[torch.Tensor, 
     return mean, vt[:width].T
 
 
-def narrow(source: nn.Module, seed: int | None, hidden: int = 128, layers: int = 2, heads: int = 2,
-           intermediate: int = 512) -> nn.Module:
+def narrow(source: PreTrainedModel, seed: int | None, hidden: int = 128, layers: int = 2, heads: int = 2,
+           intermediate: int = 512) -> PreTrainedModel:
     """A thin transformer on the source's vocabulary: word embeddings = the source's, centred and projected
     onto their top `hidden` principal components; every other weight random (seeded)."""
     h_src = source.config.hidden_size
@@ -173,14 +185,14 @@ def narrow(source: nn.Module, seed: int | None, hidden: int = 128, layers: int =
     if seed is not None:
         torch.manual_seed(seed)
     student = from_config(config)
-    src_emb, dst_emb = source.get_input_embeddings().weight, student.get_input_embeddings().weight  # (V, H)
+    src_emb, dst_emb = input_embeddings(source), input_embeddings(student)  # (V, H)
     mean, proj = pca_projection(src_emb.detach().float(), hidden)
     with torch.no_grad():
         dst_emb.copy_((src_emb.float() - mean) @ proj)  # (V, hidden)
     return student
 
 
-def from_config_dir(path: Path, source: nn.Module, classes: tuple, seed: int | None) -> nn.Module:
+def from_config_dir(path: Path, source: PreTrainedModel, classes: tuple, seed: int | None) -> PreTrainedModel:
     """Any architecture from a Hugging Face config directory, on the teacher's vocabulary (random weights)."""
     from transformers import AutoConfig
 
@@ -245,7 +257,7 @@ def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
     spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "text"))
     with quiet_transformers():
         net = from_config(AutoConfig.from_pretrained(path))
-    model = TextClassifier(net, spec.schema.text["pad_id"], (path / TOKENIZER_FILE).read_bytes())
+    model = TextClassifier(net, spec.schema.text_info["pad_id"], (path / TOKENIZER_FILE).read_bytes())
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -274,7 +286,7 @@ def tokenizer(model: TextClassifier):  # -> tokenizers.Tokenizer
 
 def example_ids(spec: ModelSpec, batch: int) -> torch.Tensor:
     """`batch` documents of the data's median length in tokens, no padding.  # (batch, L)"""
-    info = spec.schema.text
+    info = spec.schema.text_info
     return torch.full((batch, info["example_tokens"]), info["pad_id"] + 1, dtype=torch.int64)
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             exp = client.get_experiment_by_name(name)
+            assert exp is not None  # creating it failed because it exists
     if exp.lifecycle_stage != "active":
         raise UserError(f"MLflow experiment {name!r} is deleted; restore it or set registry.experiment")
     return exp.experiment_id
@@ -137,6 +138,7 @@ def key(name: str) -> str:
 
 def _flatten(obj: Any, prefix: str = "", lists: bool = False) -> dict[str, Any]:
     """Nested dicts (and, with `lists`, lists by index) to dotted keys: {'train.lr': 0.002}."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(obj, dict):
         items = obj.items()
     elif lists and isinstance(obj, list):

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -76,7 +76,9 @@ def _targets_to(t: np.ndarray | Any, device: torch.device) -> torch.Tensor | Any
 
 def _teacher_class(t: np.ndarray | torch.Tensor | Any) -> np.ndarray | torch.Tensor:
     """The teacher's class per row from dense logits (argmax over classes) or a top-k batch (its own)."""
-    return t.argmax(axis=-1) if isinstance(t, np.ndarray | torch.Tensor) else t.argmax()
+    if isinstance(t, np.ndarray):
+        return t.argmax(axis=-1)
+    return t.argmax(dim=-1) if isinstance(t, torch.Tensor) else t.argmax()
 
 
 # --- early stopping: pure functions of the history ------------------------------------------------
@@ -319,7 +321,7 @@ def _prepare(net: nn.Module, cfg: FitConfig, device: torch.device, world: int) -
     if world > 1:  # buffers (the standardisation) are constants: synced once at init, not every step
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                         **no_buffer_sync())
-    return torch.compile(model) if cfg.compile else model
+    return cast(nn.Module, torch.compile(model)) if cfg.compile else model  # an OptimizedModule
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: FitConfig,

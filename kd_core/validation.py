@@ -90,11 +90,12 @@ def _text_expectations(df: pd.DataFrame, col: str, max_length: int | None,
     packed, never truncated), not repeated; lengths reported."""
     if col not in df.columns:
         return []
-    out = [gxe.ExpectColumnValuesToNotBeNull(column=col),
-           gxe.ExpectColumnValuesToBeOfType(column=col, type_="str", meta={"check": "text_type"}),
-           gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S", meta={"check": "blank_text"}),
-           gxe.ExpectColumnValuesToBeUnique(column=col, mostly=1.0 - params.max_duplicate_frac,
-                                            meta={"check": "duplicate_text"})]
+    out: list[Expectation] = [
+        gxe.ExpectColumnValuesToNotBeNull(column=col),
+        gxe.ExpectColumnValuesToBeOfType(column=col, type_="str", meta={"check": "text_type"}),
+        gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S", meta={"check": "blank_text"}),
+        gxe.ExpectColumnValuesToBeUnique(column=col, mostly=1.0 - params.max_duplicate_frac,
+                                         meta={"check": "duplicate_text"})]
     if TOKENS in df.columns and max_length is not None:
         out.append(gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=max_length,
                                                      mostly=1.0 - params.max_truncated_frac,
@@ -254,6 +255,7 @@ def _raised(result: ExpectationValidationResult) -> str | None:
 def describe_failure(result: ExpectationValidationResult, where: str, params: ValidationParams) -> str:
     """One line for a failed expectation: '<where>: <what is wrong, with counts>'."""
     cfg = result.expectation_config
+    assert cfg is not None  # every result of a suite run names its expectation
     meta = cfg.meta or {}
     kwargs = {**cfg.kwargs, "reference": meta.get("reference")}
     error = _raised(result)
@@ -315,10 +317,11 @@ def validate_splits(splits: Splits, params: ValidationParams, out_dir: Path, sou
     suites = [(name, getattr(splits, name), split_expectations(name, splits, params), _SUMMARY, name)
               for name in SPLITS]
     suites.insert(1, (CLASS_COUNTS, counts, [rows_rule], _CLASS_FORMAT, "train"))
-    for split in ("train", "test") if documents is not None else ():
-        docs = documents[documents["split"] == split].drop(columns=["split"]).reset_index(drop=True)
-        suites.append((f"documents_{split}", docs, _text_expectations(docs, splits.schema.features[0], None, params),
-                       _SUMMARY, split))
+    if documents is not None:
+        for split in ("train", "test"):
+            docs = documents[documents["split"] == split].drop(columns=["split"]).reset_index(drop=True)
+            suites.append((f"documents_{split}", docs,
+                           _text_expectations(docs, splits.schema.features[0], None, params), _SUMMARY, split))
     failures: list[str] = []
     statistics: dict[str, dict] = {}
     for name, df, expectations, result_format, split in suites:

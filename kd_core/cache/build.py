@@ -61,12 +61,12 @@ def _write_array(path: Path, arr: np.ndarray) -> str:
     arr = np.ascontiguousarray(arr)
     header = _npy_header(arr)
     digest = hashlib.sha256(header)
-    digest.update(memoryview(arr).cast("B"))
+    digest.update(arr.data.cast("B"))
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # unique per writer
     try:
         with tmp.open("wb") as f:
             f.write(header)
-            f.write(memoryview(arr).cast("B"))
+            f.write(arr.data.cast("B"))
         os.replace(tmp, path)
         atomic_write_text(path.with_name(path.name + ".sha256"), digest.hexdigest())
         return digest.hexdigest()
@@ -91,7 +91,7 @@ def write_shard(store: Path, i: int, arrays: dict[str, np.ndarray]) -> dict[str,
 
 def _verified_shard(store: Path, i: int, roles: tuple[str, ...]) -> dict[str, str] | None:
     digests = {r: _verified(store / shard_file(i, r)) for r in roles}
-    return None if any(d is None for d in digests.values()) else digests
+    return None if any(d is None for d in digests.values()) else {r: d for r, d in digests.items() if d is not None}
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: li
         pending: list[tuple[int, Future]] = []
         for i, start, stop in todo:
             arrays = _shard_arrays(compute(start, stop), settings, n_classes, start, stop, shapes)
-            pending.append((i, writer.submit(lambda i=i, a=arrays: write_shard(store, i, a()))))
+            pending.append((i, writer.submit(lambda i, a: write_shard(store, i, a()), i, arrays)))
             while len(pending) > 1:  # at most one shard in flight: memory stays bounded
                 j, fut = pending.pop(0)
                 done[j] = fut.result()
@@ -320,7 +320,7 @@ def _counted(compute: Compute, progress: Callable[[int, int], None], done: int, 
     rows = [done]
     progress(done, total)
 
-    def counted(start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, Features]:
+    def counted(start: int, stop: int) -> torch.Tensor | tuple[torch.Tensor, Features] | Encoded:
         logits = compute(start, stop)
         rows[0] += stop - start
         progress(rows[0], total)

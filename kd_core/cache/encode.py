@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -94,7 +95,8 @@ def concat(parts: list[Encoded]) -> Encoded:
     """Batches of one range, in order, as one Encoded (on their device)."""
     if len(parts) == 1:
         return parts[0]
-    rmin = None if parts[0].row_min is None else torch.cat([p.row_min for p in parts])
+    # every batch of a range has row minima when the first has (the same settings encoded them)
+    rmin = None if parts[0].row_min is None else torch.cat(cast("list[torch.Tensor]", [p.row_min for p in parts]))
     return Encoded({r: torch.cat([p.arrays[r] for p in parts]) for r in parts[0].arrays},
                    torch.stack([p.nonfinite for p in parts]).sum(), rmin)
 
@@ -123,6 +125,7 @@ class Host:
                             f"{rows[0]}:{rows[1]}; nothing cached")
         out = {r: t.numpy() for r, t in self.tensors.items()}
         if settings.top_k:
+            assert self.row_min is not None  # top-k batches are encoded with their row minima
             if index_dtype(n_classes) == np.uint16:
                 out["indices"] = out["indices"].view(np.uint16)
             out["tail_lse"] = clamp_tail(self.row_min.numpy(), out["tail_lse"], n_classes - settings.top_k)

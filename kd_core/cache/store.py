@@ -42,8 +42,9 @@ def list_store(work: Path) -> list[StoredCache]:
             m = read_manifest(d)
         except UserError:
             m = None
-        out.append(StoredCache(d.name, d, m is not None, m and m["rows"], size, d.stat().st_mtime,
-                               m and m.get("teacher_fingerprint"), _held(work, d.name)))
+        out.append(StoredCache(d.name, d, m is not None, m["rows"] if m is not None else None, size,
+                               d.stat().st_mtime, m.get("teacher_fingerprint") if m is not None else None,
+                               _held(work, d.name)))
     return sorted(out, key=lambda c: (c.modified, c.key), reverse=True)
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from kd_core import data, distributed, features, tasks
 from kd_core.cache.encode import Encoded, concat, encode_batch
 from kd_core.cache.format import CacheSettings, Features, cache_key
 from kd_core.config import Params
 from kd_core.errors import UserError
-from kd_core.models import KDModel
 
 
 def settings(params: Params) -> CacheSettings:
@@ -62,12 +62,12 @@ def code_identity() -> str:
 
 
 _KEEP = 2  # (teacher, rows) pairs a process holds: an ensemble's members alternate without reloading
-_loaded: OrderedDict[tuple[str, str, str, str], tuple[tuple[str, str], KDModel, np.ndarray]] = OrderedDict()
+_loaded: OrderedDict[tuple[str, str, str, str], tuple[tuple[str, str], nn.Module, np.ndarray]] = OrderedDict()
 _loaded_lock = threading.Lock()
 
 
 def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, device: str,
-                      fingerprints: tuple[str, str]) -> tuple[KDModel, np.ndarray]:
+                      fingerprints: tuple[str, str]) -> tuple[nn.Module, np.ndarray]:
     """The teacher (on `device`) and input rows, loaded once per process (the stage, or each Dask worker)
     for each (teacher, data) fingerprint pair: a task whose fingerprints differ from what this process
     holds for the same paths (a teacher retrained in place) reloads, so it never runs a stale teacher."""
@@ -86,7 +86,7 @@ def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, devic
 
 
 def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
-          fingerprints: tuple[str, str]) -> tuple[KDModel, np.ndarray]:
+          fingerprints: tuple[str, str]) -> tuple[nn.Module, np.ndarray]:
     """Load, then check the files loaded are the ones the submitting stage keyed the cache by."""
     task = tasks.TASKS[task_name]
     model = task.load(teacher_dir)[0].to(distributed.pick_device(device))
@@ -150,7 +150,8 @@ class TeacherLogits:
         first, last = start // per, -(-stop // per)  # input rows covering cache rows start:stop
         rows = x[first:last]
         order = torch.from_numpy(task.batch_order(teacher, rows))  # (n,) e.g. documents by length: less padding
-        parts = []
+        parts: list[Encoded] = []  # each batch encoded on the device
+        raw: list[tuple[torch.Tensor, Features]] = []  # or its logits and features as they are
         amp = torch.autocast("cuda", torch.bfloat16, enabled=self.autocast and device.type == "cuda")
         with features.captured(teacher, [m for m, _ in self.settings.features]) as acts, amp:
             for i in range(0, len(rows), self.batch_size):
@@ -158,15 +159,17 @@ class TeacherLogits:
                 logits = task.cache_logits(teacher, _to(batch, device))  # (b·P, C)
                 mask = features.padding_mask(teacher)
                 feats = [features.pool(acts[m], p, mask) for m, p in self.settings.features]  # [(b, *S)]
-                parts.append(encode_batch(logits, feats, self.settings, self.n_classes, consume=not feats)
-                              if each else (logits, feats))
+                if each:
+                    parts.append(encode_batch(logits, feats, self.settings, self.n_classes, consume=not feats))
+                else:
+                    raw.append((logits, feats))
         keep = _cache_order(order, per, start - first * per, stop - first * per)  # (stop - start,)
         if each:
             return concat(parts).take(_to(keep, device))
-        logits = torch.cat([lg for lg, _ in parts])[keep]  # (stop - start, C)
+        logits = torch.cat([lg for lg, _ in raw])[keep]  # (stop - start, C)
         if not self.settings.features:
             return logits
-        return logits, [torch.cat(f)[keep] for f in zip(*(fs for _, fs in parts), strict=True)]
+        return logits, [torch.cat(f)[keep] for f in zip(*(fs for _, fs in raw), strict=True)]
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -46,9 +46,9 @@ class LMCardInputs:
 def sample_completions(model_dirs: dict[str, Path], splits: data.Splits) -> list[dict[str, str]]:
     """Greedy completions of the same prompts by each model (the starts of the first held-out sequences)."""
     task, schema = tasks.TASKS["lm"], splits.schema
-    loaded = {r: task.load(d)[0] for r, d in model_dirs.items()}
+    loaded = {r: lm_models.load(d)[0] for r, d in model_dirs.items()}
     tok = load_tokenizer(next(iter(loaded.values())).tokenizer_json, "tokenizer.json")
-    eos = schema.text["eos_id"]
+    eos = schema.text_info["eos_id"]
     x = task.inputs(splits.test, schema)[:SAMPLES, :PROMPT_TOKENS]  # (S, P)
     out = []
     for ids in x.tolist():
@@ -146,6 +146,7 @@ def write_card(inp: LMCardInputs, out: Path, data_docs: str | None = None) -> di
     pages = {p.stem: p.relative_to(out).as_posix() for p in sorted(docs.glob("validations/**/*.html"))} if docs else {}
     blocks = build_blocks(inp, {k: f"{FIGURES}/{v}" for k, v in figures.items()}, data_docs, pages)
     (out / MD_FILE).write_text(to_markdown(blocks))
+    assert isinstance(blocks[0], Heading)  # the title
     (out / HTML_FILE).write_text(to_html(blocks, blocks[0].text, out))
     return {"markdown": out / MD_FILE, "html": out / HTML_FILE, **{k: fig_dir / v for k, v in figures.items()}}
 

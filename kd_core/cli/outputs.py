@@ -31,6 +31,7 @@ def compare(root: Path) -> None:
     out.print(headline(ev))
     q = (export or {}).get("student", {}).get("onnx_int8")
     if q and "perplexity" in q:
+        assert export is not None  # q is its student's int8 entry
         out.print(f"int8 ONNX: {kib(q['size_bytes'])}, perplexity {q['perplexity']:.2f} (PyTorch "
                   f"{export['student']['pytorch']['perplexity']:.2f}), max |Δlogit| {q['max_abs_logit_diff']:.2g}, "
                   f"{q['latency_ms_p50']:.3f} ms (ONNX Runtime)")

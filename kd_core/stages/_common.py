@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ import torch
 from kd_core import data, tasks, train
 from kd_core.config import Params, TrainParams
 from kd_core.train import FitConfig, History
+
+if TYPE_CHECKING:
+    from kd_core.search import Trial
 
 CHECKPOINTS = "train"  # under params.paths.work: one folder per training stage
 # kd_core files every training run executes
@@ -39,7 +43,7 @@ def per_row(loss: train.LossFn, positions: int) -> train.LossFn:
     if positions == 1:
         return loss
 
-    def mean_over_positions(out: torch.Tensor, t: object, y: torch.Tensor) -> torch.Tensor:
+    def mean_over_positions(out: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         return loss(out.reshape(-1, out.shape[-1]), t, y.reshape(-1)).reshape(y.shape).mean(dim=-1)
     return mean_over_positions
 
@@ -140,7 +144,7 @@ def discard_checkpoints(workdir: Path, params: Params, stage: str) -> None:
     shutil.rmtree(workdir / params.paths.work / CHECKPOINTS / stage, ignore_errors=True)
 
 
-def log_trial(workdir: Path, trial: object, history: History) -> None:
+def log_trial(workdir: Path, trial: Trial, history: History) -> None:
     """A `distill.search` candidate as a child run of the DAG run: its setting, curve and score
     (a no-op under plain `dvc repro`)."""
     if not os.environ.get(RUN_ID_ENV):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,9 +58,9 @@ def run(params: Params, workdir: Path) -> CacheResult:
     for i, (t_dir, l_dir, key) in enumerate(zip(params.teacher_dirs(), params.logit_dirs(),
                                                 cache.expected_keys(params, workdir), strict=True)):
         teacher_dir = workdir / t_dir
-        meta = {"teacher_fingerprint": task.fingerprint(teacher_dir),
-                "data_fingerprint": data.data_fingerprint(prepared_dir),
-                "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
+        meta: dict[str, Any] = {"teacher_fingerprint": task.fingerprint(teacher_dir),
+                                "data_fingerprint": data.data_fingerprint(prepared_dir),
+                                "labelled_rows": len(splits.train), "transfer_rows": len(splits.transfer)}
         shapes = _feature_shapes(params, task, teacher_dir, splits.schema, workdir)
         compute = cache.TeacherLogits(task.name, str(teacher_dir.resolve()), str(prepared_dir.resolve()),
                                       params.cache.batch_size, settings, len(splits.schema.classes),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kd_core import data, models, tasks
 from kd_core.config import Params
@@ -32,7 +33,7 @@ def run(params: Params, workdir: Path) -> EvalResult:
     loaded = {r: task.load(workdir / d) for r, d in dirs.items()}
     # members' agreement is with the ensemble the student learned from, `teacher`
     scored = task.score(loaded, splits, {r: workdir / d / models.WEIGHTS_FILE for r, d in dirs.items()})
-    result = {r: scored[r] for r in ROLES}
+    result: dict[str, Any] = {r: scored[r] for r in ROLES}
     if params.teachers:  # `teacher` is the ensemble; each member is scored on its own as well
         result["teachers"] = [{"arch": loaded[f"teachers.{i}"][1].arch, **scored[f"teachers.{i}"]}
                               for i in range(len(params.teachers))]

@@ -109,11 +109,13 @@ def run(params: Params, workdir: Path) -> ReportResult:
     reports.mkdir(parents=True, exist_ok=True)
     lm = params.task == "lm"  # its card has no classes: samples, perplexity and the cache's bytes per token
     card_inputs = lm_inputs(params, workdir) if lm else inputs(params, workdir)
-    write = lm_content.write_card if lm else card.write_card
     with tempfile.TemporaryDirectory(prefix=".card.", dir=reports) as scratch:
         tmp = Path(scratch)
         validation.build_data_docs(workdir / params.paths.validation, tmp / card.DATA_DOCS)
-        written = write(card_inputs, tmp, data_docs=f"{card.DATA_DOCS}/index.html")
+        docs = f"{card.DATA_DOCS}/index.html"
+        written = (lm_content.write_card(card_inputs, tmp, data_docs=docs)
+                   if isinstance(card_inputs, lm_content.LMCardInputs)
+                   else card.write_card(card_inputs, tmp, data_docs=docs))
         _publish(tmp, reports, (card.FIGURES, card.DATA_DOCS, card.MD_FILE, card.HTML_FILE))
     version = registered_version(params, workdir)
     if version is not None:

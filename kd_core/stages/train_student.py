@@ -49,7 +49,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
         return _distil(params, workdir, rank, world)
 
 
-def _hinted(distill: DistillParams, cache: LogitCache, model: models.KDModel,
+def _hinted(distill: DistillParams, cache: LogitCache, model: nn.Module,
             example: torch.Tensor) -> tuple[nn.Module, train.Extra | None]:
     """The module to train and its extra loss: the bare student unless hints or a weight penalty are asked for."""
     hints = features.plan(distill, cache.features, model, example)
@@ -62,7 +62,7 @@ def _hinted(distill: DistillParams, cache: LogitCache, model: models.KDModel,
 
 def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: models.ModelSpec,
            distill: DistillParams, world: int, budget: int | None = None,
-           held: np.ndarray | None = None) -> tuple[models.KDModel, train.History, int, FitConfig]:
+           held: np.ndarray | None = None) -> tuple[nn.Module, train.History, int, FitConfig]:
     """One training of a fresh student with `distill`; returns the model, its curve, the epochs a
     checkpoint restored and the loop it ran. `budget` (a search candidate): that many epochs over the
     student's rows, `held` held out and scored once at the end. Labels alone train as the baseline does:
@@ -105,6 +105,7 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
     becomes a child run of the DAG run. Returns the setting kept, the trials, the decision and how
     the candidates were scored."""
     cfg = params.distill.search
+    assert cfg is not None  # a search runs only when distill.search is set
     held_out = search.folds(rows.labelled, rows.val, rows.positions, cfg, params.train.seed)
     settings, trials, per_row = search.candidates(params.distill), [], []
     for d in settings:
@@ -126,7 +127,7 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
     return settings[decision.chosen], trials, decision, search.scored_by(held_out)
 
 
-def _held_out_scores(task: tasks.Task, model: models.KDModel, rows: KDRows,
+def _held_out_scores(task: tasks.Task, model: nn.Module, rows: KDRows,
                      held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per held-out row: accuracy and mean NLL over its labelled positions.  # (V,), (V,)"""
     acc, nll = [], []
@@ -150,7 +151,9 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     splits = data.read_prepared(workdir / params.paths.prepared)
     rows = kd_rows(params, workdir, task, splits)
     spec = task.spec(params.student, splits.schema, workdir)
-    distill, trials, decision, how = params.distill, [], None, ""
+    distill, how = params.distill, ""
+    trials: list[search.Trial] = []
+    decision: search.Decision | None = None
     if params.distill.search is not None:
         distill, trials, decision, how = _search(params, workdir, task, rows, spec, world)
     model, history, resumed, _ = _train(params, workdir, task, rows, spec, distill, world)
@@ -158,6 +161,7 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
         with atomic_dir(workdir / params.paths.student) as out:
             task.save(model, spec, out)
             if decision is not None:
+                assert params.distill.search is not None  # a decision comes from a search
                 search.write(out / search.SEARCH_FILE, trials, decision, how, params.distill.search.epochs)
         write_curve(history, workdir / params.paths.metrics / CURVE)
         discard_checkpoints(workdir, params, "train_student")

@@ -91,9 +91,10 @@ class Task(Protocol):
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         """Logits for whole-split inputs on the CPU.  # (N, C)"""
 
-    def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> np.ndarray:
-        """Raw inputs as a served model receives them (a table by column name, raw text) -> model inputs;
-        what is missing is a one-line UserError naming it."""
+    def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> np.ndarray | list[list[int]]:
+        """Raw inputs as a served model receives them (a table by column name, raw text) -> model inputs
+        (`lm`: each prompt's token ids, prompts of any length); what is missing is a one-line UserError
+        naming it."""
 
     def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray | pd.DataFrame:
         """What the served model returns for raw inputs (class names, probabilities, completions);
@@ -113,7 +114,8 @@ class Task(Protocol):
     def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
                 teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
         """Every contract metric of `metrics/eval.json` for one model on the test rows (`latency_ms`:
-        measured with the other models, interleaved: kd_core.evaluate.batch1_latencies_ms)."""
+        measured with the other models, interleaved: kd_core.evaluate.batch1_latencies_ms); `lm`: those
+        that next-token logits determine, as its `score` (which adds kl_to_teacher and tokens_per_s)."""
 
 
 def labelled_then_transfer(task: Task, splits: Splits) -> np.ndarray:
@@ -129,7 +131,9 @@ def classify(task: Task, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame,
     output = params.get("output", task.outputs[0])
     if output not in task.outputs:
         raise UserError(f"unknown output {output!r}; choose one of {list(task.outputs)}")
-    logits = task.predict_logits(model, task.serving_inputs(model, spec, frame))
+    x = task.serving_inputs(model, spec, frame)
+    assert isinstance(x, np.ndarray), "a classifier's serving inputs are one array"
+    logits = task.predict_logits(model, x)
     logits = logits.reshape(len(frame), len(spec.schema.classes))  # (N, K), also when N == 0
     if output == "probabilities":
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,9 @@ from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
 from kd_core.text_data import load_tokenizer
 from kd_core.text_models import CONFIG_FILE, max_positions
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 PROMPT_TOKENS = 16  # a served model's example prompts: the start of held-out sequences
 TEACHER_ARCH = "pretrained"  # the teacher's spec: a causal LM adopted as it is
 
@@ -36,12 +40,12 @@ def _ids(frame: pd.DataFrame) -> np.ndarray:
 
 class LMTask:
     name = "lm"
-    outputs = ("completions",)
+    outputs: tuple[str, ...] = ("completions",)
     serving_params: dict = {"max_new_tokens": 32}  # greedy: same prompt, same completion
     headline = "perplexity"
-    requirements = ("transformers", "tokenizers")
+    requirements: tuple[str, ...] = ("transformers", "tokenizers")
     input_name = "input_ids"  # the ONNX input: (B, L) token ids
-    dynamic_axes = (0, 1)
+    dynamic_axes: tuple[int, ...] = (0, 1)
 
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         """Documents of the source, split by document, tokenised with the teacher's tokenizer and packed."""
@@ -76,7 +80,7 @@ class LMTask:
         return splits
 
     def describe(self, schema: Schema) -> str:
-        return f"a sequence of {schema.text['seq_len']} tokens of the teacher's tokenizer (documents packed)"
+        return f"a sequence of {schema.text_info['seq_len']} tokens of the teacher's tokenizer (documents packed)"
 
     def inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         return _ids(frame)[:, :-1]  # (N, L)
@@ -108,7 +112,7 @@ class LMTask:
             raise UserError(f"a language-model student is built from the adopted teacher ({init}): "
                             "run the teacher stage")
         teacher, tspec = lm_models.load(init)
-        if tspec.schema.text["tokenizer_sha256"] != spec.schema.text["tokenizer_sha256"]:
+        if tspec.schema.text_info["tokenizer_sha256"] != spec.schema.text_info["tokenizer_sha256"]:
             raise UserError(f"{init}: not the teacher the prepared data was tokenised for; "
                             "run prepare and teacher again")
         options = dict(spec.options)
@@ -126,38 +130,38 @@ class LMTask:
         except (TypeError, KeyError) as exc:
             raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
         self._check(net, spec.schema, f"student.arch {spec.arch}")
-        return lm_models.CausalLM(net, spec.schema.text["vocab_size"], teacher.tokenizer_json)
+        return lm_models.CausalLM(net, spec.schema.text_info["vocab_size"], teacher.tokenizer_json)
 
     @staticmethod
-    def _check(net: nn.Module, schema: Schema, where: str) -> None:
+    def _check(net: PreTrainedModel, schema: Schema, where: str) -> None:
         """Before any compute: the model predicts every token and reads a whole sequence."""
-        lm_models.check_vocab(net, schema.text["vocab_size"], where)
+        lm_models.check_vocab(net, schema.text_info["vocab_size"], where)
         limit = max_positions(net.config)
-        if limit is not None and schema.text["seq_len"] > limit:
-            raise UserError(f"{where} reads at most {limit} positions, data.seq_len is {schema.text['seq_len']}")
+        if limit is not None and schema.text_info["seq_len"] > limit:
+            raise UserError(f"{where} reads at most {limit} positions, data.seq_len is {schema.text_info['seq_len']}")
 
     def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> lm_models.CausalLM:
         """A pretrained causal LM, checked against the prepared data's tokenizer and saved once as bf16
         safetensors (a GGUF file is de-quantized here, so later stages load it in about a second)."""
         if (src / META_FILE).is_file():  # a kd lm model directory
             model, spec = lm_models.load(src)
-            if spec.schema.text["tokenizer_sha256"] != schema.text["tokenizer_sha256"]:
+            if spec.schema.text_info["tokenizer_sha256"] != schema.text_info["tokenizer_sha256"]:
                 raise UserError(f"teacher.source {src}: its tokenizer is not the prepared data's; run prepare again")
             for file in (WEIGHTS_FILE, META_FILE, CONFIG_FILE, TOKENIZER_FILE):
                 shutil.copy2(src / file, out / file)
             return model
         blob = lm_models.source_tokenizer(src)
-        if lm_models.tokenizer_sha256(blob) != schema.text["tokenizer_sha256"]:
+        if lm_models.tokenizer_sha256(blob) != schema.text_info["tokenizer_sha256"]:
             raise UserError(f"teacher.source {src}: its tokenizer is not the one the prepared data was tokenised "
                             "with; run the prepare stage again")
         net = lm_models.load_source(src)
         self._check(net, schema, f"teacher.source {src}")
-        model = lm_models.CausalLM(net, schema.text["vocab_size"], blob)
+        model = lm_models.CausalLM(net, schema.text_info["vocab_size"], blob)
         lm_models.save(model, self.spec(section, schema), out, dtype=torch.bfloat16)
         return lm_models.load(out)[0]  # the bf16 weights, as every later stage sees them
 
     def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
-        lm_models.save(model, spec, out)
+        lm_models.save(cast(lm_models.CausalLM, model), spec, out)
 
     def load(self, path: Path) -> tuple[lm_models.CausalLM, ModelSpec]:
         return lm_models.load(path)
@@ -183,7 +187,7 @@ class LMTask:
 
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         """`batch` one-token inputs: MACs are per token for a causal LM."""
-        return torch.full((batch, 1), spec.schema.text["eos_id"], dtype=torch.int64)
+        return torch.full((batch, 1), spec.schema.text_info["eos_id"], dtype=torch.int64)
 
     def score(self, loaded: dict[str, tuple[nn.Module, ModelSpec]], splits: Splits,
               weights: dict[str, Path]) -> dict[str, dict]:
@@ -192,13 +196,27 @@ class LMTask:
         latency = evaluate.batch1_latencies_ms(nets, examples)
         return lm_eval.lm_metrics(nets, examples, self.inputs(splits.test, splits.schema),
                                   self.labels(splits.test, splits.schema), weights, latency,
-                                  splits.schema.text["eos_id"])
+                                  splits.schema.text_info["eos_id"])
+
+    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
+                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
+        """The contract metrics that next-token logits determine, for one model on the test sequences:
+        `logits` (N·L, C) as predict_logits gives them, `y` the next tokens (N, L), `teacher_pred` the
+        teacher's top-1 token per position (N·L,). `kl_to_teacher` needs the teacher's whole distribution
+        and `tokens_per_s` times generation: `score` adds both, and streams the test sequences batch by
+        batch instead of holding N·L × C logits (the stage's path)."""
+        y = y.reshape(-1)  # (N·L,): position t of sequence i is row i·L + t, as in predict_logits
+        nll, correct, agree = lm_eval.logits_scores(logits, y, teacher_pred.reshape(-1))
+        return lm_eval.token_metrics(model, self.example(spec), nll, correct, agree, y.size, weights_file,
+                                     latency_ms)
 
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         """Next-token logits of every position of sequences `x` (N, L), on the CPU.  # (N·L, C)"""
+        if not len(x):
+            return np.zeros((0, cast(lm_models.CausalLM, model).n_classes))
         with torch.inference_mode():
             return np.concatenate([self.cache_logits(model.eval(), torch.from_numpy(x[i:i + 4]))
-                                   for i in range(0, len(x), 4)]) if len(x) else np.zeros((0, model.n_classes))
+                                   for i in range(0, len(x), 4)])
 
     def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> list[list[int]]:
         """Prompts in the model's text column -> their token ids under the model's own tokenizer."""
@@ -209,7 +227,7 @@ class LMTask:
         if bad := [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]:
             raise UserError(f"input column {col!r}: {len(bad)} row(s) are not a non-empty prompt, e.g. row "
                             f"{bad[0]}: {values[bad[0]]!r}")
-        tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
+        tok = load_tokenizer(cast(lm_models.CausalLM, model).tokenizer_json, "the model's tokenizer.json")
         return [e.ids for e in tok.encode_batch(values, add_special_tokens=False)]
 
     def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray:
@@ -219,21 +237,22 @@ class LMTask:
         n = params.get("max_new_tokens", self.serving_params["max_new_tokens"])
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
             raise UserError(f"max_new_tokens must be an integer in 1..4096, got {n!r}")
-        limit = max_positions(model.net.config)  # None: no absolute positions to run out of
+        lm = cast(lm_models.CausalLM, model)
+        limit = max_positions(lm.net.config)  # None: no absolute positions to run out of
         if limit is not None and n >= limit:  # a prompt needs at least one position of its own
             raise UserError(f"max_new_tokens {n} leaves no room for a prompt: the model reads at most {limit} "
                             f"positions (max_position_embeddings); ask for fewer than {limit}")
-        tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
-        eos = spec.schema.text["eos_id"]
+        tok = load_tokenizer(lm.tokenizer_json, "the model's tokenizer.json")
+        eos = spec.schema.text_info["eos_id"]
         # a prompt longer than the room left keeps its end, which the completion continues
         keep = None if limit is None else limit - n
-        outs = [lm_models.generate(model, ids[-keep:] if keep else ids, n, eos_id=eos)
+        outs = [lm_models.generate(lm, ids[-keep:] if keep else ids, n, eos_id=eos)
                 for ids in self.serving_inputs(model, spec, frame)]
         return np.asarray([tok.decode([t for t in o if t != eos]) for o in outs], dtype=object)
 
     def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         """Prompts: the first PROMPT_TOKENS tokens of a few held-out sequences, as text."""
-        tok = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
-        eos = schema.text["eos_id"]
+        tok = load_tokenizer(cast(lm_models.CausalLM, model).tokenizer_json, "the model's tokenizer.json")
+        eos = schema.text_info["eos_id"]
         prompts = [tok.decode([t for t in ids[:PROMPT_TOKENS] if t != eos]) for ids in _ids(frame.head(3))]
         return pd.DataFrame({schema.features[0]: [p if p.strip() else "def" for p in prompts]})

@@ -20,12 +20,12 @@ from kd_core.tasks.base import classify, labelled_then_transfer
 
 class TabularTask:
     name = "tabular"
-    outputs = ("classes", "probabilities")
+    outputs: tuple[str, ...] = ("classes", "probabilities")
     serving_params: dict = {}
     headline = "accuracy"
-    requirements = ()
+    requirements: tuple[str, ...] = ()
     input_name = "features"  # the ONNX input: (B, F) raw rows
-    dynamic_axes = (0,)
+    dynamic_axes: tuple[int, ...] = (0,)
 
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         splits = data.load_source(params.data, root)
@@ -74,7 +74,7 @@ class TabularTask:
             shutil.copy2(src / file, out / file)
         return model
 
-    def save(self, model: KDModel, spec: ModelSpec, out: Path) -> None:
+    def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
         models.save(model, spec, out)
 
     def load(self, path: Path) -> tuple[KDModel, ModelSpec]:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -27,12 +28,12 @@ TEACHER_ARCH = "finetune"  # the teacher's spec: the init encoder with a new cla
 
 class TextTask:
     name = "text"
-    outputs = ("classes", "probabilities")
+    outputs: tuple[str, ...] = ("classes", "probabilities")
     serving_params: dict = {}
     headline = "accuracy"
-    requirements = ("transformers", "tokenizers")
+    requirements: tuple[str, ...] = ("transformers", "tokenizers")
     input_name = "input_ids"  # the ONNX input: (B, L) padded token ids
-    dynamic_axes = (0, 1)
+    dynamic_axes: tuple[int, ...] = (0, 1)
 
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         """Read the documents and tokenise them with the teacher's own tokenizer (copied beside them)."""
@@ -47,11 +48,11 @@ class TextTask:
         return splits
 
     def describe(self, schema: Schema) -> str:
-        return (f"a document (column `{schema.features[0]}`, up to {schema.text['max_length']} tokens of the "
+        return (f"a document (column `{schema.features[0]}`, up to {schema.text_info['max_length']} tokens of the "
                 "teacher's tokenizer)")
 
     def inputs(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
-        info = schema.text
+        info = schema.text_info
         return text_data.pad(frame[text_data.IDS], info["max_length"], info["pad_id"])  # (N, L) int64
 
     def labels(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
@@ -77,7 +78,7 @@ class TextTask:
         if init is None:
             raise UserError("a text model is built from a pretrained encoder directory (teacher.init)")
         tokenizer = (init / TOKENIZER_FILE).read_bytes()
-        if hashlib.sha256(tokenizer).hexdigest() != spec.schema.text["tokenizer_sha256"]:
+        if hashlib.sha256(tokenizer).hexdigest() != spec.schema.text_info["tokenizer_sha256"]:
             raise UserError(f"{init / TOKENIZER_FILE}: not the tokenizer the prepared data was tokenised with; "
                             "run the prepare stage again")
         if seed is not None:
@@ -93,13 +94,13 @@ class TextTask:
             elif spec.arch == "narrow":
                 net = text_models.narrow(source, seed, **options)
             else:
-                text_models.check_tokenizer(spec.arch_dir(), spec.schema.text["tokenizer_sha256"])
+                text_models.check_tokenizer(spec.arch_dir(), spec.schema.text_info["tokenizer_sha256"])
                 net = text_models.from_config_dir(spec.arch_dir(), source, spec.schema.classes, seed, **options)
         except (TypeError, KeyError) as exc:
             raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
         where = f"the teacher {init}" if spec.arch == TEACHER_ARCH else f"student.arch {spec.arch}"
-        text_models.check_positions(net.config, spec.schema.text["max_length"], where)
-        return TextClassifier(net, spec.schema.text["pad_id"], tokenizer)
+        text_models.check_positions(net.config, spec.schema.text_info["max_length"], where)
+        return TextClassifier(net, spec.schema.text_info["pad_id"], tokenizer)
 
     def teacher_source(self, source: str, root: Path) -> Path:
         return root / source
@@ -117,12 +118,12 @@ class TextTask:
                 shutil.copy2(src / file, out / file)
             return model
         net = text_models.pretrained(src, schema.classes, require_head=True)
-        model = TextClassifier(net, schema.text["pad_id"], (src / TOKENIZER_FILE).read_bytes())
+        model = TextClassifier(net, schema.text_info["pad_id"], (src / TOKENIZER_FILE).read_bytes())
         text_models.save(model, ModelSpec(TEACHER_ARCH, {"source": src.name}, schema, self.name), out)
         return model
 
     def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
-        text_models.save(model, spec, out)
+        text_models.save(cast(TextClassifier, model), spec, out)
 
     def load(self, path: Path) -> tuple[TextClassifier, ModelSpec]:
         return text_models.load(path)
@@ -131,33 +132,33 @@ class TextTask:
         return text_models.fingerprint(path)
 
     def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
-        return (x != schema.text["pad_id"]).sum(axis=1)  # (N,) tokens
+        return (x != schema.text_info["pad_id"]).sum(axis=1)  # (N,) tokens
 
     def batch_order(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
-        return text_models.by_length(x, model.pad_id)
+        return text_models.by_length(x, cast(TextClassifier, model).pad_id)
 
     def positions(self, x: np.ndarray) -> int:
         return 1
 
     def cache_batch(self, model: nn.Module, rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(text_models.trim_padding(rows, model.pad_id))
+        return torch.from_numpy(text_models.trim_padding(rows, cast(TextClassifier, model).pad_id))
 
     def cache_logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch)  # (B, L) -> (B, C): one document is one cache row
 
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
-        return text_models.predict_logits(model, x)
+        return text_models.predict_logits(cast(TextClassifier, model), x)
 
     def serving_inputs(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame) -> np.ndarray:
         """Raw text in the model's text column -> its padded ids under the model's own tokenizer."""
-        col, info = spec.schema.features[0], spec.schema.text
+        col, info = spec.schema.features[0], spec.schema.text_info
         if col not in frame.columns:
             raise UserError(f"input lacks the text column {col!r} (columns: {list(frame.columns)[:8]})")
         values = frame[col].tolist()
         if bad := [i for i, v in enumerate(values) if not isinstance(v, str)]:
             raise UserError(f"input column {col!r}: {len(bad)} row(s) are not text, e.g. row {bad[0]}: "
                             f"{values[bad[0]]!r}")
-        ids, _ = text_data.encode(text_models.tokenizer(model), values, info["max_length"])
+        ids, _ = text_data.encode(text_models.tokenizer(cast(TextClassifier, model)), values, info["max_length"])
         return text_data.pad(pd.Series(ids, dtype=object), info["max_length"], info["pad_id"])  # (N, L)
 
     def answer(self, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame, params: dict) -> np.ndarray | pd.DataFrame:

@@ -364,3 +364,36 @@ def test_padded_teacher_directory_loads(tmp_path: Path, lm_tokenizer_json: bytes
     net = lm_models.load_source(build_llama(tmp_path / "padded", lm_tokenizer_json, vocab=n_tokens + 16))
     assert net.get_output_embeddings().weight.shape[0] == n_tokens + 16
     lm_models.check_vocab(net, n_tokens, "teacher")
+
+
+# --- LMTask.metrics: the Task protocol's per-model metrics, from next-token logits -----------------------------
+
+def test_lm_task_metrics_agree_with_the_evaluate_stage(teacher: nn.Module, spec: ModelSpec, n_tokens: int,
+                                                        lm_tokenizer_json: bytes, ids: torch.Tensor,
+                                                        tmp_path: Path) -> None:
+    """`metrics` on predict_logits gives every metric the stage's lm_metrics gives, but the two that need
+    more than next-token logits (the teacher's whole distribution; timed generation), with its numbers."""
+    from kd_core import lm_eval
+    from kd_core.tasks.lm import LMTask
+
+    task = LMTask()
+    models = {"teacher": CausalLM(teacher, n_tokens, lm_tokenizer_json).eval(),
+              "student": CausalLM(layer_subset(teacher, [0, 3]), n_tokens, lm_tokenizer_json).eval()}
+    weights = {}
+    for role, model in models.items():
+        lm_models.save(model, spec, tmp_path / role)
+        weights[role] = tmp_path / role / "model.safetensors"
+    x = ids.numpy()  # (3, 16)
+    y = np.random.default_rng(1).integers(0, n_tokens, x.shape)  # (3, 16) next tokens
+    latency = {"teacher": 2.0, "student": 1.0}
+    want = lm_eval.lm_metrics(models, {r: task.example(spec) for r in models}, x, y, weights, latency,
+                              spec.schema.text_info["eos_id"])
+    logits = {r: task.predict_logits(m, x) for r, m in models.items()}  # (48, C)
+    assert logits["teacher"].shape == (x.size, n_tokens)
+    teacher_pred = logits["teacher"].argmax(1)
+    for role, model in models.items():
+        got = task.metrics(model, spec, logits[role], y, teacher_pred, weights[role], latency[role])
+        assert set(got) == set(lm_eval.METRICS) - {"kl_to_teacher", "tokens_per_s"}
+        for key, value in got.items():
+            assert value == pytest.approx(want[role][key], rel=1e-5, abs=1e-6), (role, key)
+    assert want["teacher"]["agreement_with_teacher"] == 1.0 and list(want["teacher"]) == list(lm_eval.METRICS)
