@@ -93,11 +93,12 @@ def folds(labelled: int, val: np.ndarray, positions: int, cfg: SearchParams, see
     return [np.sort(f) for f in np.array_split(order, min(cfg.folds, labelled))]
 
 
-def scored_by(held_out: list[np.ndarray]) -> str:
+def scored_by(held_out: list[np.ndarray], positions: int = 1) -> str:
     rows = sum(len(f) for f in held_out)
+    tokens = f" ({rows * positions:,} positions)" if positions > 1 else ""
     if len(held_out) == 1:
-        return f"the {rows} validation rows"
-    return f"{len(held_out)}-fold over the {rows} labelled rows (too few validation rows)"
+        return f"the {rows} validation rows{tokens}"
+    return f"{len(held_out)}-fold over the {rows} labelled rows{tokens} (too few validation rows)"
 
 
 def best(trials: list[Trial], headline: str) -> int:

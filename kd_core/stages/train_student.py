@@ -124,7 +124,7 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
         if distributed.ranks()[0] == 0:
             log_trial(workdir, trials[-1], history)
     decision = search.decide(trials, per_row, task.headline, cfg.max_p_value)
-    return settings[decision.chosen], trials, decision, search.scored_by(held_out)
+    return settings[decision.chosen], trials, decision, search.scored_by(held_out, rows.positions)
 
 
 def _held_out_scores(task: tasks.Task, model: nn.Module, rows: KDRows,

@@ -95,6 +95,7 @@ def test_few_validation_rows_are_replaced_by_k_folds_over_every_labelled_row() -
     assert len(few) == 5 and sorted(np.concatenate(few).tolist()) == list(range(64))  # each row scored once
     assert search.scored_by(few).startswith("5-fold over the 64 labelled rows")
     assert search.scored_by([enough]) == "the 125 validation rows"
+    assert search.scored_by([np.arange(13)], 128) == "the 13 validation rows (1,664 positions)"  # lm sequences
     assert len(search.folds(3, np.arange(0), 1, cfg, 0)) == 3  # tiny sets: never more folds than rows
 
 
