@@ -10,9 +10,10 @@ float (the input standardisation feeds the first, the logits leave the last: the
 error the rest of the network cannot absorb), and uint16 activations with int8 weights (the file
 stays a third of fp32; rounding activations is what costs most on small students). Weight-only
 dynamic forms are always measured too (transformers lose to static activation ranges what they keep
-with these). Among recipes that reach `export.min_agreement`, those within `export.max_size_ratio`
-of the fp32 file first, the one with the smallest mean |Δlogit| ships. The test split is never seen
-here: the export stage scores the chosen file on it afterwards.
+with these), also with the edge layers in float (a language model's output projection scores every
+token of its vocabulary). Among recipes that reach `export.min_agreement`, those within
+`export.max_size_ratio` of the fp32 file first, the one with the smallest mean |Δlogit| ships. The
+test split is never seen here: the export stage scores the chosen file on it afterwards.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str,
     edges = tuple(dict.fromkeys([nodes[0], nodes[-1]])) if nodes else ()
     static = [m for m in methods if m not in DYNAMIC]
     plans = [(m, (), "uint8") for m in static] + [(m, edges, "uint8") for m in static if edges] + [
-        (m, (), "uint16") for m in static] + [(m, (), "dynamic") for m in DYNAMIC]
+        (m, (), "uint16") for m in static] + [(m, kept, "dynamic") for m in DYNAMIC for kept in {(): 0, edges: 0}]
     tried: list[Candidate] = []
     with tempfile.TemporaryDirectory() as tmp:
         files: list[Path] = []

@@ -57,7 +57,8 @@ def test_every_recipe_and_repair_is_measured_and_the_reported_file_is_written(tm
     nodes = quantize.weight_nodes(src)
     assert [(c.method, c.kept_float, c.activations) for c in tried] == [
         ("minmax", (), "uint8"), ("minmax", (nodes[0], nodes[-1]), "uint8"), ("minmax", (), "uint16"),
-        ("dynamic", (), "dynamic"), ("dynamic_matmul", (), "dynamic")]  # weight-only forms always measured
+        ("dynamic", (), "dynamic"), ("dynamic", (nodes[0], nodes[-1]), "dynamic"), ("dynamic_matmul", (), "dynamic"),
+        ("dynamic_matmul", (nodes[0], nodes[-1]), "dynamic")]  # weight-only forms always measured, edges in float too
     assert best == min(tried, key=lambda c: (c.mean_abs_logit_diff, -c.agreement, c.size_bytes))
     got = run(tmp_path / "q.onnx", x[128:])  # the file written is the one reported
     assert (got.argmax(1) == ref.argmax(1)).mean() == pytest.approx(best.agreement)
