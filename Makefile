@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: run text lm test lint install clean
+.PHONY: run text lm examples test lint install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ lm: $(VENV)/.installed
 
 # ruff, then mypy over kd_core ([tool.mypy] in pyproject.toml): a task class that drifts from the
 # Task protocol (kd_core/tasks/base.py) fails here, through the typed registry TASKS.
+# Every example end to end (dvc repro in a temporary copy each) and the README's results table: ~40 min.
+examples: $(VENV)/.installed
+	$(BIN)/python bench/examples.py
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -14,49 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+from _project import BIN, ROOT, deep_update, env, new_project
 
-ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "pyproject.toml",
-        "kd_core", "flows"]
 QUICK = {"data": {"transfer_size": 10_000}, "teacher": {"epochs": 30}, "train": {"epochs": 20}}
-
-
-def deep_update(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        base[k] = deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
-    return base
-
-
-def copy_project(dest: Path) -> None:
-    for rel in COPY:
-        src, dst = ROOT / rel, dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@kd.invalid",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@kd.invalid"}
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
-        subprocess.run(["git", *args], cwd=dest, check=True, env=env, capture_output=True)
 
 
 def run_variant(proj: Path, base: dict, change: dict) -> dict:
     params = deep_update(json.loads(json.dumps(base)), change)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
-    env.pop("MLFLOW_RUN_ID", None)
-    res = subprocess.run([str(bin_dir / "dvc"), "repro", "evaluate"], cwd=proj, env=env, capture_output=True,
+    res = subprocess.run([str(BIN / "dvc"), "repro", "evaluate"], cwd=proj, env=env(proj), capture_output=True,
                          text=True)
     if res.returncode:
         raise SystemExit(f"dvc repro failed for {change}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -86,7 +57,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="kd-quality-") as tmp:
         proj = Path(tmp)
-        copy_project(proj)
+        new_project(proj, base)
         for name, change in variants.items():
             print(f"running {name} …", flush=True)
             results[name] = run_variant(proj, base, change)

@@ -108,14 +108,16 @@ def test_registered_model_answers_raw_text_with_class_names(run: tuple[Path, str
 
 
 def test_int8_is_calibrated_static_and_qad_fine_tunes_a_text_student(run: tuple[Path, str]) -> None:
-    """Sequence inputs: the static recipe calibrated on training documents, then QAD from the cache; both
-    int8 files take any batch and sequence length and are compared with the registered fp32 student."""
+    """Sequence inputs: static recipes calibrated on training documents and the weight-only dynamic forms
+    measured side by side, then QAD from the cache; both int8 files take any batch and sequence length and
+    are compared with the registered fp32 student."""
     import onnxruntime as ort
 
     proj, _ = run
     static = read(proj, "metrics/export.json")["int8"]
-    assert static["source"] == "student" and static["method"] in ("minmax", "entropy", "percentile")
-    assert static["calibration_rows"] > 0 and len(static["candidates"]) >= 3
+    assert static["source"] == "student" and static["calibration_rows"] > 0
+    tried = {c["method"] for c in static["candidates"]}
+    assert {"minmax", "dynamic", "dynamic_matmul"} <= tried and static["method"] in tried
     before = (proj / "params.yaml").read_text()
     write_params(proj, {"export": {"int8": "qad", "qad_epochs": 1, "methods": ["minmax"]}})
     try:
