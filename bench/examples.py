@@ -81,7 +81,9 @@ def figures(proj: Path) -> dict:
     if ex:
         q, fp = ex["student"]["onnx_int8"], ex["student"]["pytorch"]
         out["int8_decision"] = ex.get("int8_policy", {}).get("decision", "?")
-        out["int8_recipe"] = f"{ex['int8']['method']}, {ex['int8']['activations']}"
+        r = ex["int8"]
+        out["int8_recipe"] = r["method"] + (", edge layers in float" if r["kept_float"] else "") + (
+            f", {r['activations']} activations" if r["activations"] != "dynamic" else "")
         if "perplexity" in q:
             out["int8_change"] = q["perplexity"] / fp["perplexity"] - 1
         else:
@@ -116,7 +118,7 @@ def table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         if "int8_change" in r:
             unit = f"{100 * r['int8_change']:+.1f} % perplexity" if r.get("metric") == "perplexity" \
-                else f"{100 * r['int8_change']:+.1f} pts"
+                else f"{100 * r['int8_change'] + 0.0:+.1f} pts"
             int8 = f"{unit} ({r['int8_decision']}; {r['int8_recipe']})"
         else:
             int8 = "–"
