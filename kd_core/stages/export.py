@@ -117,9 +117,9 @@ def _qad(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits, s
 
 def export_model(params: Params, workdir: Path, model_dir: Path, out: Path, metrics_file: Path,
                  version: int | None) -> ExportResult:
-    """Export `model_dir` into `out` (replaced only on success and when the int8 rules pass), write
-    `metrics_file`, and attach both to `version` of the registered model when given. Shared by this
-    stage and `kd export --version`."""
+    """Export `model_dir` into `out` (replaced only on success; without the int8 file when the int8
+    rules reject it), write `metrics_file` with their verdict, and attach both to `version` of the
+    registered model when given. Shared by this stage and `kd export --version`."""
     task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
     x, y = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)
