@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core import data, lm_eval, losses, tasks
+from kd_core import data, losses, tasks
 from kd_core.cache import LogitCache, expected_keys
 from kd_core.config import load_params
 from kd_core.stages._common import fit_config, per_row, position_targets, validation_rows
+from kd_core.tasks.lm import scoring as lm_eval
 from kd_core.train import fit
 
 VARIANTS = ("hinton", "reverse_kl", "jsd", "skew_kl")  # forward KL, reverse KL, JSD(β), skew KL(a)

@@ -24,13 +24,20 @@ PARAMS_FILE = "params.yaml"
 MEMBERS = "members"  # several teachers: their model directories under paths.teacher/members/<i>
 
 
+def _tasks():  # kd_core.tasks imports this module: it is imported when a task is asked for
+    from kd_core import tasks
+
+    return tasks
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataParams(_Section):
-    # fortunes: the text demo (task text); stdlib: Python's docstrings, text: .txt/.md/.rst files (task lm)
-    source: Literal["mnist1d", "parquet", "fortunes", "stdlib", "text"] = "mnist1d"
+    # the task's built-in data (mnist1d, fortunes, stdlib) or files it reads (parquet; for lm also text:
+    # .txt/.md/.rst files); each task lists its own (kd_core/tasks/<task>/task.py)
+    source: str = Field("mnist1d", min_length=1)
     transfer_size: int = Field(50_000, ge=0)
     seed: int = 42
     train: str | None = None
@@ -47,9 +54,7 @@ class DataParams(_Section):
     max_test_tokens: int | None = Field(None, ge=4)  # task lm: cap on the held-out tokens
 
     @model_validator(mode="after")
-    def _parquet_needs_files(self) -> DataParams:
-        if self.source in ("parquet", "text") and (not self.train or not self.test):
-            raise ValueError(f"data.source {self.source!r} needs data.train and data.test")
+    def _columns(self) -> DataParams:
         if self.feature_columns is not None and len(self.feature_columns) == 0:
             raise ValueError("data.feature_columns is empty; use null for 'every column but the label'")
         return self
@@ -270,8 +275,8 @@ class PathParams(_Section):
 
 
 class Params(_Section):
-    # what a row is (kd_core/tasks): a table row, a document, a packed token sequence
-    task: Literal["tabular", "text", "lm"] = "tabular"
+    # what a row is: a package of kd_core/tasks (a table row, a document, a packed token sequence)
+    task: str = Field(default_factory=lambda: _tasks().DEFAULT, min_length=1)
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
     teacher: TeacherParams = TeacherParams()
@@ -304,30 +309,20 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
-    def _source_fits_task(self) -> Params:
-        """A source makes rows of one kind: a mismatch is named here, not by a stage deep in the DAG."""
-        text_sources, table_sources, lm_sources = ("fortunes",), ("mnist1d",), ("stdlib", "text")
-        if self.task == "lm":
-            return self._lm_fits()
-        if self.data.source in lm_sources:
-            raise ValueError(f"data.source {self.data.source!r} is a language-model corpus: set task: lm")
-        if self.task == "text" and self.data.source in table_sources:
-            raise ValueError(f"task 'text' reads documents: data.source {self.data.source!r} is a table "
-                             "(use fortunes or parquet with data.text_column)")
-        if self.task == "tabular" and self.data.source in text_sources:
-            raise ValueError(f"data.source {self.data.source!r} is text: set task: text")
-        if self.task == "text" and self.teachers:
-            raise ValueError("teachers: an ensemble of text teachers is not supported; use the teacher section")
-        return self
-
-    def _lm_fits(self) -> Params:
-        if self.data.source not in ("stdlib", "text", "parquet"):
-            raise ValueError(f"task 'lm' reads documents: data.source {self.data.source!r} is not a corpus "
-                             "(use stdlib, text or parquet with data.text_column)")
-        if self.teachers:
-            raise ValueError("teachers: an ensemble of language-model teachers is not supported; use teacher")
-        if self.cache.features or self.distill.features:
-            raise ValueError("cache.features / distill.features: hidden-state hints are not supported for task lm")
+    def _fits_task(self) -> Params:
+        """The task exists, reads this source, and accepts the rest: named here, not by a stage deep in the DAG."""
+        tasks, d = _tasks(), self.data
+        if self.task not in tasks.names():
+            raise ValueError(f"task {self.task!r}: choose one of {list(tasks.names())}")
+        task = tasks.get(self.task)
+        if d.source not in (*task.builtin_sources, *task.file_sources):
+            owner = [n for n in tasks.names() if d.source in tasks.get(n).builtin_sources]
+            hint = f" (data.source {d.source!r} is task {owner[0]!r}'s: set task: {owner[0]})" if owner else ""
+            raise ValueError(f"task {self.task!r} reads data.source "
+                             f"{' or '.join((*task.builtin_sources, *task.file_sources))}, not {d.source!r}{hint}")
+        if d.source in task.file_sources and (not d.train or not d.test):
+            raise ValueError(f"data.source {d.source!r} needs data.train and data.test")
+        task.check_params(self)
         return self
 
     @property

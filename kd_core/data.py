@@ -33,7 +33,7 @@ class Schema:
     features: tuple[str, ...]  # task text: the one text column
     label_column: str
     classes: tuple  # class names (ints or strings) in logit order
-    # task text: how documents become token ids (kd_core.text_data.TextInfo as a dict); None for tables
+    # task text: how documents become token ids (kd_core.tasks.text.data.TextInfo as a dict); None for tables
     text: dict | None = None
 
     @property
@@ -185,7 +185,8 @@ def load_source(params: DataParams, root: Path) -> Splits:
 
 # --- prepared splits ------------------------------------------------------------------------------
 
-TOKENIZER_FILE = "tokenizer.json"  # task text: the teacher's tokenizer, beside the splits it tokenised
+TOKENIZER_FILE = "tokenizer.json"  # tasks that read tokens: the teacher's tokenizer, beside the splits
+TOKENS = "kd_tokens"  # prepared column of tasks that read documents: a document's untruncated token count
 
 
 def write_prepared(splits: Splits, out: Path, tokenizer: Path | None = None) -> None:

@@ -250,7 +250,7 @@ def _compare(t: _Tally, ref: _Tally | None, size: int, latency: float, lm: bool)
 def _score(task: Task, model: nn.Module, sessions: dict, x: np.ndarray, y: np.ndarray, classes: int) -> dict:
     """PyTorch's and each ONNX session's tally on the test inputs x (N, ...) with targets y (N·P,), a few rows
     at a time (about CHUNK_LOGITS logits per array): {"pytorch": _Tally, **{session name: _Tally}}."""
-    per, lm = task.positions(x), task.headline == "perplexity"
+    per, lm = task.positions(x), task.lower_is_better  # lower-is-better headline: perplexity
     step = max(1, CHUNK_LOGITS // max(1, per * classes))
     tallies = {k: _Tally() for k in ("pytorch", *sessions)}
     for i in range(0, len(x), step):
@@ -278,7 +278,7 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
     to_onnx(student, task, spec, out / ONNX_FILE)
     recipe = make_int8(task, out / ONNX_FILE, out / INT8_FILE, int8, threads)
     sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
-    lm, classes = task.headline == "perplexity", len(spec.schema.classes)
+    lm, classes = task.lower_is_better, len(spec.schema.classes)
     tallies = _score(task, student, sessions, x, y, classes)
     fp32_diff = tallies["onnx"].max_diff
     if not fp32_diff <= FP32_TOLERANCE:

@@ -9,7 +9,7 @@ are never saved, so the saved and exported student is the same network as withou
 Shapes are per row, channels first, as torch's convolutions produce them: (C,) for a vector, (C, *S) for a
 map over positions S (a sequence, an image). `pool` reduces S by mean or max; a vector passes unchanged.
 A transformer's hidden states are channels last, (B, L, H) with padding: a model that reads padded
-sequences exposes the last forward's (B, L) padding mask as `.mask` (kd_core.text_models.TextClassifier),
+sequences exposes the last forward's (B, L) padding mask as `.mask` (kd_core.tasks.text.models.TextClassifier),
 and `pool` then reduces L over the real tokens only.
 """
 

@@ -165,12 +165,17 @@ def combine_logits(z: torch.Tensor, combine: str) -> torch.Tensor:
 ARCHS.register("ensemble")(Ensemble)
 
 
+# the one task named outside its package: the task of a params.yaml without `task:` and of model.json
+# files of the first releases, which name none (they were all tables); kd_core.tasks.DEFAULT
+DEFAULT_TASK = "tabular"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str
     options: dict[str, Any]
     schema: Schema
-    task: str = "tabular"  # kd_core.tasks: what the model reads, so serving asks the right task
+    task: str = DEFAULT_TASK  # kd_core.tasks: what the model reads, so serving asks the right task
     # the project a relative `arch` directory (a Hugging Face config) belongs to; never saved
     root: Path | None = field(default=None, compare=False, repr=False)
 
@@ -222,7 +227,7 @@ def load(path: Path) -> tuple[KDModel, ModelSpec]:
     if not meta_path.exists() or not weights.exists():
         raise UserError(f"{path} is not a kd model directory (needs {META_FILE} and {WEIGHTS_FILE})")
     meta = json.loads(meta_path.read_text())
-    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "tabular"))
+    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", DEFAULT_TASK))
     model = build(spec)
     try:
         state = load_file(str(weights))

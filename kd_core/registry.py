@@ -10,7 +10,6 @@ champion there, and leaves an audit entry. Reading versions back is kd_core.vers
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from kd_core.policy import (
     accuracy,
     decide_promotion,
     mcnemar_p_value,
-    paired_nll,
     paired_score,
 )
 from kd_core.provenance import Fingerprints, current_user, dvc_stage_hashes, fingerprints
@@ -255,44 +253,45 @@ def _predict_candidate(model_dir: Path, ev: _Evidence) -> np.ndarray:
     return predictions
 
 
-def _classifier_champion(root: Path, params: Params, ev: _Evidence,
-                         champion_mv: ModelVersion | None) -> ChampionScore | None:
-    """The candidate checked against eval.json, and the champion re-scored through its own served
-    model on the same test rows (paired)."""
-    if champion_mv is None:
-        _predict_candidate(root / params.paths.student, ev)
+@dataclass(frozen=True)
+class ChampionInputs:
+    """What a task needs to score the candidate beside the champion (kd_core.tasks.base.Task.champion_score)."""
+
+    root: Path
+    params: Params
+    evidence: _Evidence
+    champion: int | None  # the champion's version, None when there is none
+
+    @property
+    def candidate_dir(self) -> Path:
+        return self.root / self.params.paths.student
+
+    @property
+    def champion_uri(self) -> str:
+        return f"models:/{self.params.registry.model_name}/{self.champion}"
+
+    def champion_dir(self) -> Path:
+        """The champion's model directory, downloaded from the registry under paths.work."""
+        return serving.download_model_dir(self.champion_uri, self.root / self.params.paths.work / "champion",
+                                          self.root)
+
+    def stale(self, metric: str, said: object, scored: float) -> UserError:
+        """eval.json says another score than the candidate gets: it belongs to other rows or another model."""
+        return UserError(f"{self.evidence.eval_path} is stale: student {metric} {said}, but "
+                         f"{self.params.paths.student} scores {scored:.4f} on the test split; re-run evaluate "
+                         "(dvc repro)")
+
+
+def served_champion(inputs: ChampionInputs) -> ChampionScore | None:
+    """A classifier's champion score: the candidate checked against eval.json, and the champion re-scored
+    through its own served model on the same test rows (paired, per row)."""
+    ev = inputs.evidence
+    if inputs.champion is None:
+        _predict_candidate(inputs.candidate_dir, ev)
         return None
-    champion_pred = serving.predict_registered(f"models:/{params.registry.model_name}/{champion_mv.version}",
-                                               ev.features)
-    candidate_pred = _predict_candidate(root / params.paths.student, ev)
-    return paired_score(int(champion_mv.version), candidate_pred, champion_pred, ev.labels)
-
-
-def _lm_champion(root: Path, params: Params, ev: _Evidence, champion_mv: ModelVersion | None) -> ChampionScore | None:
-    """`lm`: the candidate's per-sequence NLL on the held-out sequences, checked against eval.json's
-    perplexity, paired with the champion's on the same sequences (its model directory, downloaded)."""
-    from kd_core import lm_eval, lm_models
-
-    task = tasks.TASKS["lm"]
-    x, y = task.inputs(ev.test, ev.schema), task.labels(ev.test, ev.schema)  # (N, L) each
-    mine, _ = lm_eval.nll_per_sequence(tasks.load_model(root / params.paths.student)[0], x, y)
-    said, scored = ev.evals["student"].get(PERPLEXITY), lm_eval.perplexity(mine.sum(), y.size)
-    if not isinstance(said, int | float) or abs(said - scored) > 1e-3 * scored:
-        raise UserError(f"{ev.eval_path} is stale: student {PERPLEXITY} {said}, but {params.paths.student} scores "
-                        f"{scored:.4f} on the test split; re-run evaluate (dvc repro)")
-    if champion_mv is None:
-        return None
-    uri = f"models:/{params.registry.model_name}/{champion_mv.version}"
-    theirs = cast(lm_models.CausalLM,
-                  tasks.load_model(serving.download_model_dir(uri, root / params.paths.work / "champion", root))[0])
-    # today's ids mean nothing to a model of another tokenizer (a grown vocabulary would even index past its
-    # embeddings): it is not scored, and the decision says why (the candidate cannot show it is better)
-    own, today = lm_models.tokenizer_sha256(theirs.tokenizer_json), ev.schema.text_info["tokenizer_sha256"]
-    if own != today:
-        return ChampionScore(int(champion_mv.version), math.nan, {}, 0, 0, None,
-                             f"its tokenizer ({own[:12]}) is not the prepared data's ({today[:12]})")
-    nll, correct = lm_eval.nll_per_sequence(theirs, x, y)
-    return paired_nll(int(champion_mv.version), mine, nll, y.size, float(correct.sum() / y.size))
+    champion_pred = serving.predict_registered(inputs.champion_uri, ev.features)
+    candidate_pred = _predict_candidate(inputs.candidate_dir, ev)
+    return paired_score(inputs.champion, candidate_pred, champion_pred, ev.labels)
 
 
 def _target_run(client: MlflowClient, experiment: str, uri: str) -> str:
@@ -372,8 +371,8 @@ def register_candidate(root: Path, params: Params) -> RegisterOutcome:
         if same is not None:
             return _recorded(client, name, same)
         champion_mv = champion_version(client, name)
-        champion = (_lm_champion(root, params, ev, champion_mv) if params.task == "lm"
-                    else _classifier_champion(root, params, ev, champion_mv))
+        champion = tasks.for_params(params).champion_score(
+            ChampionInputs(root, params, ev, int(champion_mv.version) if champion_mv is not None else None))
         decision = decide_promotion(ev.evals["student"], ev.evals["teacher"], ev.evals["baseline"],
                                     champion, params.policy)
         run_id = _target_run(client, params.registry.experiment, uri)

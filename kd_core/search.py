@@ -101,20 +101,21 @@ def scored_by(held_out: list[np.ndarray], positions: int = 1) -> str:
     return f"{len(held_out)}-fold over the {rows} labelled rows{tokens} (too few validation rows)"
 
 
-def best(trials: list[Trial], headline: str) -> int:
-    """Index of the best score: highest accuracy, then lowest NLL (for `lm`, whose headline is
-    perplexity: lowest NLL first); the earliest of equals, so the configured setting wins ties."""
+def best(trials: list[Trial], nll_first: bool) -> int:
+    """Index of the best score: highest accuracy, then lowest NLL (`nll_first`, for a task whose headline
+    is lower-is-better such as perplexity: lowest NLL first); the earliest of equals, so the configured
+    setting wins ties."""
     def key(i: int) -> tuple[float, float]:
         t = trials[i]
-        return (-t.val_nll, t.val_accuracy) if headline == "perplexity" else (t.val_accuracy, -t.val_nll)
+        return (-t.val_nll, t.val_accuracy) if nll_first else (t.val_accuracy, -t.val_nll)
     return max(range(len(trials)), key=lambda i: (key(i), -i))
 
 
-def decide(trials: list[Trial], per_row: list[np.ndarray], headline: str, max_p: float) -> Decision:
+def decide(trials: list[Trial], per_row: list[np.ndarray], nll_first: bool, max_p: float) -> Decision:
     """The configured setting (trial 0) unless the best-scoring candidate beats it significantly on
     the same rows. `per_row[i]`: trial i's per-row score, higher is better (classifiers: 1 right,
     0 wrong; `lm`: minus the sequence's NLL).  # [(V,)]"""
-    top = best(trials, headline)
+    top = best(trials, nll_first)
     if top == 0:
         return Decision(0, None, "the configured setting scored best")
     won, own = per_row[top], per_row[0]

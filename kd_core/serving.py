@@ -51,7 +51,7 @@ def predict_frame(model: nn.Module, spec: models.ModelSpec, frame: pd.DataFrame,
                   output: str | None = None, **params: Any) -> np.ndarray | pd.DataFrame:
     """Raw inputs -> what the model's task answers: class names or probabilities (tables: columns by
     name, any order, extras ignored; text: documents), or completions (`lm`: prompts)."""
-    task = tasks.TASKS[spec.task]
+    task = tasks.get(spec.task)
     return task.answer(model, spec, frame, {"output": output or task.outputs[0], **params})
 
 
@@ -74,7 +74,7 @@ def _requirement(package: str) -> str:
 def log_model(model_dir: Path, test: pd.DataFrame) -> str:
     """Log `model_dir` as a pyfunc into the active run; returns the model URI to register."""
     model, spec = tasks.load_model(model_dir)
-    task = tasks.TASKS[spec.task]
+    task = tasks.get(spec.task)
     example = task.input_example(model, test, spec.schema)
     answers = predict_frame(model, spec, example).tolist()
     signature = infer_signature(example, answers, params={"output": task.outputs[0], **task.serving_params})
@@ -85,7 +85,7 @@ def log_model(model_dir: Path, test: pd.DataFrame) -> str:
             name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={MODEL_ARTIFACT: str(model_dir)},
             code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
             input_example=example,
-            pip_requirements=[_requirement(p) for p in (*SERVING_PACKAGES, *tasks.TASKS[spec.task].requirements)])
+            pip_requirements=[_requirement(p) for p in (*SERVING_PACKAGES, *tasks.get(spec.task).requirements)])
     return info.model_uri
 
 

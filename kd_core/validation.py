@@ -21,10 +21,8 @@ from great_expectations.core import ExpectationSuiteValidationResult, Expectatio
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.expectation import Expectation
 
-from kd_core import lm_data
 from kd_core.config import ValidationParams
-from kd_core.data import SPLITS, Splits
-from kd_core.text_data import TOKENS
+from kd_core.data import SPLITS, TOKENS, Splits
 
 # Every split is cast to float32 for the models (data.features_array), so any numeric dtype agrees
 # with any other; bool is left out on purpose, as data.py rejects it as a feature.
@@ -80,11 +78,10 @@ def _duplicate_expectation(df: pd.DataFrame, features: list[str], max_frac: floa
     return []
 
 
-PACKED_COLUMNS = (lm_data.IDS, lm_data.DOC)  # an lm split: packed ids, the document each sequence starts in
 LENGTH_QUANTILES = (0.5, 0.9, 0.99)  # reported for every text split
 
 
-def _text_expectations(df: pd.DataFrame, col: str, max_length: int | None,
+def document_expectations(df: pd.DataFrame, col: str, max_length: int | None,
                        params: ValidationParams) -> list[Expectation]:
     """Documents: text, present, not blank, not too often truncated (`max_length`; None: documents are
     packed, never truncated), not repeated; lengths reported."""
@@ -108,8 +105,8 @@ def _text_expectations(df: pd.DataFrame, col: str, max_length: int | None,
 
 
 def split_expectations(name: str, splits: Splits, params: ValidationParams) -> list[Expectation]:
-    """The suite for one split: schema, types, nulls, finite values (tables) or documents (text),
-    labels and duplicates."""
+    """A classifier's suite for one split: schema, types, nulls, finite values (tables) or documents
+    (token ids beside the text), labels and duplicates."""
     df, schema = getattr(splits, name), splits.schema
     features, label = list(schema.features), schema.label_column
     inputs = [c for c in df.columns if c not in (*features, label)] if schema.text else []  # ids, lengths
@@ -119,14 +116,10 @@ def split_expectations(name: str, splits: Splits, params: ValidationParams) -> l
         columns, reference = list(splits.train.columns), "the train split's columns"
     else:
         columns, reference = [*features, *inputs], "schema.json features"
-    if schema.text and "seq_len" in schema.text:  # lm: packed ids; the documents have their own suite
-        columns, reference = list(PACKED_COLUMNS), "the packed sequences (ids, document)"
     out: list[Expectation] = [gxe.ExpectTableColumnsToMatchOrderedList(
         column_list=columns, meta={"reference": reference})]
-    if schema.text and "seq_len" in schema.text:
-        return out + [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in columns if c in df.columns]
     if schema.text:
-        out += _text_expectations(df, features[0], schema.text["max_length"], params)
+        out += document_expectations(df, features[0], schema.text["max_length"], params)
     else:
         out += _feature_expectations(df, features)
     if name != "transfer" and label in df.columns:
@@ -297,6 +290,15 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False, default=str) + "\n")
 
 
+def packed_expectations(df: pd.DataFrame, columns: tuple[str, ...], reference: str) -> list[Expectation]:
+    """Rows built by prepare itself (packed token sequences): exactly these columns, none empty."""
+    return [gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(columns), meta={"reference": reference}),
+            *(gxe.ExpectColumnValuesToNotBeNull(column=c) for c in columns if c in df.columns)]
+
+
+Suite = tuple[str, pd.DataFrame, list[Expectation], str]  # name, frame, expectations, split whose source it names
+
+
 def _statistics(df: pd.DataFrame, result: ExpectationSuiteValidationResult) -> dict:
     stats = result.statistics
     return {"rows": len(df), "columns": len(df.columns), "success": bool(result.success),
@@ -305,27 +307,23 @@ def _statistics(df: pd.DataFrame, result: ExpectationSuiteValidationResult) -> d
 
 
 def validate_splits(splits: Splits, params: ValidationParams, out_dir: Path, sources: dict[str, str],
-                    documents: pd.DataFrame | None = None) -> ValidationReport:
-    """Run every split's suite and the per-class suite (and, for `lm`, the documents' suite per split:
-    `documents` has the text column, `split` and the token count `kd_tokens`); write `{suite}.json`
-    and `summary.json`."""
+                    expectations: Callable[[str], list[Expectation]] | None = None,
+                    extra: tuple[Suite, ...] | list[Suite] = ()) -> ValidationReport:
+    """Run every split's suite (`expectations(split)`, by default a classifier's), the per-class suite and
+    the task's `extra` suites; write `{suite}.json` and `summary.json`."""
+    suite_of = expectations or (lambda name: split_expectations(name, splits, params))
     out_dir.mkdir(parents=True, exist_ok=True)
     source = _context().data_sources.add_pandas("kd")
     counts = class_counts(splits)
     rows_rule = gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=params.min_rows_per_class,
                                                   meta={"check": "rows_per_class"})
-    suites = [(name, getattr(splits, name), split_expectations(name, splits, params), _SUMMARY, name)
-              for name in SPLITS]
+    suites = [(name, getattr(splits, name), suite_of(name), _SUMMARY, name) for name in SPLITS]
     suites.insert(1, (CLASS_COUNTS, counts, [rows_rule], _CLASS_FORMAT, "train"))
-    if documents is not None:
-        for split in ("train", "test"):
-            docs = documents[documents["split"] == split].drop(columns=["split"]).reset_index(drop=True)
-            suites.append((f"documents_{split}", docs,
-                           _text_expectations(docs, splits.schema.features[0], None, params), _SUMMARY, split))
+    suites += [(name, df, rules, _SUMMARY, split) for name, df, rules, split in extra]
     failures: list[str] = []
     statistics: dict[str, dict] = {}
-    for name, df, expectations, result_format, split in suites:
-        result = _validate(source, name, df, expectations, result_format)
+    for name, df, rules, result_format, split in suites:
+        result = _validate(source, name, df, rules, result_format)
         _write_json(out_dir / f"{name}.json", result.to_json_dict())
         failures += [describe_failure(r, sources[split], params) for r in result.results if not r.success]
         statistics[name] = _statistics(df, result)

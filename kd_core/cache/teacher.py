@@ -88,7 +88,7 @@ def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, devic
 def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
           fingerprints: tuple[str, str]) -> tuple[nn.Module, np.ndarray]:
     """Load, then check the files loaded are the ones the submitting stage keyed the cache by."""
-    task = tasks.TASKS[task_name]
+    task = tasks.get(task_name)
     model = task.load(teacher_dir)[0].to(distributed.pick_device(device))
     rows = task.cache_inputs(data.read_prepared(prepared_dir))
     seen = (task.fingerprint(teacher_dir), data.data_fingerprint(prepared_dir))
@@ -131,7 +131,7 @@ class TeacherLogits:
 
     def __post_init__(self) -> None:
         if not self.teacher_fingerprint:
-            object.__setattr__(self, "teacher_fingerprint", tasks.TASKS[self.task].fingerprint(Path(self.teacher_dir)))
+            object.__setattr__(self, "teacher_fingerprint", tasks.get(self.task).fingerprint(Path(self.teacher_dir)))
         if not self.data_fingerprint:
             object.__setattr__(self, "data_fingerprint", data.data_fingerprint(Path(self.prepared_dir)))
 
@@ -140,7 +140,7 @@ class TeacherLogits:
         if self.code != code_identity():
             raise UserError(f"cache worker on {socket.gethostname()} runs {code_identity()}, the submitting "
                             f"process {self.code}: restart the Dask cluster with the same kd_core")
-        task = tasks.TASKS[self.task]
+        task = tasks.get(self.task)
         teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device,
                                        (self.teacher_fingerprint, self.data_fingerprint))
         device = next(teacher.parameters()).device

@@ -14,7 +14,7 @@ import numpy as np
 from kd_core import data, search, tasks
 from kd_core.card.figures import fig_accuracy_vs, fig_confusion, fig_reliability, fig_training_curves
 from kd_core.card.render import Block, Bullets, Code, Heading, Image, Para, Table, to_html, to_markdown
-from kd_core.config import Params, TeacherParams
+from kd_core.config import Params
 from kd_core.evaluate import ECE_BINS
 from kd_core.metrics_table import ROLES, MetricsTable, export_table, kib, models_table, ms, pts, ratios
 
@@ -62,20 +62,6 @@ def loss_label(params: Params) -> str:
     if d.features:
         label += f" + {len(d.features)} feature hint(s) ({', '.join(sorted({h.loss for h in d.features}))})"
     return label
-
-
-def teacher_description(params: Params) -> str:
-    """The teacher the student learned from: the one `teacher`, or the ensemble of the `teachers`
-    list (then `teacher:` is unused and describing it would name a model nobody trained)."""
-    def one(t: TeacherParams) -> str:
-        if params.task == "lm":
-            return f"{t.source} (a pretrained causal LM, adopted as it is)"
-        return f"{t.arch} {dict(t.options)} (source: {t.source}, {t.epochs} epochs)"
-
-    if not params.teachers:
-        return one(params.teacher)
-    how = "mean logits" if params.distill.ensemble == "logits" else "mean probabilities"
-    return f"ensemble of {len(params.teachers)} ({how}): " + "; ".join(one(t) for t in params.teachers)
 
 
 def table(t: MetricsTable) -> Table:

@@ -157,6 +157,7 @@ def default_predictions_path(root: Path, params: Params, table_path: Path) -> Pa
 def predict(root: Path, table_path: Path, version: int | None, dest: Path | None) -> None:
     import pandas as pd
 
+    from kd_core import tasks
     from kd_core import versions as versions_
 
     quiet_mlflow()
@@ -164,7 +165,8 @@ def predict(root: Path, table_path: Path, version: int | None, dest: Path | None
     frame = _read_table(table_path)
     label = params.data.label_column
     features = frame.drop(columns=[label]) if label in frame.columns else frame  # scoring never sees labels
-    if params.task == "lm":  # prompts in, greedy completions out
+    classifier = tasks.for_params(params).classifier  # else prompts in, greedy completions out
+    if not classifier:
         used, completions = versions_.complete_table(root, params.registry.model_name, version, frame)
         result = pd.DataFrame({"completion": completions})
     else:
@@ -176,7 +178,7 @@ def predict(root: Path, table_path: Path, version: int | None, dest: Path | None
     dest.parent.mkdir(parents=True, exist_ok=True)
     result.to_parquet(dest, index=False)
     extra = ""
-    if label in frame.columns and len(frame) and params.task != "lm":
+    if label in frame.columns and len(frame) and classifier:
         truth = frame[label].to_numpy(dtype=object)
         hits = sum(str(p) == str(t) for p, t in zip(classes, truth, strict=True))
         extra = f"; accuracy against its '{label}' column {hits / len(frame):.3f}"

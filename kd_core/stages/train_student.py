@@ -119,11 +119,11 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
         trials.append(search.Trial(d.alpha, d.temperature, d.loss, acc, nll, seconds,
                                    *train.budget(fcfg, trained), trained, len(held_out),
                                    sum(len(h) for h in held_out)))
-        # per row, higher is better: right or wrong for classifiers, minus the sequence's NLL for lm
-        per_row.append(np.concatenate([a if task.headline == "accuracy" else -n for a, n in scores]))
+        # per row, higher is better: right or wrong, or (a lower-is-better headline) minus the row's NLL
+        per_row.append(np.concatenate([-n if task.lower_is_better else a for a, n in scores]))
         if distributed.ranks()[0] == 0:
             log_trial(workdir, trials[-1], history)
-    decision = search.decide(trials, per_row, task.headline, cfg.max_p_value)
+    decision = search.decide(trials, per_row, task.lower_is_better, cfg.max_p_value)
     return settings[decision.chosen], trials, decision, search.scored_by(held_out, rows.positions)
 
 

@@ -7,16 +7,21 @@ cache and the evaluation index them by row and never look inside.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from kd_core.config import Params, StudentParams, TeacherParams
+from kd_core.config import Params, StudentParams, TeacherParams, ValidationParams
 from kd_core.data import Schema, Splits
 from kd_core.models import ModelSpec
+
+if TYPE_CHECKING:
+    from kd_core.policy import ChampionScore
+    from kd_core.registry import ChampionInputs
+    from kd_core.validation import Suite
 
 
 class Task(Protocol):
@@ -24,6 +29,10 @@ class Task(Protocol):
     outputs: tuple[str, ...]  # what a served model can answer (`params={"output": ...}`); the first by default
     serving_params: dict  # further predict params a served model takes, with their defaults
     headline: str  # the metric the policy and the card lead with ("accuracy", "perplexity")
+    lower_is_better: bool  # the headline's direction: the search and the champion comparison ask it
+    classifier: bool  # answers with class names and probabilities (predict writes those columns)
+    builtin_sources: tuple[str, ...]  # data.source values it ships (the first is the default)
+    file_sources: tuple[str, ...]  # data.source values read from data.train / data.test files
     requirements: tuple[str, ...]  # packages a served model needs beyond kd_core's own
     input_name: str  # the exported ONNX graph's input
     dynamic_axes: tuple[int, ...]  # its axes of any size (batch; sequence for text)
@@ -31,6 +40,26 @@ class Task(Protocol):
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         """Read the configured source and write the prepared splits into `out`; bad input raises
         one-line UserErrors."""
+
+    def check_params(self, params: Params) -> None:
+        """Rules of params.yaml only this task has (no ensembles of text teachers, ...): a ValueError
+        naming the key, raised while params.yaml is read."""
+
+    def describe_teacher(self, teacher: TeacherParams) -> str:
+        """One teacher section as the model card names it."""
+
+    def split_expectations(self, name: str, splits: Splits, params: ValidationParams) -> list:
+        """The Great Expectations of one prepared split (`name` in data.SPLITS)."""
+
+    def extra_suites(self, prepared: Path, splits: Splits, params: ValidationParams) -> list[Suite]:
+        """Further suites over what prepare wrote beside the splits (`lm`: the documents); [] if none."""
+
+    def write_card(self, params: Params, workdir: Path, out: Path, data_docs: str) -> dict[str, Path]:
+        """The model card (markdown, html, figures) of the run in `workdir`, written into `out`."""
+
+    def champion_score(self, inputs: ChampionInputs) -> ChampionScore | None:
+        """The candidate checked against eval.json and, when there is a champion, both scored on the same
+        test rows (paired); None without a champion."""
 
     def describe(self, schema: Schema) -> str:
         """What one input row is, for summaries and the model card ("40 numeric features")."""
@@ -139,3 +168,38 @@ def classify(task: Task, model: nn.Module, spec: ModelSpec, frame: pd.DataFrame,
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()  # (N, K)
         return pd.DataFrame(probs, columns=[str(c) for c in spec.schema.classes])
     return np.asarray(spec.schema.classes, dtype=object)[logits.argmax(axis=1)]  # (N,) class names
+
+
+class Classifier:
+    """What every task whose rows carry one class label shares (tables, documents): accuracy first, the
+    generic validation suite and model card, and the champion re-scored through its served model."""
+
+    outputs: tuple[str, ...] = ("classes", "probabilities")
+    serving_params: dict = {}
+    headline = "accuracy"
+    lower_is_better = False
+    classifier = True
+
+    def check_params(self, params: Params) -> None:
+        return None
+
+    def describe_teacher(self, teacher: TeacherParams) -> str:
+        return f"{teacher.arch} {dict(teacher.options)} (source: {teacher.source}, {teacher.epochs} epochs)"
+
+    def split_expectations(self, name: str, splits: Splits, params: ValidationParams) -> list:
+        from kd_core.validation import split_expectations
+
+        return split_expectations(name, splits, params)
+
+    def extra_suites(self, prepared: Path, splits: Splits, params: ValidationParams) -> list[Suite]:
+        return []
+
+    def write_card(self, params: Params, workdir: Path, out: Path, data_docs: str) -> dict[str, Path]:
+        from kd_core.card.gather import classifier_card
+
+        return classifier_card(params, workdir, out, data_docs)
+
+    def champion_score(self, inputs: ChampionInputs) -> ChampionScore | None:
+        from kd_core.registry import served_champion
+
+        return served_champion(inputs)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.lm_data import _docstrings
+from kd_core.tasks.lm.data import _docstrings
 from tests.reliability.conftest import Damage
 
-EOS = "<|endoftext|>"  # the tokenizer's only special token, id 0: what kd_core.lm_data.eos_id finds
+EOS = "<|endoftext|>"  # the tokenizer's only special token, id 0: what kd_core.tasks.lm.data.eos_id finds
 VOCAB = 384  # 256 bytes + the end-of-text token + 127 merges
 # modules whose docstrings make the tokenizer's corpus: plain English about Python, stable across versions
 CORPUS_MODULES = ("abc", "base64", "bisect", "calendar", "colorsys", "contextlib", "copy", "csv", "dataclasses",

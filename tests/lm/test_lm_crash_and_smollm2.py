@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_core import lm_models
+from kd_core.tasks.lm import models as lm_models
 from tests.conftest import BIN, kd, write_params
 from tests.lm.test_lm_pipeline import lm_project
 from tests.text.conftest import project_env
@@ -71,10 +71,11 @@ def test_smollm2_gguf_becomes_a_teacher_that_knows_python_docs(tmp_path: Path,
     teacher, spec = lm_models.load(proj / "artifacts/teacher")
     assert spec.schema.text["vocab_size"] == 49_152 and teacher.net.config.num_hidden_layers == 30
     assert (proj / "artifacts/teacher/model.safetensors").stat().st_size < 300 * 2**20  # bf16: ~270 MB
-    from kd_core import lm_eval, tasks
+    from kd_core import tasks
     from kd_core.data import read_prepared
+    from kd_core.tasks.lm import scoring as lm_eval
 
-    task, splits = tasks.TASKS["lm"], read_prepared(proj / "data/prepared")
+    task, splits = tasks.get("lm"), read_prepared(proj / "data/prepared")
     x, y = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)
     nll, _ = lm_eval.nll_per_sequence(teacher, x, y)
     assert lm_eval.perplexity(nll.sum(), y.size) < 60  # a random model of 49k tokens: ~49,000

@@ -1,4 +1,4 @@
-"""Documents for `task: lm` (kd_core.lm_data): packing keeps inputs and targets aligned, the stdlib corpus
+"""Documents for `task: lm` (kd_core.tasks.lm.data): packing keeps inputs and targets aligned, the stdlib corpus
 is read without importing anything and splits stably, user files are read or refused in one line."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_core import lm_data
 from kd_core.config import DataParams
 from kd_core.errors import UserError
+from kd_core.tasks.lm import data as lm_data
 
 # --- pack: sequences of seq_len + 1 tokens, overlapping by one ---------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Causal LMs (kd_core.lm_models) on the tiny Llama: what a teacher directory must hold, how students are
+"""Causal LMs (kd_core.tasks.lm.models) on the tiny Llama: what a teacher directory must hold, how students are
 made from it, the tokenizer gate, padded vocabularies, and that a model directory gives back the same logits."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kd_core import lm_models
 from kd_core.data import Schema
 from kd_core.errors import UserError
-from kd_core.lm_data import LMInfo
-from kd_core.lm_models import CausalLM
+from kd_core.hf import encoder_layers, fingerprint, layer_subset
 from kd_core.models import ModelSpec
-from kd_core.text_models import encoder_layers, fingerprint, layer_subset
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm.data import LMInfo
+from kd_core.tasks.lm.models import CausalLM
 from tests.lm.conftest import build_llama, train_tokenizer, vocab_size
 
 
@@ -373,8 +373,8 @@ def test_lm_task_metrics_agree_with_the_evaluate_stage(teacher: nn.Module, spec:
                                                         tmp_path: Path) -> None:
     """`metrics` on predict_logits gives every metric the stage's lm_metrics gives, but the two that need
     more than next-token logits (the teacher's whole distribution; timed generation), with its numbers."""
-    from kd_core import lm_eval
     from kd_core.tasks.lm import LMTask
+    from kd_core.tasks.lm import scoring as lm_eval
 
     task = LMTask()
     models = {"teacher": CausalLM(teacher, n_tokens, lm_tokenizer_json).eval(),

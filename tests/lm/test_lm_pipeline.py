@@ -20,8 +20,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from kd_core import lm_data, lm_models
 from kd_core.cache import LogitCache
+from kd_core.tasks.lm import data as lm_data
+from kd_core.tasks.lm import models as lm_models
 from tests.conftest import BIN, ROOT, deep_update, dvc, git, kd, new_project, stages_ran, write_params
 from tests.e2e.test_registry import free_port
 from tests.lm.conftest import build_llama, train_tokenizer

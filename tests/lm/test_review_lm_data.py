@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_core import lm_data
 from kd_core.config import DataParams
-from kd_core.lm_data import LMInfo
+from kd_core.tasks.lm import data as lm_data
+from kd_core.tasks.lm.data import LMInfo
 
 
 @pytest.fixture(scope="module")

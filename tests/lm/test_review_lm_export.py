@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_core import export, lm_eval, lm_models, models, tasks
+from kd_core import export, models, tasks
 from kd_core.config import ExportParams
 from kd_core.data import Schema
-from kd_core.lm_data import LMInfo
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm import scoring as lm_eval
+from kd_core.tasks.lm.data import LMInfo
 from tests.lm.conftest import build_llama, vocab_size
 
 
@@ -28,7 +30,7 @@ def test_lm_perplexity_streams_over_sequences(tmp_path: Path, lm_tokenizer_json:
     ids = np.random.default_rng(0).integers(0, n, (6, 17))
     x, y = ids[:, :-1], ids[:, 1:]  # (6, 16) each
     monkeypatch.setattr(export, "CHUNK_LOGITS", n * 16 * 2, raising=False)  # 2 sequences at a time
-    task = tasks.TASKS["lm"]
+    task = tasks.get("lm")
     calls, predict = [], task.predict_logits
     monkeypatch.setattr(task, "predict_logits", lambda model, rows: calls.append(len(rows)) or predict(model, rows))
     report = export.export_and_check(task, tmp_path / "student", x, y, tmp_path / "onnx",

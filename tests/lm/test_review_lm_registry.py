@@ -12,12 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_core import lm_data, lm_eval, lm_models, registry, tasks
+from kd_core import registry, tasks
 from kd_core.config import Params, PolicyParams
 from kd_core.data import Schema
-from kd_core.lm_data import LMInfo
 from kd_core.models import ModelSpec
 from kd_core.policy import ChampionScore, decide_promotion
+from kd_core.tasks.lm import data as lm_data
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm import scoring as lm_eval
+from kd_core.tasks.lm.data import LMInfo
 from tests.lm.conftest import VOCAB, build_llama, corpus_texts, train_tokenizer, vocab_size
 
 PARAMS = Params.model_validate({"task": "lm", "data": {"source": "stdlib"}})
@@ -42,7 +45,7 @@ def evidence(root: Path, blob: bytes, ids: np.ndarray) -> registry._Evidence:
     """Today's test split (packed ids under `blob`) and an eval.json that matches the candidate."""
     schema = schema_of(blob)
     test = pd.DataFrame({lm_data.IDS: pd.Series(list(ids), dtype=object), lm_data.DOC: ["doc"] * len(ids)})
-    task = tasks.TASKS["lm"]
+    task = tasks.get("lm")
     x, y = task.inputs(test, schema), task.labels(test, schema)
     nll, _ = lm_eval.nll_per_sequence(tasks.load_model(root / PARAMS.paths.student)[0], x, y)
     evals = {r: {"perplexity": lm_eval.perplexity(nll.sum(), y.size)} for r in ("student", "teacher", "baseline")}

@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kd_core import lm_models
 from kd_core.data import Schema
-from kd_core.lm_data import LMInfo
-from kd_core.lm_models import CausalLM
 from kd_core.models import WEIGHTS_FILE, ModelSpec
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm.data import LMInfo
+from kd_core.tasks.lm.models import CausalLM
 from tests.lm.conftest import vocab_size
 
 EMB, HEAD = "net.model.embed_tokens.weight", "net.lm_head.weight"

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from kd_core import lm_models
 from kd_core.data import Schema
 from kd_core.errors import UserError
-from kd_core.lm_data import LMInfo
+from kd_core.hf import quiet_transformers
 from kd_core.models import ModelSpec
 from kd_core.tasks.lm import LMTask
-from kd_core.text_models import quiet_transformers
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm.data import LMInfo
 from tests.lm.conftest import corpus_texts, vocab_size
 
 POSITIONS = 64

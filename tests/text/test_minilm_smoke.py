@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from kd_core import text_data, text_models
+from kd_core import hf
 from kd_core.data import Schema
 from kd_core.models import ModelSpec
 from kd_core.tasks.text import TextTask
+from kd_core.tasks.text import data as text_data
+from kd_core.tasks.text import models as text_models
 
 CLASSES = ("ham", "spam", "other")
 DOCS = ["Le café est très bon ce matin.", "WIN a FREE prize now!!! Click here",
@@ -29,12 +31,12 @@ def encoder() -> Path:
 
 @pytest.fixture(scope="module")
 def schema(encoder: Path) -> Schema:
-    info = text_data.TextInfo(32, 0, 16, text_data.file_sha256(encoder / "tokenizer.json"))
+    info = text_data.TextInfo(32, 0, 16, hf.file_sha256(encoder / "tokenizer.json"))
     return Schema(("text",), "label", CLASSES, info.to_json())
 
 
 def test_minilm_students_build_and_read_its_tokens(encoder: Path, schema: Schema) -> None:
-    tok = text_data.load_tokenizer((encoder / "tokenizer.json").read_bytes(), encoder)
+    tok = hf.load_tokenizer((encoder / "tokenizer.json").read_bytes(), encoder)
     assert text_data.pad_id(tok, encoder) == 0  # [PAD]
     rows, lengths = text_data.encode(tok, DOCS, 32)
     ids = text_data.pad(pd.Series(rows, dtype=object), 32, 0)  # (4, 32)
@@ -49,8 +51,8 @@ def test_minilm_students_build_and_read_its_tokens(encoder: Path, schema: Schema
     vocab = source.config.vocab_size
     assert source.config.hidden_size == 384 and source.config.num_hidden_layers == 6
 
-    assert len(text_models.encoder_layers(layers.net)) == 1
-    kept, first = text_models.encoder_layers(layers.net)[0].state_dict(), text_models.encoder_layers(source)[0]
+    assert len(hf.encoder_layers(layers.net)) == 1
+    kept, first = hf.encoder_layers(layers.net)[0].state_dict(), hf.encoder_layers(source)[0]
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in kept.items())
     for model in (layers, thin):
         logits = text_models.predict_logits(model, ids)

@@ -1,4 +1,4 @@
-"""Text classifiers (kd_core.text_models) on the tiny encoder: how students are initialised from the
+"""Text classifiers (kd_core.tasks.text.models) on the tiny encoder: how students are initialised from the
 teacher's encoder, what is refused, and that logits do not depend on padding, batching or a save/load."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from kd_core import text_data, text_models
+from kd_core import hf
 from kd_core.data import Schema
 from kd_core.errors import UserError
 from kd_core.models import ModelSpec
 from kd_core.tasks.text import TEACHER_ARCH, TextTask
-from kd_core.text_models import TextClassifier
+from kd_core.tasks.text import data as text_data
+from kd_core.tasks.text import models as text_models
+from kd_core.tasks.text.models import TextClassifier
 from tests.text.conftest import LABEL, LABELS, TEXT, corpus, other_tokenizer, student_config
 
 CLASSES = tuple(LABELS)
@@ -33,14 +35,14 @@ def source(tiny_encoder: Path) -> nn.Module:
 @pytest.fixture(scope="module")
 def schema(tiny_encoder: Path) -> Schema:
     tok = tiny_encoder / "tokenizer.json"
-    info = text_data.TextInfo(64, 0, 12, text_data.file_sha256(tok))
+    info = text_data.TextInfo(64, 0, 12, hf.file_sha256(tok))
     return Schema((TEXT,), LABEL, CLASSES, info.to_json())
 
 
 @pytest.fixture(scope="module")
 def ids(tiny_encoder: Path) -> np.ndarray:
     """Twelve documents of different lengths, right-padded to 64.  # (12, 64)"""
-    tok = text_data.load_tokenizer((tiny_encoder / "tokenizer.json").read_bytes(), "tiny")
+    tok = hf.load_tokenizer((tiny_encoder / "tokenizer.json").read_bytes(), "tiny")
     texts = corpus(12, seed=3)[TEXT].tolist()
     texts[5] = texts[5] + " " + texts[6] + " " + texts[7]  # one long one, so batches differ in width
     rows, _ = text_data.encode(tok, texts, 64)
@@ -59,8 +61,8 @@ def states_equal(a: nn.Module, b: nn.Module) -> bool:
 # --- layer subset: DistilBERT's initialisation --------------------------------------------------------
 
 def test_layer_subset_copies_exactly_the_chosen_layers(source: nn.Module) -> None:
-    student = text_models.layer_subset(source, [0, 2])
-    src_stack, dst_stack = text_models.encoder_layers(source), text_models.encoder_layers(student)
+    student = hf.layer_subset(source, [0, 2])
+    src_stack, dst_stack = hf.encoder_layers(source), hf.encoder_layers(student)
     assert len(dst_stack) == student.config.num_hidden_layers == 2
     assert len(src_stack) == source.config.num_hidden_layers == 4  # the source is not cut down with it
     for kept, original in zip(dst_stack, (src_stack[0], src_stack[2]), strict=True):
@@ -72,7 +74,7 @@ def test_layer_subset_copies_exactly_the_chosen_layers(source: nn.Module) -> Non
 @pytest.mark.parametrize("layers", [[], [2, 0], [1, 1], [-1, 0], [0, 4]])
 def test_layer_subset_refuses_bad_layer_lists(source: nn.Module, layers: list[int]) -> None:
     with pytest.raises(UserError, match="student.options.layers"):
-        text_models.layer_subset(source, layers)
+        hf.layer_subset(source, layers)
 
 
 # --- narrow: PCA-initialised word embeddings --------------------------------------------------------
@@ -142,7 +144,7 @@ def test_config_dir_student_with_another_vocabulary_is_refused(source: nn.Module
 
 
 def test_check_tokenizer_refuses_another_tokenizer(tiny_encoder: Path, tmp_path: Path) -> None:
-    sha = text_data.file_sha256(tiny_encoder / "tokenizer.json")
+    sha = hf.file_sha256(tiny_encoder / "tokenizer.json")
     text_models.check_tokenizer(tmp_path, sha)  # no tokenizer.json of its own: it reads the teacher's
     (tmp_path / "tokenizer.json").write_bytes((tiny_encoder / "tokenizer.json").read_bytes())
     text_models.check_tokenizer(tmp_path, sha)  # the same file
@@ -159,7 +161,7 @@ def test_task_builds_each_student_kind(tiny_encoder: Path, schema: Schema, ids: 
     layers = task.build(ModelSpec("layers", {"layers": [1, 3]}, schema, "text"), None, 0, tiny_encoder)
     thin = task.build(ModelSpec("narrow", {"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32}, schema,
                                 "text"), None, 0, tiny_encoder)
-    assert states_equal(text_models.encoder_layers(layers.net)[1], text_models.encoder_layers(teacher.net)[3])
+    assert states_equal(hf.encoder_layers(layers.net)[1], hf.encoder_layers(teacher.net)[3])
     for model in (teacher, layers, thin):
         assert task.predict_logits(model, ids).shape == (len(ids), len(CLASSES))
     with pytest.raises(UserError, match="rejected its options"):
@@ -227,10 +229,10 @@ def test_save_load_round_trip_and_fingerprint(tiny_encoder: Path, schema: Schema
     np.testing.assert_array_equal(text_models.predict_logits(loaded, ids), text_models.predict_logits(model, ids))
 
     text_models.save(loaded, loaded_spec, tmp_path / "b")
-    first = text_models.fingerprint(tmp_path / "a")
-    assert text_models.fingerprint(tmp_path / "b") == first  # the same model saved twice: the same identity
+    first = hf.fingerprint(tmp_path / "a")
+    assert hf.fingerprint(tmp_path / "b") == first  # the same model saved twice: the same identity
     other_tokenizer(tmp_path / "b/tokenizer.json")
-    assert text_models.fingerprint(tmp_path / "b") != first  # a new tokenizer is a new teacher for the cache
+    assert hf.fingerprint(tmp_path / "b") != first  # a new tokenizer is a new teacher for the cache
 
 
 def test_load_names_what_is_missing(tmp_path: Path) -> None:
@@ -246,10 +248,10 @@ def test_students_of_a_given_kd_teacher_start_from_its_weights(tiny_encoder: Pat
     task = TextTask()
     teacher = task.build(ModelSpec(TEACHER_ARCH, {}, schema, "text"), None, 0, tiny_encoder)
     with torch.no_grad():
-        text_models.encoder_layers(teacher.net)[2].output.dense.weight.add_(1.0)  # unlike the encoder's
+        hf.encoder_layers(teacher.net)[2].output.dense.weight.add_(1.0)  # unlike the encoder's
     task.save(teacher, ModelSpec(TEACHER_ARCH, {}, schema, "text"), tmp_path / "teacher")
     student = task.build(ModelSpec("layers", {"layers": [0, 2]}, schema, "text"), None, 1, tmp_path / "teacher")
-    assert states_equal(text_models.encoder_layers(student.net)[1], text_models.encoder_layers(teacher.net)[2])
+    assert states_equal(hf.encoder_layers(student.net)[1], hf.encoder_layers(teacher.net)[2])
     assert torch.equal(student.net.classifier.weight, teacher.net.classifier.weight)  # its trained head too
 
 

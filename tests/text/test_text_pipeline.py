@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from kd_core import text_data
+from kd_core import hf
+from kd_core.tasks.text import data as text_data
 from tests.conftest import dvc, kd, stages_ran, write_params
 from tests.text.conftest import ENCODER, LABEL, LABELS, TEXT, Tables, text_project
 
@@ -50,7 +51,7 @@ def test_prepared_data_is_tokenised_by_the_teachers_tokenizer(run: tuple[Path, s
     assert schema["features"] == [TEXT] and schema["classes"] == LABELS
     info = schema["text"]
     assert info["max_length"] == 32 and info["pad_id"] == 0
-    assert info["tokenizer_sha256"] == text_data.file_sha256(proj / ENCODER / "tokenizer.json")
+    assert info["tokenizer_sha256"] == hf.file_sha256(proj / ENCODER / "tokenizer.json")
     assert (proj / "data/prepared/tokenizer.json").read_bytes() == (proj / ENCODER / "tokenizer.json").read_bytes()
     train = pd.read_parquet(proj / "data/prepared/train.parquet")
     assert all(ids[0] == 2 and ids[-1] == 3 for ids in train[text_data.IDS])  # [CLS] … [SEP]

@@ -41,7 +41,7 @@ def _mlp_onnx(tmp_path: Path, x: np.ndarray) -> tuple[Path, nn.Module]:
     spec = models.ModelSpec("mlp", {"hidden": [32, 16]}, SCHEMA)
     model = models.build(spec, x, seed=0)
     path = tmp_path / export.ONNX_FILE
-    export.to_onnx(model, tasks.TASKS["tabular"], spec, path)
+    export.to_onnx(model, tasks.get("tabular"), spec, path)
     return path, model
 
 
@@ -72,7 +72,7 @@ def test_calibration_and_selection_rows_are_trained_rows_never_test_or_validatio
          **({"y": rng.integers(0, 3, n)} if labelled else {})})
     splits = Splits(frame(200, 0), frame(100, 10_000), frame(300, 20_000, False), SCHEMA)
     params = Params().model_copy(update={"export": ExportParams(calibration_rows=150, selection_rows=1000)})
-    calib, select = int8_samples(params, tasks.TASKS["tabular"], splits)
+    calib, select = int8_samples(params, tasks.get("tabular"), splits)
     ids_c, ids_s = set(calib[:, 0].astype(int)), set(select[:, 0].astype(int))
     val = set(validation_rows(200, params.train.val_fraction, params.train.seed).tolist())
     assert len(ids_c) == 150 and ids_c.isdisjoint(ids_s)

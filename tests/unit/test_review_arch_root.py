@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from kd_core import lm_models, text_data
+from kd_core import hf, tasks
 from kd_core.config import StudentParams, TeacherParams
 from kd_core.data import Schema
 from kd_core.errors import UserError
-from kd_core.lm_data import LMInfo
 from kd_core.models import ModelSpec, arch_dir
-from kd_core.tasks import TASKS
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm.data import LMInfo
+from kd_core.tasks.text import data as text_data
 from tests.lm.conftest import build_llama, train_tokenizer
 from tests.text.conftest import build_encoder, corpus, student_config
 
@@ -38,11 +39,11 @@ def test_arch_dir_reads_relative_paths_from_the_root(tmp_path: Path) -> None:
 def test_text_student_config_dir_is_the_projects(tmp_path: Path, elsewhere: Path) -> None:
     root = tmp_path / "project"
     encoder = build_encoder(tmp_path / "encoder", corpus(200, seed=1)["text"].tolist(), layers=1)
-    tokenizer = text_data.load_tokenizer((encoder / "tokenizer.json").read_bytes(), encoder)
+    tokenizer = hf.load_tokenizer((encoder / "tokenizer.json").read_bytes(), encoder)
     student_config(root / ARCH, tokenizer.get_vocab_size())
-    info = text_data.TextInfo(64, 0, 12, text_data.file_sha256(encoder / "tokenizer.json"))
+    info = text_data.TextInfo(64, 0, 12, hf.file_sha256(encoder / "tokenizer.json"))
     schema = Schema(("text",), "label", ("a", "b"), info.to_json())
-    task = TASKS["text"]
+    task = tasks.get("text")
     spec = task.spec(StudentParams(arch=ARCH), schema, root)
     model = task.build(spec, None, 0, encoder)
     assert model.net.config.hidden_size == 16 and model.net.config.num_hidden_layers == 1
@@ -62,7 +63,7 @@ def test_lm_student_config_dir_is_the_projects(tmp_path: Path, elsewhere: Path) 
     info = LMInfo(seq_len=16, eos_id=vocab["<|endoftext|>"], vocab_size=len(vocab),
                   tokenizer_sha256=lm_models.tokenizer_sha256(blob), train_tokens=100, test_tokens=20)
     schema = Schema(("text",), "next_token", tuple(sorted(vocab, key=vocab.get)), info.to_json())
-    task = TASKS["lm"]
+    task = tasks.get("lm")
     teacher = root / "artifacts/teacher"
     teacher.mkdir(parents=True)
     task.adopt(source, TeacherParams(source=str(source)), schema, teacher)

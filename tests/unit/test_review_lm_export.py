@@ -13,7 +13,7 @@ from kd_core.config import ExportParams
 from kd_core.data import Schema
 
 SCHEMA = Schema(tuple(f"f{i}" for i in range(5)), "y", (0, 1, 2))
-TASK = tasks.TASKS["tabular"]
+TASK = tasks.get("tabular")
 
 
 @pytest.fixture(scope="module")

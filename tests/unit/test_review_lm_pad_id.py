@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd_core import text_data
+from kd_core import hf
 from kd_core.data import Schema, Splits
+from kd_core.tasks.text import data as text_data
 
 VOCAB = ["<unk>", "<|endoftext|>", "<|my_pad|>", "hello", "world"]  # <|endoftext|> = 1, <|my_pad|> = 2
 
@@ -38,7 +39,7 @@ def tokenised(folder: Path, padding: bool, config: dict | None = None) -> dict:
 def test_the_tokenizers_own_padding_setting_comes_first(tmp_path: Path) -> None:
     assert tokenised(tmp_path / "own", padding=True)["pad_id"] == 2
     assert text_data.pad_id(tokenizer(padding=True), tmp_path) == 2  # a tokenizer with its padding on
-    loaded = text_data.load_tokenizer(tokenizer(padding=True).to_str().encode(), tmp_path)
+    loaded = hf.load_tokenizer(tokenizer(padding=True).to_str().encode(), tmp_path)
     assert loaded.padding is None  # load_tokenizer switches padding off: the files say what it was
 
 

@@ -32,9 +32,9 @@ def _trial(acc: float, nll: float, alpha: float = 0.9, temperature: float = 2.0,
 
 def test_accuracy_wins_for_classifiers_perplexity_for_lm_and_ties_go_to_the_configured_setting() -> None:
     trials = [_trial(0.80, 0.6), _trial(0.82, 0.9, 0.0), _trial(0.82, 0.7, 0.5), _trial(0.79, 0.5, 1.0)]
-    assert search.best(trials, "accuracy") == 2  # 0.82 twice: the lower NLL
-    assert search.best(trials, "perplexity") == 3  # lowest NLL
-    assert search.best([_trial(0.8, 0.6), _trial(0.8, 0.6, 0.5)], "accuracy") == 0
+    assert search.best(trials, False) == 2  # 0.82 twice: the lower NLL
+    assert search.best(trials, True) == 3  # lowest NLL
+    assert search.best([_trial(0.8, 0.6), _trial(0.8, 0.6, 0.5)], False) == 0
 
 
 def test_the_record_round_trips_into_the_setting_trained(tmp_path: Path) -> None:
@@ -65,16 +65,16 @@ def test_another_setting_replaces_the_configured_one_only_when_it_beats_it_signi
     clear = np.ones(40)  # right on every row the configured setting missed: p = 0.5**10
     slight = np.array([1.0] * 31 + [0.0] * 9)  # one more row right: p = 0.5
     trials = [_trial(0.75, 0.6), _trial(0.775, 0.6, 0.0), _trial(1.0, 0.1, 0.5)]
-    won = search.decide(trials, [own, slight, clear], "accuracy", 0.05)
+    won = search.decide(trials, [own, slight, clear], False, 0.05)
     assert (won.chosen, won.p_value) == (2, pytest.approx(0.5 ** 10)) and "significantly" in won.reason
     # labels alone scored best, by one row: "we could not tell" keeps the configured setting, and says so
-    unsure = search.decide(trials[:2], [own, slight], "accuracy", 0.05)
+    unsure = search.decide(trials[:2], [own, slight], False, 0.05)
     assert (unsure.chosen, unsure.p_value) == (0, pytest.approx(0.5)) and unsure.reason.startswith("not separable")
     # ... and labels alone that beats it clearly is kept: the baseline's twin
-    assert search.decide([_trial(0.75, 0.6), _trial(1.0, 0.1, 0.0)], [own, clear], "accuracy", 0.05).chosen == 1
-    best_own = search.decide([_trial(0.9, 0.3), _trial(0.8, 0.5, 0.0)], [clear, own], "accuracy", 0.05)
+    assert search.decide([_trial(0.75, 0.6), _trial(1.0, 0.1, 0.0)], [own, clear], False, 0.05).chosen == 1
+    best_own = search.decide([_trial(0.9, 0.3), _trial(0.8, 0.5, 0.0)], [clear, own], False, 0.05)
     assert (best_own.chosen, best_own.p_value) == (0, None)
-    assert search.decide(trials[:2], [own, slight], "accuracy", 1.0).chosen == 1  # max_p_value 1: best score wins
+    assert search.decide(trials[:2], [own, slight], False, 1.0).chosen == 1  # max_p_value 1: best score wins
 
 
 def test_lm_candidates_are_compared_sequence_by_sequence_on_their_nll() -> None:
@@ -82,8 +82,8 @@ def test_lm_candidates_are_compared_sequence_by_sequence_on_their_nll() -> None:
     better = own_nll - 0.1  # every sequence predicted better: p = 0.5**12
     mixed = own_nll + np.array([-0.5] * 7 + [0.2] * 5)  # lower mean NLL, 7 of 12 sequences: not significant
     trials = [_trial(0.3, 3.0), _trial(0.3, 2.9, 0.0), _trial(0.3, 2.85, 0.5)]
-    assert search.decide(trials[:2], [-own_nll, -better], "perplexity", 0.05).chosen == 1
-    assert search.decide([trials[0], trials[2]], [-own_nll, -mixed], "perplexity", 0.05).chosen == 0
+    assert search.decide(trials[:2], [-own_nll, -better], True, 0.05).chosen == 1
+    assert search.decide([trials[0], trials[2]], [-own_nll, -mixed], True, 0.05).chosen == 0
 
 
 def test_few_validation_rows_are_replaced_by_k_folds_over_every_labelled_row() -> None:

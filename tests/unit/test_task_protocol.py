@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from kd_core.tasks import TASKS
+from kd_core import tasks
 from kd_core.tasks.base import Task
 
 ATTRS = typing.get_type_hints(Task)  # name -> declared type
@@ -54,16 +54,16 @@ def test_the_protocol_is_what_the_test_reads() -> None:
                                                    "weights_file", "latency_ms"]
 
 
-@pytest.mark.parametrize("key", sorted(TASKS))
+@pytest.mark.parametrize("key", tasks.names())
 def test_registered_task_satisfies_the_protocol(key: str) -> None:
-    assert TASKS[key].name == key
-    assert gaps(TASKS[key]) == []
+    assert tasks.get(key).name == key
+    assert gaps(tasks.get(key)) == []
 
 
 def test_a_gap_is_named() -> None:
     """The check itself: a missing method (LMTask once lacked `metrics`), a renamed parameter, a lost
     default and an attribute of the wrong kind are each reported."""
-    base = type(TASKS["tabular"])
+    base = type(tasks.get("tabular"))
 
     class Drifted(base):
         metrics = None

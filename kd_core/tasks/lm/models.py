@@ -22,15 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 from torch import nn
 
+from kd_core.data import TOKENIZER_FILE
 from kd_core.errors import UserError
+from kd_core.hf import CONFIG_FILE, input_embeddings, pca_projection, quiet_transformers
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
-from kd_core.text_models import (
-    CONFIG_FILE,
-    TOKENIZER_FILE,
-    input_embeddings,
-    pca_projection,
-    quiet_transformers,
-)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -1,5 +1,5 @@
 """`task: text` — a row is a document: its token ids under the teacher's tokenizer; models are Hugging
-Face sequence classifiers (kd_core.text_models), the teacher fine-tuned from a local encoder."""
+Face sequence classifiers (kd_core.tasks.text.models), the teacher fine-tuned from a local encoder."""
 
 from __future__ import annotations
 
@@ -15,25 +15,31 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate, text_data, text_models
+from kd_core import data, evaluate, hf
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
+from kd_core.hf import CONFIG_FILE
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
-from kd_core.tasks.base import classify, labelled_then_transfer
-from kd_core.text_models import CONFIG_FILE, STUDENT_ARCHS, TextClassifier
+from kd_core.tasks.base import Classifier, classify, labelled_then_transfer
+from kd_core.tasks.text import data as text_data
+from kd_core.tasks.text import models as text_models
+from kd_core.tasks.text.models import STUDENT_ARCHS, TextClassifier
 
 TEACHER_ARCH = "finetune"  # the teacher's spec: the init encoder with a new classification head
 
 
-class TextTask:
+class TextTask(Classifier):
     name = "text"
-    outputs: tuple[str, ...] = ("classes", "probabilities")
-    serving_params: dict = {}
-    headline = "accuracy"
+    builtin_sources: tuple[str, ...] = ("fortunes",)  # the FreeBSD fortunes demo
+    file_sources: tuple[str, ...] = ("parquet",)  # tables with a text column
     requirements: tuple[str, ...] = ("transformers", "tokenizers")
     input_name = "input_ids"  # the ONNX input: (B, L) padded token ids
     dynamic_axes: tuple[int, ...] = (0, 1)
+
+    def check_params(self, params: Params) -> None:
+        if params.teachers:
+            raise ValueError("teachers: an ensemble of text teachers is not supported; use the teacher section")
 
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         """Read the documents and tokenise them with the teacher's own tokenizer (copied beside them)."""
@@ -41,7 +47,7 @@ class TextTask:
         source = text_data.teacher_source_dir(params.teacher, root)
         if (source / CONFIG_FILE).is_file():  # without one, pretrained() names the problem at the teacher
             config = SimpleNamespace(**json.loads((source / CONFIG_FILE).read_text()))
-            text_models.check_positions(config, params.data.max_length, f"the teacher {source}")
+            hf.check_positions(config, params.data.max_length, f"the teacher {source}")
         tokenizer = source / TOKENIZER_FILE
         splits = text_data.tokenised(splits, tokenizer, params.data.max_length)
         data.write_prepared(splits, out, tokenizer)
@@ -90,7 +96,7 @@ class TextTask:
             if spec.arch == TEACHER_ARCH:
                 net = source
             elif spec.arch == "layers":
-                net = text_models.layer_subset(source, list(options.pop("layers")), **options)
+                net = hf.layer_subset(source, list(options.pop("layers")), **options)
             elif spec.arch == "narrow":
                 net = text_models.narrow(source, seed, **options)
             else:
@@ -99,7 +105,7 @@ class TextTask:
         except (TypeError, KeyError) as exc:
             raise UserError(f"student.arch {spec.arch!r} rejected its options {spec.options}: {exc}") from None
         where = f"the teacher {init}" if spec.arch == TEACHER_ARCH else f"student.arch {spec.arch}"
-        text_models.check_positions(net.config, spec.schema.text_info["max_length"], where)
+        hf.check_positions(net.config, spec.schema.text_info["max_length"], where)
         return TextClassifier(net, spec.schema.text_info["pad_id"], tokenizer)
 
     def teacher_source(self, source: str, root: Path) -> Path:
@@ -129,7 +135,7 @@ class TextTask:
         return text_models.load(path)
 
     def fingerprint(self, path: Path) -> str:
-        return text_models.fingerprint(path)
+        return hf.fingerprint(path)
 
     def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
         return (x != schema.text_info["pad_id"]).sum(axis=1)  # (N,) tokens

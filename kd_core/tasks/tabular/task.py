@@ -15,14 +15,13 @@ from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
 from kd_core.errors import UserError
 from kd_core.models import KDModel, ModelSpec
-from kd_core.tasks.base import classify, labelled_then_transfer
+from kd_core.tasks.base import Classifier, classify, labelled_then_transfer
 
 
-class TabularTask:
+class TabularTask(Classifier):
     name = "tabular"
-    outputs: tuple[str, ...] = ("classes", "probabilities")
-    serving_params: dict = {}
-    headline = "accuracy"
+    builtin_sources: tuple[str, ...] = ("mnist1d",)
+    file_sources: tuple[str, ...] = ("parquet",)
     requirements: tuple[str, ...] = ()
     input_name = "features"  # the ONNX input: (B, F) raw rows
     dynamic_axes: tuple[int, ...] = (0,)

@@ -9,7 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd_core import data, lm_models, tasks
+from kd_core import data, tasks
+from kd_core.card import gather
 from kd_core.card.content import (
     FIGURES,
     HTML_FILE,
@@ -23,8 +24,11 @@ from kd_core.card.content import (
 )
 from kd_core.card.figures import fig_training_curves
 from kd_core.card.render import Block, Bullets, Heading, Image, Para, Table, to_html, to_markdown
+from kd_core.config import Params
+from kd_core.hf import load_tokenizer
 from kd_core.metrics_table import ROLES, export_table, headline, models_table
-from kd_core.text_data import load_tokenizer
+from kd_core.stages._registered import REGISTER_FILE
+from kd_core.tasks.lm import models as lm_models
 
 SAMPLES, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 24  # prompts: the start of held-out sequences
 
@@ -45,7 +49,7 @@ class LMCardInputs:
 
 def sample_completions(model_dirs: dict[str, Path], splits: data.Splits) -> list[dict[str, str]]:
     """Greedy completions of the same prompts by each model (the starts of the first held-out sequences)."""
-    task, schema = tasks.TASKS["lm"], splits.schema
+    task, schema = tasks.get("lm"), splits.schema
     loaded = {r: lm_models.load(d)[0] for r, d in model_dirs.items()}
     tok = load_tokenizer(next(iter(loaded.values())).tokenizer_json, "tokenizer.json")
     eos = schema.text_info["eos_id"]
@@ -157,3 +161,20 @@ def manifest(logits_dir: Path) -> dict:
         return {}
     m = json.loads(path.read_text())
     return {k: m.get(k) for k in ("rows", "top_k", "bytes_per_row", "index_dtype", "dtype", "capture")}
+
+
+def run_card(params: Params, workdir: Path, out: Path, data_docs: str) -> dict[str, Path]:
+    """The lm card of the run in `workdir`: the files every card reads, plus sample completions and the
+    cache's cost per token (no classes, so no confusion or calibration figures)."""
+    metrics = workdir / params.paths.metrics
+    splits = data.read_prepared(workdir / params.paths.prepared)
+    inputs = LMCardInputs(
+        evals=gather.evals(params, workdir), curves=gather.curves(params, workdir),
+        samples=sample_completions(gather.model_dirs(params, workdir), splits),
+        cache=manifest(workdir / params.paths.logits),
+        row=tasks.for_params(params).describe(splits.schema),
+        split_rows={"train": len(splits.train), "test": len(splits.test)},
+        validation=gather.validation_summary(params, workdir),
+        register=gather.read_json(metrics / REGISTER_FILE), export=gather.read_json(metrics / gather.EXPORT_FILE),
+        facts=gather.facts(params, workdir))
+    return write_card(inputs, out, data_docs=data_docs)

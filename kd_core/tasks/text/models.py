@@ -13,12 +13,9 @@ Face config), `tokenizer.json` (the teacher's) and `model.json` (kd's spec: task
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,12 +26,12 @@ from torch import nn
 
 from kd_core.data import TOKENIZER_FILE
 from kd_core.errors import UserError
+from kd_core.hf import CONFIG_FILE, input_embeddings, load_tokenizer, pca_projection, quiet_transformers
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
 
 if TYPE_CHECKING:  # transformers is imported where it is used (the table task never pays for it)
     from transformers import PreTrainedModel
 
-CONFIG_FILE = "config.json"
 STUDENT_ARCHS = ("layers", "narrow")  # or a directory holding a Hugging Face config.json
 NARROW_DEFAULTS = {"hidden": 128, "layers": 2, "heads": 2, "intermediate": 512}
 
@@ -63,21 +60,6 @@ class TextClassifier(nn.Module):
             ids, mask = ids[:, :keep], mask[:, :keep]
         self.mask = mask
         return self.net(input_ids=ids, attention_mask=mask.long()).logits
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers reports every freshly initialised head at warning level; the stages say what they built."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def _labels(classes: tuple) -> dict:
@@ -126,51 +108,6 @@ def from_config(config) -> PreTrainedModel:
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def encoder_layers(net: PreTrainedModel) -> nn.ModuleList:
-    """The stack of transformer layers: the ModuleList as long as the config's layer count."""
-    n = net.config.num_hidden_layers
-    for module in net.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise UserError(f"{type(net).__name__}: no list of {n} layers found to take a subset of")
-
-
-def layer_subset(source: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """DistilBERT's (and Minitron's) initialisation: `source` with only the listed layers, each keeping
-    its weights; encoders and causal LMs alike."""
-    n = source.config.num_hidden_layers
-    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= n:
-        raise UserError(f"student.options.layers {layers}: give increasing, distinct layer numbers in 0..{n - 1}")
-    student = copy.deepcopy(source)
-    stack = encoder_layers(student)
-    kept = [stack[i] for i in layers]
-    for i in reversed(range(len(stack))):
-        del stack[i]
-    stack.extend(kept)
-    for i, layer in enumerate(stack):  # a decoder's KV cache is indexed by each attention's layer_idx
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = i
-    student.config.num_hidden_layers = len(layers)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in layers]
-    return student
-
-
-def input_embeddings(net: PreTrainedModel) -> torch.Tensor:
-    """A Hugging Face model's word-embedding matrix (a Parameter).  # (V, H)"""
-    weight = net.get_input_embeddings().weight
-    assert isinstance(weight, torch.Tensor)
-    return weight
-
-
-def pca_projection(embeddings: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (H,) and the top-`width` principal directions (H, width) of an embedding matrix (V, H)."""
-    mean = embeddings.mean(dim=0)
-    _, _, vt = torch.linalg.svd(embeddings - mean, full_matrices=False)  # rows of vt: directions by variance
-    return mean, vt[:width].T
-
-
 def narrow(source: PreTrainedModel, seed: int | None, hidden: int = 128, layers: int = 2, heads: int = 2,
            intermediate: int = 512) -> PreTrainedModel:
     """A thin transformer on the source's vocabulary: word embeddings = the source's, centred and projected
@@ -206,23 +143,6 @@ def from_config_dir(path: Path, source: PreTrainedModel, classes: tuple, seed: i
     if seed is not None:
         torch.manual_seed(seed)
     return from_config(config)
-
-
-POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}  # positions these keep for padding
-
-
-def max_positions(config) -> int | None:
-    """Token positions a model can read (None: no absolute position embeddings to run out of)."""
-    n = getattr(config, "max_position_embeddings", None)
-    return None if n is None else n - POSITION_OFFSET.get(getattr(config, "model_type", ""), 0)
-
-
-def check_positions(config, max_length: int, where: str) -> None:
-    """Ids up to data.max_length must fit the position embeddings, or training dies on the first long batch."""
-    limit = max_positions(config)
-    if limit is not None and max_length > limit:
-        raise UserError(f"{where} reads at most {limit} token positions (max_position_embeddings), "
-                        f"data.max_length is {max_length}; set data.max_length to {limit} or less")
 
 
 def check_tokenizer(path: Path, teacher_sha256: str) -> None:
@@ -266,19 +186,8 @@ def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
     return model.eval(), spec
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key."""
-    h = hashlib.sha256()
-    for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
-        h.update(hashlib.sha256((path / name).read_bytes()).digest())
-    h.update(json.dumps(json.loads((path / META_FILE).read_text()), sort_keys=True).encode())
-    return h.hexdigest()
-
-
 def tokenizer(model: TextClassifier):  # -> tokenizers.Tokenizer
     """The model's own tokenizer, parsed once per loaded model."""
-    from kd_core.text_data import load_tokenizer
-
     if getattr(model, "_tokenizer", None) is None:
         model._tokenizer = load_tokenizer(model.tokenizer_json, "the model's tokenizer.json")
     return model._tokenizer

@@ -9,7 +9,6 @@ the cache key, changes when the tokenizer does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -19,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from kd_core.config import DataParams, TeacherParams
-from kd_core.data import TOKENIZER_FILE, Schema, Splits, read_parquet, sorted_classes
+from kd_core.data import TOKENIZER_FILE, TOKENS, Schema, Splits, read_parquet, sorted_classes
 from kd_core.errors import UserError
+from kd_core.hf import file_sha256, load_tokenizer
 
-IDS, TOKENS = "kd_input_ids", "kd_tokens"  # prepared columns: ids (truncated), untruncated token count
+IDS = "kd_input_ids"  # prepared column: ids (truncated); beside it data.TOKENS, the untruncated token count
 # the fortune files the demo reads, one class each; `limerick` and the `-o` files are never read
 FORTUNE_CLASSES = ("fortunes", "murphy", "startrek", "zippy")
 TRANSFER_CLASS = "fortunes"  # its entries beyond the labelled ones are the unlabelled transfer text
@@ -74,19 +74,6 @@ def teacher_source_dir(teacher: TeacherParams, root: Path) -> Path:
     return path
 
 
-def load_tokenizer(blob: bytes, where: Path | str):  # -> tokenizers.Tokenizer
-    """A tokenizer from the bytes of its tokenizer.json (`where` names it in errors)."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_str(blob.decode("utf-8"))
-    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-        raise UserError(f"{where}: not a readable tokenizer: {str(exc).splitlines()[0][:200]}") from None
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
 def own_pad_token(tokenizer: Path) -> str | None:
     """The pad token a tokenizer names itself: its tokenizer.json's padding setting, else the `pad_token` of
     the tokenizer_config.json beside it (what transformers' `tokenizer.pad_token_id` reads); None if neither."""
@@ -116,10 +103,6 @@ def pad_id(tok, where: Path, own: str | None = None) -> int:
         if (i := tok.token_to_id(token)) is not None:
             return int(i)
     raise UserError(f"{where}: the tokenizer has no padding token (looked for {list(PAD_TOKENS)})")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def encode(tok, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:

@@ -20,7 +20,7 @@ from torch import nn
 from kd_core.evaluate import count_macs, count_params
 
 if TYPE_CHECKING:
-    from kd_core.lm_models import CausalLM
+    from kd_core.tasks.lm.models import CausalLM
 
 BATCH = 4  # test sequences per forward pass
 GENERATE_TOKENS = 32  # new tokens per timed greedy generation
@@ -70,7 +70,7 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 def tokens_per_second(models: dict[str, nn.Module], prompt: list[int], eos_id: int) -> dict[str, float]:
     """Greedy generation speed at batch 1 (KV cache), the models taking turns three times; the best
     round counts, as the least disturbed by the machine."""
-    from kd_core.lm_models import generate
+    from kd_core.tasks.lm.models import generate
 
     best = {m: 0.0 for m in models}
     for _ in range(3):

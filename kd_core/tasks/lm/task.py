@@ -1,5 +1,5 @@
 """`task: lm` — a row is a packed token sequence and each of its positions is a cache row; models are
-Hugging Face causal LMs (kd_core.lm_models), the teacher a pretrained one adopted as it is.
+Hugging Face causal LMs (kd_core.tasks.lm.models), the teacher a pretrained one adopted as it is.
 
 Inputs are a sequence's first `seq_len` tokens (N, L), labels its next tokens (N, L); the cache row
 of position t of sequence i is i·L + t (`positions`), so the cache's key, shards, resume and verify
@@ -18,16 +18,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate, lm_data, lm_eval, lm_models, text_models
-from kd_core.config import Params, StudentParams, TeacherParams
-from kd_core.data import TOKENIZER_FILE, Schema, Splits
+from kd_core import data, evaluate, hf
+from kd_core.config import Params, StudentParams, TeacherParams, ValidationParams
+from kd_core.data import TOKENIZER_FILE, TOKENS, Schema, Splits
 from kd_core.errors import UserError
+from kd_core.hf import CONFIG_FILE, load_tokenizer, max_positions
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
-from kd_core.text_data import load_tokenizer
-from kd_core.text_models import CONFIG_FILE, max_positions
+from kd_core.tasks.lm import data as lm_data
+from kd_core.tasks.lm import models as lm_models
+from kd_core.tasks.lm import scoring as lm_eval
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from kd_core.policy import ChampionScore
+    from kd_core.registry import ChampionInputs
+    from kd_core.validation import Suite
 
 PROMPT_TOKENS = 16  # a served model's example prompts: the start of held-out sequences
 TEACHER_ARCH = "pretrained"  # the teacher's spec: a causal LM adopted as it is
@@ -43,9 +49,54 @@ class LMTask:
     outputs: tuple[str, ...] = ("completions",)
     serving_params: dict = {"max_new_tokens": 32}  # greedy: same prompt, same completion
     headline = "perplexity"
+    lower_is_better = True
+    classifier = False  # answers with completions
+    builtin_sources: tuple[str, ...] = ("stdlib",)  # the docstrings of Python's standard library
+    file_sources: tuple[str, ...] = ("text", "parquet")  # .txt/.md/.rst files, or tables with a text column
     requirements: tuple[str, ...] = ("transformers", "tokenizers")
     input_name = "input_ids"  # the ONNX input: (B, L) token ids
     dynamic_axes: tuple[int, ...] = (0, 1)
+
+    def check_params(self, params: Params) -> None:
+        if params.teachers:
+            raise ValueError("teachers: an ensemble of language-model teachers is not supported; use teacher")
+        if params.cache.features or params.distill.features:
+            raise ValueError("cache.features / distill.features: hidden-state hints are not supported for task lm")
+
+    def describe_teacher(self, teacher: TeacherParams) -> str:
+        return f"{teacher.source} (a pretrained causal LM, adopted as it is)"
+
+    def split_expectations(self, name: str, splits: Splits, params: ValidationParams) -> list:
+        """Packed sequences are built by prepare itself: the documents have their own suites."""
+        from kd_core.validation import packed_expectations
+
+        return packed_expectations(getattr(splits, name), (lm_data.IDS, lm_data.DOC),
+                                   "the packed sequences (ids, document)")
+
+    def extra_suites(self, prepared: Path, splits: Splits, params: ValidationParams) -> list[Suite]:
+        """Every document, per split, as prepare read it: text present, not blank, not repeated."""
+        from kd_core.validation import document_expectations
+
+        path = prepared / lm_data.DOCUMENTS
+        if not path.is_file():
+            return []
+        documents = pd.read_parquet(path).rename(columns={"tokens": TOKENS})
+        out = []
+        for split in ("train", "test"):
+            docs = documents[documents["split"] == split].drop(columns=["split"]).reset_index(drop=True)
+            out.append((f"documents_{split}", docs,
+                        document_expectations(docs, splits.schema.features[0], None, params), split))
+        return out
+
+    def write_card(self, params: Params, workdir: Path, out: Path, data_docs: str) -> dict[str, Path]:
+        from kd_core.tasks.lm.card import run_card
+
+        return run_card(params, workdir, out, data_docs)
+
+    def champion_score(self, inputs: ChampionInputs) -> ChampionScore | None:
+        from kd_core.tasks.lm.champion import champion_score
+
+        return champion_score(inputs)
 
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
         """Documents of the source, split by document, tokenised with the teacher's tokenizer and packed."""
@@ -118,7 +169,7 @@ class LMTask:
         options = dict(spec.options)
         try:
             if spec.arch == "layers":
-                net = text_models.layer_subset(teacher.net, list(options.pop("layers")), **options)
+                net = hf.layer_subset(teacher.net, list(options.pop("layers")), **options)
             elif spec.arch == "narrow":
                 net = lm_models.narrow(teacher.net, seed, **options)
             else:
@@ -167,7 +218,7 @@ class LMTask:
         return lm_models.load(path)
 
     def fingerprint(self, path: Path) -> str:
-        return text_models.fingerprint(path)
+        return hf.fingerprint(path)
 
     def lengths(self, x: np.ndarray, schema: Schema) -> np.ndarray | None:
         return None  # packed: every row is seq_len tokens

@@ -1,0 +1,132 @@
+"""Hugging Face helpers every transformer task shares: tokenizers, quiet loading, layer subsets, PCA
+embeddings, position limits and a model directory's fingerprint.
+
+The tasks that read tokens (`kd_core.tasks.*`) import this module; they never import each other.
+transformers is imported inside the functions, so a task without transformers never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kd_core.data import TOKENIZER_FILE
+from kd_core.errors import UserError
+from kd_core.models import META_FILE, WEIGHTS_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+CONFIG_FILE = "config.json"
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers reports every freshly initialised head at warning level; the stages say what they built."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def encoder_layers(net: PreTrainedModel) -> nn.ModuleList:
+    """The stack of transformer layers: the ModuleList as long as the config's layer count."""
+    n = net.config.num_hidden_layers
+    for module in net.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"{type(net).__name__}: no list of {n} layers found to take a subset of")
+
+
+def layer_subset(source: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """DistilBERT's (and Minitron's) initialisation: `source` with only the listed layers, each keeping
+    its weights; encoders and causal LMs alike."""
+    n = source.config.num_hidden_layers
+    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= n:
+        raise UserError(f"student.options.layers {layers}: give increasing, distinct layer numbers in 0..{n - 1}")
+    student = copy.deepcopy(source)
+    stack = encoder_layers(student)
+    kept = [stack[i] for i in layers]
+    for i in reversed(range(len(stack))):
+        del stack[i]
+    stack.extend(kept)
+    for i, layer in enumerate(stack):  # a decoder's KV cache is indexed by each attention's layer_idx
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    return student
+
+
+def input_embeddings(net: PreTrainedModel) -> torch.Tensor:
+    """A Hugging Face model's word-embedding matrix (a Parameter).  # (V, H)"""
+    weight = net.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def pca_projection(embeddings: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (H,) and the top-`width` principal directions (H, width) of an embedding matrix (V, H)."""
+    mean = embeddings.mean(dim=0)
+    _, _, vt = torch.linalg.svd(embeddings - mean, full_matrices=False)  # rows of vt: directions by variance
+    return mean, vt[:width].T
+
+
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}  # positions these keep for padding
+
+
+def max_positions(config) -> int | None:
+    """Token positions a model can read (None: no absolute position embeddings to run out of)."""
+    n = getattr(config, "max_position_embeddings", None)
+    return None if n is None else n - POSITION_OFFSET.get(getattr(config, "model_type", ""), 0)
+
+
+def check_positions(config, max_length: int, where: str) -> None:
+    """Ids up to data.max_length must fit the position embeddings, or training dies on the first long batch."""
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise UserError(f"{where} reads at most {limit} token positions (max_position_embeddings), "
+                        f"data.max_length is {max_length}; set data.max_length to {limit} or less")
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key."""
+    h = hashlib.sha256()
+    for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
+        h.update(hashlib.sha256((path / name).read_bytes()).digest())
+    h.update(json.dumps(json.loads((path / META_FILE).read_text()), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def load_tokenizer(blob: bytes, where: Path | str):  # -> tokenizers.Tokenizer
+    """A tokenizer from the bytes of its tokenizer.json (`where` names it in errors)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(blob.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise UserError(f"{where}: not a readable tokenizer: {str(exc).splitlines()[0][:200]}") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
