@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: run text lm examples test lint install clean
+.PHONY: run text lm examples test lint docs install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -47,10 +47,16 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The docs site (mkdocs.yml, docs/) into build/site; --strict: a broken link or anchor fails it. The CLI and
+# configuration pages are generated from the code on every build (docs/gen_reference.py). The two variables
+# silence the banners mkdocs' plugins print about MkDocs 2.
+docs: $(VENV)/.installed
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 # Two workers by default (CI has 2 cores): test files are spread over them whole (--dist loadfile),
 # so module-scoped projects are built once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:

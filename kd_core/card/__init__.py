@@ -14,5 +14,5 @@ from kd_core.card.content import (
     write_card,
 )
 
-__all__ = ["DATA_DOCS", "gather", "FIGURES", "HTML_FILE", "MD_FILE", "CardInputs", "loss_label", "now", "score_test_split",
-           "setting_line", "write_card"]
+__all__ = ["DATA_DOCS", "FIGURES", "HTML_FILE", "MD_FILE", "CardInputs", "gather", "loss_label", "now",
+           "score_test_split", "setting_line", "write_card"]

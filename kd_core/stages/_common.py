@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 CHECKPOINTS = "train"  # under params.paths.work: one folder per training stage
 # kd_core files every training run executes
-CODE = ("train.py", "losses.py", "models.py", "features.py", "stages/_common.py", "tasks/base.py")
+CODE = ("train.py", "losses.py", "models.py", "features.py", "hf.py", "stages/_common.py", "tasks/base.py")
 RUN_ID_ENV = "MLFLOW_RUN_ID"  # kd_core.tracking.RUN_ID_ENV, read here without importing mlflow
 LIVE_PREFIX = "train"  # live curves are `train.<role>.<metric>`, apart from the test metrics `<role>.<metric>`
 
@@ -130,11 +130,14 @@ def validation_rows(n_labelled: int, fraction: float, seed: int) -> np.ndarray:
 def checkpoint_path(workdir: Path, params: Params, stage: str, inputs: dict, world: int) -> Path:
     """Where `stage` keeps its training checkpoint: the ignored work directory, not the stage output
     (DVC deletes outputs before re-running a stage), under a key of everything the run depends on —
-    `inputs` (params sections, data or cache key), the world size and the training code — so only a
+    `inputs` (params sections, data or cache key), the world size and the training code (the selected
+task's whole package among it) — so only a
     run that would compute exactly the same epochs resumes from it."""
     h = hashlib.sha256(json.dumps({"stage": stage, "world": world, **inputs}, sort_keys=True).encode())
     kd_core = Path(__file__).resolve().parents[1]
-    for name in (*CODE, f"tasks/{params.task}.py", f"stages/{stage}.py"):
+    task_code = sorted(p.relative_to(kd_core).as_posix() for p in (kd_core / "tasks" / params.task).rglob("*.py"))
+    for name in (*CODE, *task_code, f"stages/{stage}.py"):
+        h.update(name.encode())
         h.update((kd_core / name).read_bytes())
     return workdir / params.paths.work / CHECKPOINTS / stage / f"{h.hexdigest()[:20]}.safetensors"
 

@@ -77,7 +77,7 @@ def test_every_example_params_file_loads_and_the_demo_is_the_shipped_params_yaml
 
 
 def test_unknown_task_is_a_one_line_error():
-    with pytest.raises(UserError, match=r"task: Input should be 'tabular'"):
+    with pytest.raises(UserError, match=r"task 'speech': choose one of \['lm', 'tabular', 'text'\]"):
         parse_params({"task": "speech"})
 
 

@@ -161,10 +161,10 @@ def test_card_describes_the_ensemble_of_teachers_not_the_unused_teacher_section(
                            "teachers": [{"arch": "cnn1d", "options": {"channels": 8}},
                                         {"arch": "mlp", "options": {"hidden": [16]}, "source": "models:/t@champion"}],
                            "distill": {"ensemble": "probs"}})
-    described = card.teacher_description(params)
+    described = card.gather.teacher_description(params)
     assert described.startswith("ensemble of 2 (mean probabilities): cnn1d {'channels': 8}")
     assert "mlp {'hidden': [16]} (source: models:/t@champion" in described and "999" not in described
-    assert card.teacher_description(parse_params({})).startswith("cnn1d {}")
+    assert card.gather.teacher_description(parse_params({})).startswith("cnn1d {}")
 
     assert f"`teacher`: {described}" in _markdown(card_inputs(), teacher=described)
 
