@@ -389,6 +389,9 @@ def load_params(root: Path | str = ".") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(raw, dict) and "task" not in raw:  # dvc.yaml's code deps name kd_core/tasks/${task}
+        raise UserError(f"{path}: no `task:` key; set it (one of {', '.join(_tasks().names())}): dvc.yaml "
+                        "reads it to depend on the task's code")
     return parse_params(raw, str(path))
 
 

@@ -1,7 +1,9 @@
-"""`kd compare` and `kd export`: the run's models side by side, and the student on the edge."""
+"""`kd compare` and `kd export`: the run's models side by side, and the student on the edge (ONNX, or
+GGUF for llama.cpp where the task has a `gguf` module)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,7 +13,7 @@ import typer
 from kd_core.cli.app import app, examples, out, project_root, quiet_mlflow, rich_table
 from kd_core.config import load_params
 from kd_core.errors import UserError
-from kd_core.metrics_table import export_table, headline, kib, models_table, pts
+from kd_core.metrics_table import MetricsTable, export_table, headline, kib, models_table, pts
 
 if TYPE_CHECKING:
     from kd_core.config import Params
@@ -83,14 +85,47 @@ def export(root: Path, version: int | None, dest: Path | None) -> None:
               f"feature order; output 'logits'); {where}")
 
 
+def export_gguf(root: Path, version: int | None, dest: Path | None) -> None:
+    """The student as GGUF files, written and checked by its task's `gguf` module (a task without one has
+    no GGUF export: one line, no traceback)."""
+    quiet_mlflow()
+    params = load_params(root)
+    name = f"kd_core.tasks.{params.task}.gguf"
+    try:
+        gguf = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not name.startswith(exc.name):
+            raise  # a library the module needs is missing: not this task's choice
+        raise UserError(f"task {params.task!r} has no GGUF export (GGUF holds llama.cpp language models); "
+                        "`kd export` writes ONNX") from None
+    model_dir = _registered_dir(root, params, version) if version else root / params.paths.student
+    default = root / gguf.default_out(params)
+    dest = dest or (Path(f"{default}-v{version}") if version else default)
+    checks = gguf.run(params, root, model_dir, dest)
+    rows = tuple((fmt, kib(c.size_bytes), f"{c.max_abs_logit_diff:.2g}", f"{c.perplexity:.2f}",
+                  f"{c.pytorch_perplexity:.2f}", "yes" if c.tokenizer_round_trip else "NO")
+                 for fmt, c in checks.items())
+    table = MetricsTable(("format", "size", "max |Δlogit|", "perplexity", "PyTorch perplexity", "same token ids"),
+                         rows)
+    out.print(rich_table(table, f"GGUF export -> {dest} (read back with transformers, held-out sequences)",
+                         out.width))
+    out.print(f"wrote {', '.join(c.file for c in checks.values())} and {gguf.REPORT_FILE} in {dest}")
+
+
 @app.command("export", epilog=examples(
-    "kd export", "kd export --version 2", "kd export --version 2 --out edge/"),
+    "kd export", "kd export --version 2", "kd export --version 2 --out edge/", "kd export --gguf"),
     help="Export the student to ONNX and int8 ONNX, check both against PyTorch on the test set, time them "
-         "and attach the results to the model version (what the `export` stage runs).")
+         "and attach the results to the model version (what the `export` stage runs). With --gguf: GGUF "
+         "files for llama.cpp (f16 and q8_0) instead, each read back and compared with PyTorch.")
 def export_cmd(
     version: Annotated[int | None, typer.Option("--version", "-v", help="export this registered version "
                                                 "instead of the current student", min=1)] = None,
     dest: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: paths.onnx, or "
-                                              "paths.onnx-vN for a version)")] = None,
+                                              "paths.onnx-vN for a version; with --gguf its sibling gguf)")] = None,
+    gguf: Annotated[bool, typer.Option("--gguf", help="write the language-model student as GGUF files "
+                                       "(f16, q8_0) checked against PyTorch; not the export stage")] = False,
 ) -> None:
-    export(project_root(), version, dest)
+    if gguf:
+        export_gguf(project_root(), version, dest)
+    else:
+        export(project_root(), version, dest)

@@ -97,7 +97,7 @@ def evaluated_project(tmp_path: Path) -> Path:
                                        "    outs:\n    - path: data/prepared\n      md5: abc.dir\n")
     (tmp_path / PARAMS.paths.validation).mkdir(parents=True)
     (tmp_path / PARAMS.paths.validation / "train.json").write_text('{"success": true}')
-    (tmp_path / "params.yaml").write_text("{}\n")  # the defaults: PARAMS
+    (tmp_path / "params.yaml").write_text("task: tabular\n")  # the defaults: PARAMS
     # a committed project, as in real use: outside git the commit is a unique `unknown-…` marker
     (tmp_path / ".gitignore").write_text("data/\nartifacts/\nmetrics/\nreports/\n.kd/\nmlflow.db\nmlruns/\n")
     git(tmp_path, "init", "-q")

@@ -15,7 +15,7 @@ from kd_core import alerts
 
 def test_env_wins_over_params_and_broken_params_leave_the_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(alerts.ENV, raising=False)
-    (tmp_path / "params.yaml").write_text("schedule: {alert_webhook: 'https://hooks.example/params'}\n")
+    (tmp_path / "params.yaml").write_text("task: tabular\nschedule: {alert_webhook: 'https://hooks.example/params'}\n")
     assert alerts.webhook_url(tmp_path) == "https://hooks.example/params"
     monkeypatch.setenv(alerts.ENV, "https://hooks.example/env")
     assert alerts.webhook_url(tmp_path) == "https://hooks.example/env"

@@ -93,3 +93,10 @@ def test_set_params_is_atomic_a_failed_write_leaves_params_yaml_as_it_was(tmp_pa
         set_params(tmp_path, ["distill.temperature=2"])
     assert (tmp_path / "params.yaml").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file left behind
+
+
+def test_a_params_file_without_task_names_the_key(tmp_path):
+    """dvc.yaml's code deps read `task` from params.yaml: without it DVC could not even parse the DAG."""
+    (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
+    with pytest.raises(UserError, match=r"no `task:` key; set it \(one of lm, tabular, text\)"):
+        load_params(tmp_path)
