@@ -57,7 +57,7 @@ docs: $(VENV)/.installed
 # so module-scoped projects are built once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: lint docs
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) .prefect .kd

@@ -8,7 +8,7 @@ may run), plus the `__init__.py` of every package on the way, since importing a 
 Tasks are packages loaded by name (`kd_core.tasks.get`), so a stage that asks a task depends on
 `kd_core/tasks/${task}`: DVC fills in params.yaml's `task`, and a tabular project does not re-run on an
 edit to the lm package. The shared modules the task packages import when loaded (module-level imports,
-followed from each package's `__init__.py`; kd_core.hf, ...) are listed too, for every task. A task
+followed from each package's `__init__.py`; kd_core.tasks._hf, ...) are listed too, for every task. A task
 method's lazy import of generic code (the card, the registry) is code of the stage that calls it, which
 imports that module itself.
 

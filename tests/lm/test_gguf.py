@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from kd_core import data, models, tasks
 from kd_core.cli import app
 from kd_core.errors import UserError
-from kd_core.hf import load_tokenizer
+from kd_core.tasks._hf import load_tokenizer
 from kd_core.tasks.lm import gguf
 from kd_core.tasks.lm import models as lm_models
 from kd_core.tasks.lm.data import DOC, IDS, LMInfo

@@ -11,8 +11,8 @@ import torch
 
 from kd_core.data import Schema
 from kd_core.errors import UserError
-from kd_core.hf import quiet_transformers
 from kd_core.models import ModelSpec
+from kd_core.tasks._hf import quiet_transformers
 from kd_core.tasks.lm import LMTask
 from kd_core.tasks.lm import models as lm_models
 from kd_core.tasks.lm.data import LMInfo

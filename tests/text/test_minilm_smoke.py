@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kd_core import hf
 from kd_core.data import Schema
 from kd_core.models import ModelSpec
+from kd_core.tasks import _hf as hf
 from kd_core.tasks.text import TextTask
 from kd_core.tasks.text import data as text_data
 from kd_core.tasks.text import models as text_models

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from kd_core import hf
 from kd_core.data import Schema
 from kd_core.errors import UserError
 from kd_core.models import ModelSpec
-from kd_core.tasks.text import TEACHER_ARCH, TextTask
+from kd_core.tasks import _hf as hf
 from kd_core.tasks.text import data as text_data
 from kd_core.tasks.text import models as text_models
 from kd_core.tasks.text.models import TextClassifier
+from kd_core.tasks.text.task import TEACHER_ARCH, TextTask
 from tests.text.conftest import LABEL, LABELS, TEXT, corpus, other_tokenizer, student_config
 
 CLASSES = tuple(LABELS)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kd_core import hf
+from kd_core.tasks import _hf as hf
 from kd_core.tasks.text import data as text_data
 from tests.conftest import dvc, kd, stages_ran, write_params
 from tests.text.conftest import ENCODER, LABEL, LABELS, TEXT, Tables, text_project

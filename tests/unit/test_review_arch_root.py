@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from kd_core import hf, tasks
+from kd_core import tasks
 from kd_core.config import StudentParams, TeacherParams
 from kd_core.data import Schema
 from kd_core.errors import UserError
 from kd_core.models import ModelSpec, arch_dir
+from kd_core.tasks import _hf as hf
 from kd_core.tasks.lm import models as lm_models
 from kd_core.tasks.lm.data import LMInfo
 from kd_core.tasks.text import data as text_data

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd_core import hf
 from kd_core.data import Schema, Splits
+from kd_core.tasks import _hf as hf
 from kd_core.tasks.text import data as text_data
 
 VOCAB = ["<unk>", "<|endoftext|>", "<|my_pad|>", "hello", "world"]  # <|endoftext|> = 1, <|my_pad|> = 2

@@ -25,9 +25,9 @@ from kd_core.card.content import (
 from kd_core.card.figures import fig_training_curves
 from kd_core.card.render import Block, Bullets, Heading, Image, Para, Table, to_html, to_markdown
 from kd_core.config import Params
-from kd_core.hf import load_tokenizer
 from kd_core.metrics_table import ROLES, export_table, headline, models_table
 from kd_core.stages._registered import REGISTER_FILE
+from kd_core.tasks._hf import load_tokenizer
 from kd_core.tasks.lm import models as lm_models
 
 SAMPLES, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 24  # prompts: the start of held-out sequences

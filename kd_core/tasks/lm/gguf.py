@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_core.errors import UserError
-from kd_core.hf import load_tokenizer, quiet_transformers
+from kd_core.tasks._hf import load_tokenizer, quiet_transformers
 from kd_core.tasks.lm.models import CausalLM
 from kd_core.tasks.lm.scoring import perplexity
 

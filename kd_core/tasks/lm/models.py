@@ -5,6 +5,10 @@ directory, and greedy generation.
 A model maps token ids (B, L) to next-token logits (B, L, C), C the tokenizer's vocabulary: a model
 whose embedding table is padded beyond it (Qwen-style) has its extra logits dropped, as no target
 can ever be one of them.
+
+A model directory is a Hugging Face one: `model.safetensors` (Hugging Face's names, a tied weight once),
+`config.json`, `generation_config.json`, `tokenizer.json` (the teacher's) and `tokenizer_config.json`, so
+`AutoModelForCausalLM`, `AutoTokenizer` and `pipeline` read it; beside them `model.json` (kd's spec).
 """
 
 from __future__ import annotations
@@ -14,18 +18,29 @@ import copy
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_model
 from torch import nn
 
 from kd_core.data import TOKENIZER_FILE
 from kd_core.errors import UserError
-from kd_core.hf import CONFIG_FILE, input_embeddings, pca_projection, quiet_transformers
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
+from kd_core.tasks._hf import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    check_loaded,
+    input_embeddings,
+    max_positions,
+    pca_projection,
+    quiet_transformers,
+    tokenizer_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -218,22 +233,87 @@ def from_config_dir(path: Path, seed: int | None) -> PreTrainedModel:
 
 # --- the model directory --------------------------------------------------------------------------
 
+OLD_PREFIX = "net."  # weight names of directories written before save_pretrained: CausalLM's own
+ONE_FILE = "1000GB"  # save_pretrained's shard size: kd reads one model.safetensors, never shards
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
+
+
 def save(model: CausalLM, spec: ModelSpec, out: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Weights as safetensors (`dtype`: a converted teacher keeps bf16, half the bytes), config,
-    tokenizer, spec. Tied weights are stored once, under the name Hugging Face keeps (the embedding)."""
-    out.mkdir(parents=True, exist_ok=True)
-    state, aliases = _stored(model, dtype)
-    save_file(state, str(out / WEIGHTS_FILE), metadata=aliases or None)  # alias -> stored key, as save_model notes
-    model.net.config.to_json_file(str(out / CONFIG_FILE))
+    """A Hugging Face directory (`save_pretrained`: weights under their own names, a tied weight once,
+    config.json, generation_config.json) with the tokenizer transformers reads (tokenizer.json, kd's bytes,
+    and tokenizer_config.json), and kd's spec beside. `dtype`: the weights' type in the file (a converted
+    teacher keeps bf16, half the bytes); the model itself is left as it is."""
+    net = model.net
+    state = _cast(net.state_dict(), dtype) if any(
+        p.is_floating_point() and p.dtype != dtype for p in net.state_dict().values()) else None
+    with quiet_transformers():
+        net.save_pretrained(out, state_dict=state, max_shard_size=ONE_FILE)
+    if state is not None:  # config.json says what the file holds, as transformers' own bf16 directories do
+        config = copy.deepcopy(net.config)
+        config.dtype = dtype
+        config.to_json_file(str(out / CONFIG_FILE))
     (out / TOKENIZER_FILE).write_bytes(model.tokenizer_json)
+    eos = spec.schema.text_info["eos_id"]  # kd's generate pads with it too
+    config_tok = tokenizer_config(model.tokenizer_json, max_positions(net.config), eos,
+                                  getattr(net.config, "bos_token_id", None), eos)
+    (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config_tok, indent=2))
     (out / META_FILE).write_text(json.dumps(spec.to_json(), indent=2))
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors in `dtype`; a tensor under two names (tied weights) is converted
+    once, so save_pretrained still sees one tensor and stores it once. Only exactly the same view is the
+    same tensor: a slice of a fused weight is its own weight, converted on its own."""
+    done: dict[tuple, torch.Tensor] = {}  # (storage, offset, shape, strides) -> the converted tensor
+    out = {}
+    for key, v in state.items():
+        if not v.is_floating_point():
+            out[key] = v
+            continue
+        ptr = v.untyped_storage().data_ptr()
+        view = (ptr, v.storage_offset(), tuple(v.shape), v.stride()) if ptr else (key,)  # 0: empty, no storage
+        if view not in done:
+            done[view] = v.detach().to(dtype)
+        out[key] = done[view]
+    return out
+
+
+def is_old_layout(weights: Path) -> bool:
+    """Weights under kd's own names (`net.` + the Hugging Face name), as save wrote them before save_pretrained;
+    a file that is not safetensors is a one-line UserError."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
+    return bool(keys) and all(k.startswith(OLD_PREFIX) for k in keys)
+
+
+def stored_dtype(weights: Path) -> torch.dtype:
+    """The type of a weights file's first floating tensor (float32 if it names none kd knows)."""
+    with safe_open(str(weights), "pt") as f:
+        kinds = [f.get_slice(k).get_dtype() for k in f.keys()]  # noqa: SIM118 (safe_open is not iterable)
+    return next((DTYPES[k] for k in kinds if k in DTYPES), torch.float32)
+
+
+def copy_dir(src: Path, out: Path, model: CausalLM, spec: ModelSpec) -> None:
+    """A kd directory (`model`, `spec` loaded from it) into `out`: file for file, or saved again in Hugging
+    Face's layout (in the type its file holds) if written before it, so the copy is a Hugging Face directory
+    too, with the same weights."""
+    if is_old_layout(src / WEIGHTS_FILE):
+        save(model, spec, out, dtype=stored_dtype(src / WEIGHTS_FILE))
+        return
+    for name in (WEIGHTS_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, META_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
 
 
 def load(path: Path) -> tuple[CausalLM, ModelSpec]:
     """A kd lm model directory, in float32; weights through safetensors, so loading never executes code.
 
-    safetensors' load_model fills a tied weight from whichever of its names the file holds, so directories
-    written before save recorded its aliases load too."""
+    Directories written before save wrote Hugging Face's layout hold kd's own names (`net.` + the Hugging
+    Face name) and load as they were written: safetensors' load_model fills a tied weight from whichever of
+    its names the file holds. Either way a weight missing or left over is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kd_core.data import Schema
@@ -243,49 +323,31 @@ def load(path: Path) -> tuple[CausalLM, ModelSpec]:
         raise UserError(f"{path} is not a kd lm model directory (missing {', '.join(missing)})")
     meta = json.loads((path / META_FILE).read_text())
     spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "lm"))
+    weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
+    n_classes, blob = spec.schema.text_info["vocab_size"], (path / TOKENIZER_FILE).read_bytes()
+    if not is_old_layout(weights):
+        hf_net: PreTrainedModel
+        info: dict[str, Any]
+        with quiet_transformers():
+            try:
+                # with output_loading_info a (model, info) pair, where transformers' annotations say a model
+                hf_net, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
+                    path, use_safetensors=True, dtype=torch.float32, ignore_mismatched_sizes=True,
+                    output_loading_info=True)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(f"{problem}: {str(exc).strip().splitlines()[0][:200]}") from None
+        check_loaded(info, problem)
+        return CausalLM(hf_net, n_classes, blob).eval(), spec
     with quiet_transformers():
         net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-    model = CausalLM(net, spec.schema.text_info["vocab_size"], (path / TOKENIZER_FILE).read_bytes())
-    weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
-    try:
-        with safe_open(str(weights), "pt"):
-            pass
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
+    model = CausalLM(net, n_classes, blob)
     try:
         missing_keys, unexpected = load_model(model, str(weights), strict=False)  # copies into float32
     except RuntimeError as exc:  # load_state_dict's shape mismatches, one per line
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise UserError(f"{problem}: {lines[0] if lines else str(exc).splitlines()[0]}") from None
-    if missing_keys or unexpected:
-        missing_keys = sorted(missing_keys)
-        raise UserError(f"{problem}: missing {missing_keys[:3]} ({len(missing_keys)} in all), "
-                        f"unexpected {sorted(unexpected)[:3]} ({len(unexpected)} in all)")
+    check_loaded({"missing_keys": missing_keys, "unexpected_keys": unexpected}, problem)
     return model.eval(), spec
-
-
-def _stored(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors to write, each once, and {alias: stored key} for tied ones. An alias is exactly an earlier
-    key's tensor (same storage, offset, shape and strides), not merely one in the same storage: a slice of a
-    fused weight is its own weight and is stored, as its own copy (safetensors refuses shared memory)."""
-    state = model.state_dict()
-    first: dict[tuple, str] = {}  # (storage, offset, shape, strides, dtype) -> the first key viewing it
-    aliases: dict[str, str] = {}
-    keys_of: dict[int, list[str]] = {}  # storage -> keys
-    for key, v in state.items():
-        ptr = v.untyped_storage().data_ptr()
-        view = (ptr, v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
-        if ptr and view in first:  # ptr 0: an empty tensor, which has no storage to share
-            aliases[key] = first[view]
-        else:
-            first[view] = key
-            keys_of.setdefault(ptr, []).append(key)
-    shared = {ptr for ptr, keys in keys_of.items() if ptr and len(keys) > 1}
-    out = {}
-    for key in (k for k in state if k not in aliases):
-        v = state[key].detach().to("cpu", dtype if state[key].is_floating_point() else state[key].dtype)
-        out[key] = v.clone() if v.untyped_storage().data_ptr() in shared else v.contiguous()
-    return out, aliases
 
 
 @torch.inference_mode()

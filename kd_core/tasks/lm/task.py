@@ -8,7 +8,6 @@ apply unchanged, and the training loop scores the mean over a row's positions.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -18,12 +17,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate, hf
+from kd_core import data, evaluate
 from kd_core.config import Params, StudentParams, TeacherParams, ValidationParams
 from kd_core.data import TOKENIZER_FILE, TOKENS, Schema, Splits
 from kd_core.errors import UserError
-from kd_core.hf import CONFIG_FILE, load_tokenizer, max_positions
-from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
+from kd_core.models import META_FILE, ModelSpec, arch_dir
+from kd_core.tasks import _hf as hf
+from kd_core.tasks._hf import load_tokenizer, max_positions
 from kd_core.tasks.lm import data as lm_data
 from kd_core.tasks.lm import models as lm_models
 from kd_core.tasks.lm import scoring as lm_eval
@@ -198,8 +198,7 @@ class LMTask:
             model, spec = lm_models.load(src)
             if spec.schema.text_info["tokenizer_sha256"] != schema.text_info["tokenizer_sha256"]:
                 raise UserError(f"teacher.source {src}: its tokenizer is not the prepared data's; run prepare again")
-            for file in (WEIGHTS_FILE, META_FILE, CONFIG_FILE, TOKENIZER_FILE):
-                shutil.copy2(src / file, out / file)
+            lm_models.copy_dir(src, out, model, spec)
             return model
         blob = lm_models.source_tokenizer(src)
         if lm_models.tokenizer_sha256(blob) != schema.text_info["tokenizer_sha256"]:

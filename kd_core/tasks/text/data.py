@@ -20,14 +20,13 @@ import pandas as pd
 from kd_core.config import DataParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, TOKENS, Schema, Splits, read_parquet, sorted_classes
 from kd_core.errors import UserError
-from kd_core.hf import file_sha256, load_tokenizer
+from kd_core.tasks._hf import TOKENIZER_CONFIG_FILE, file_sha256, load_tokenizer
 
 IDS = "kd_input_ids"  # prepared column: ids (truncated); beside it data.TOKENS, the untruncated token count
 # the fortune files the demo reads, one class each; `limerick` and the `-o` files are never read
 FORTUNE_CLASSES = ("fortunes", "murphy", "startrek", "zippy")
 TRANSFER_CLASS = "fortunes"  # its entries beyond the labelled ones are the unlabelled transfer text
 PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")  # when the tokenizer names none itself
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' tokenizer settings, beside tokenizer.json
 
 
 @dataclass(frozen=True)

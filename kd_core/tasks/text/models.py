@@ -7,8 +7,10 @@ right-padded token ids and returns logits. Students come from the encoder the te
 projected onto their top principal components, and a config directory is any architecture that reads the
 same vocabulary. transformers is imported inside the functions: the table task never pays for it.
 
-A model directory holds `model.safetensors` (the weights, never a pickle), `config.json` (the Hugging
-Face config), `tokenizer.json` (the teacher's) and `model.json` (kd's spec: task, classes, TextInfo).
+A model directory is a Hugging Face one: `model.safetensors` (the weights under Hugging Face's names, never
+a pickle), `config.json` (with the classes as id2label), `tokenizer.json` (the teacher's) and
+`tokenizer_config.json`, so `AutoModelForSequenceClassification`, `AutoTokenizer` and `pipeline` read it;
+beside them `model.json` (kd's spec: task, classes, TextInfo).
 """
 
 from __future__ import annotations
@@ -16,24 +18,37 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from kd_core.data import TOKENIZER_FILE
 from kd_core.errors import UserError
-from kd_core.hf import CONFIG_FILE, input_embeddings, load_tokenizer, pca_projection, quiet_transformers
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
+from kd_core.tasks._hf import (
+    CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    check_loaded,
+    input_embeddings,
+    load_tokenizer,
+    pca_projection,
+    quiet_transformers,
+    tokenizer_config,
+)
 
 if TYPE_CHECKING:  # transformers is imported where it is used (the table task never pays for it)
     from transformers import PreTrainedModel
 
 STUDENT_ARCHS = ("layers", "narrow")  # or a directory holding a Hugging Face config.json
 NARROW_DEFAULTS = {"hidden": 128, "layers": 2, "heads": 2, "intermediate": 512}
+OLD_PREFIX = "net."  # weight names of directories written before save_pretrained: TextClassifier's own
+ONE_FILE = "1000GB"  # save_pretrained's shard size: kd reads one model.safetensors, never shards
 
 
 class TextClassifier(nn.Module):
@@ -156,17 +171,52 @@ def check_tokenizer(path: Path, teacher_sha256: str) -> None:
 # --- the model directory --------------------------------------------------------------------------
 
 def save(model: TextClassifier, spec: ModelSpec, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE))
-    model.net.config.to_json_file(str(out / CONFIG_FILE))
+    """A Hugging Face directory (`save_pretrained`: weights under their own names, config.json) with the
+    tokenizer transformers reads (tokenizer.json, the teacher's bytes, and tokenizer_config.json), and
+    kd's spec beside: `AutoModelForSequenceClassification` and `pipeline` load it as kd does."""
+    info = spec.schema.text_info
+    with quiet_transformers():
+        model.net.save_pretrained(out, max_shard_size=ONE_FILE)
     (out / TOKENIZER_FILE).write_bytes(model.tokenizer_json)
+    config = tokenizer_config(model.tokenizer_json, info["max_length"], info["pad_id"],
+                              getattr(model.net.config, "bos_token_id", None),
+                              getattr(model.net.config, "eos_token_id", None), padding_side="right")
+    (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (out / META_FILE).write_text(json.dumps(spec.to_json(), indent=2))
 
 
+def copy_dir(src: Path, out: Path, model: TextClassifier, spec: ModelSpec) -> None:
+    """A kd directory (`model`, `spec` loaded from it) into `out`: file for file, or saved again in Hugging
+    Face's layout if written before it, so the copy is a Hugging Face directory too (the same weights)."""
+    if is_old_layout(src / WEIGHTS_FILE):
+        save(model, spec, out)
+        return
+    for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, META_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+def is_old_layout(weights: Path) -> bool:
+    """Weights under kd's own names (`net.` + the Hugging Face name), as save wrote them before save_pretrained."""
+    keys = _keys(weights)
+    return bool(keys) and all(k.startswith(OLD_PREFIX) for k in keys)
+
+
+def _keys(weights: Path) -> list[str]:
+    """The tensor names of a weights file (its header only); a corrupt file is a one-line UserError."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
+
+
 def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
-    """A kd text model directory; weights through safetensors, so loading never executes code."""
-    from transformers import AutoConfig
+    """A kd text model directory; weights through safetensors, so loading never executes code.
+
+    Directories written before save wrote Hugging Face's layout hold kd's own names (`net.` + the Hugging
+    Face name) and load as they were written; either way a weight missing or left over is an error."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from kd_core.data import Schema
 
@@ -175,15 +225,22 @@ def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
         raise UserError(f"{path} is not a kd text model directory (missing {', '.join(missing)})")
     meta = json.loads((path / META_FILE).read_text())
     spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "text"))
+    weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
+    if is_old_layout(weights):
+        with quiet_transformers():
+            net = from_config(AutoConfig.from_pretrained(path))
+        model = TextClassifier(net, spec.schema.text_info["pad_id"], (path / TOKENIZER_FILE).read_bytes())
+        load_into(model, load_file(str(weights)), problem)
+        return model.eval(), spec
     with quiet_transformers():
-        net = from_config(AutoConfig.from_pretrained(path))
-    model = TextClassifier(net, spec.schema.text_info["pad_id"], (path / TOKENIZER_FILE).read_bytes())
-    try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{path / WEIGHTS_FILE}: not a valid safetensors file: {exc}") from None
-    load_into(model, state, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}")
-    return model.eval(), spec
+        try:
+            net, info = AutoModelForSequenceClassification.from_pretrained(
+                path, use_safetensors=True, dtype=torch.float32, ignore_mismatched_sizes=True,
+                output_loading_info=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"{problem}: {str(exc).strip().splitlines()[0][:200]}") from None
+    check_loaded(info, problem)
+    return TextClassifier(net, spec.schema.text_info["pad_id"], (path / TOKENIZER_FILE).read_bytes()).eval(), spec
 
 
 def tokenizer(model: TextClassifier):  # -> tokenizers.Tokenizer

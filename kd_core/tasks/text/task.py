@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -15,12 +14,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate, hf
+from kd_core import data, evaluate
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
-from kd_core.hf import CONFIG_FILE
-from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, arch_dir
+from kd_core.models import META_FILE, ModelSpec, arch_dir
+from kd_core.tasks import _hf as hf
+from kd_core.tasks._hf import CONFIG_FILE
 from kd_core.tasks.base import Classifier, classify, labelled_then_transfer
 from kd_core.tasks.text import data as text_data
 from kd_core.tasks.text import models as text_models
@@ -120,8 +120,7 @@ class TextTask(Classifier):
             if tuple(map(str, spec.schema.classes)) != tuple(map(str, schema.classes)):
                 raise UserError(f"teacher {src} predicts classes {list(spec.schema.classes)}, "
                                 f"the training labels are {list(schema.classes)}")
-            for file in (WEIGHTS_FILE, META_FILE, CONFIG_FILE, TOKENIZER_FILE):
-                shutil.copy2(src / file, out / file)
+            text_models.copy_dir(src, out, model, spec)
             return model
         net = text_models.pretrained(src, schema.classes, require_head=True)
         model = TextClassifier(net, schema.text_info["pad_id"], (src / TOKENIZER_FILE).read_bytes())

@@ -106,11 +106,19 @@ def check_positions(config, max_length: int, where: str) -> None:
                         f"data.max_length is {max_length}; set data.max_length to {limit} or less")
 
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' settings for the tokenizer.json beside it
+GENERATION_CONFIG_FILE = "generation_config.json"  # what save_pretrained writes beside a generating model
+
+
 def fingerprint(path: Path) -> str:
-    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key."""
+    """sha256 over weights, config, tokenizer and spec: the teacher part of the cache key; transformers'
+    tokenizer and generation settings too where the directory has them (older ones have neither)."""
     h = hashlib.sha256()
     for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
         h.update(hashlib.sha256((path / name).read_bytes()).digest())
+    for name in (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
+        if (path / name).is_file():
+            h.update(name.encode() + hashlib.sha256((path / name).read_bytes()).digest())
     h.update(json.dumps(json.loads((path / META_FILE).read_text()), sort_keys=True).encode())
     return h.hexdigest()
 
@@ -130,3 +138,36 @@ def load_tokenizer(blob: bytes, where: Path | str):  # -> tokenizers.Tokenizer
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tokenizer_config(blob: bytes, max_length: int | None, pad_id: int | None, bos_id: int | None = None,
+                     eos_id: int | None = None, padding_side: str | None = None) -> dict:
+    """transformers' settings for tokenizer.json as it is, so `AutoTokenizer` reads a kd directory: the pad
+    token kd pads with, BOS/EOS where the tokenizer holds them as special tokens (naming any other token
+    would make transformers split text around it, unlike kd), and only the inputs kd feeds (no
+    token_type_ids)."""
+    special = {t["id"]: t["content"] for t in json.loads(blob).get("added_tokens", []) if t.get("special")}
+    out: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": ["input_ids", "attention_mask"],
+                 "clean_up_tokenization_spaces": False}
+    if padding_side is not None:
+        out["padding_side"] = padding_side
+    if max_length is not None:
+        out["model_max_length"] = max_length
+    if pad_id is not None and (pad := load_tokenizer(blob, TOKENIZER_FILE).id_to_token(pad_id)) is not None:
+        out["pad_token"] = pad
+    for name, i in (("bos_token", bos_id), ("eos_token", eos_id)):  # a config may list several EOS ids
+        if isinstance(i, int) and i in special:
+            out[name] = special[i]
+    return out
+
+
+def check_loaded(info: dict, problem: str) -> None:
+    """A from_pretrained loading report as load_into's one line: every weight in the file, none left over."""
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if bad := sorted(info.get("mismatched_keys", ())):  # (key, shape in the file, shape the config asks for)
+        key, got, want = bad[0]
+        raise UserError(f"{problem}: {key} is {list(got)} in the file, {list(want)} by the config "
+                        f"({len(bad)} in all)")
+    if missing or unexpected:
+        raise UserError(f"{problem}: missing {missing[:3]} ({len(missing)} in all), "
+                        f"unexpected {unexpected[:3]} ({len(unexpected)} in all)")
