@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 CHECKPOINTS = "train"  # under params.paths.work: one folder per training stage
 # kd_core files every training run executes
-CODE = ("train.py", "losses.py", "models.py", "features.py", "hf.py", "stages/_common.py", "tasks/base.py")
+CODE = ("train.py", "losses.py", "models.py", "features.py", "stages/_common.py", "tasks/base.py", "tasks/_hf.py")
 RUN_ID_ENV = "MLFLOW_RUN_ID"  # kd_core.tracking.RUN_ID_ENV, read here without importing mlflow
 LIVE_PREFIX = "train"  # live curves are `train.<role>.<metric>`, apart from the test metrics `<role>.<metric>`
 

@@ -4,6 +4,7 @@ and a temperature change re-runs only the student side."""
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import dvc, write_params
 from tests.conftest import stages_ran as ran
@@ -35,9 +36,16 @@ def test_repro_noop_and_temperature_rerun(project):
 
     # a code change makes exactly the stages that import the changed module stale (dvc.yaml's deps are
     # generated from the import closures: kd_core/codedeps.py)
+    # a task is one package and dvc.yaml names only the selected one (kd_core/tasks/${task}): an edit to the
+    # lm package leaves this tabular project up to date; one to its own package makes every stage that asks
+    # the task stale
+    asks_task = {name for name, body in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items()
+                 if "kd_core/tasks/${task}" in body["deps"]}
+    assert {"prepare", "teacher", "train_student", "evaluate"} <= asks_task
     for module, stale in (("kd_core/card/figures.py", {"report"}), ("kd_core/export.py", {"export"}),
                           ("kd_core/losses.py", {"teacher", "cache_logits", "train_student", "train_baseline",
-                                                 "export"})):  # export: its quantization-aware fine-tune
+                                                 "export"}),  # export: its quantization-aware fine-tune
+                          ("kd_core/tasks/lm/task.py", set()), ("kd_core/tasks/tabular/task.py", asks_task)):
         path = project / module
         original = path.read_text()
         path.write_text(original + "\n# an edit\n")
