@@ -9,7 +9,8 @@ project (a fresh git repository, its own MLflow store), and `dvc repro` runs the
 exactly as `make <example>` does minus Prefect. The table shows, per example: the teacher, student and
 twin (the baseline: the student's architecture on labels alone) on the headline metric, the student's
 retention of the teacher and its gain over the twin, the setting `distill.search` kept and how it was
-scored, the int8 file's change against the fp32 student and the policy's verdict on it, the DAG's
+scored, the int8 file's change against the fp32 student and the policy's verdict on it, the GGUF files
+of a task that has a GGUF export (`kd export --gguf`: size, max |Δlogit|, perplexity per format), the DAG's
 exit code, whether a model card came out, and the wall time of every stage.
 Run it before resolving anything that touches a task, training, the search, the cache or export.
 """
@@ -91,12 +92,26 @@ def figures(proj: Path) -> dict:
     return out
 
 
+def gguf(proj: Path, task: str, log: Path) -> dict | None:
+    """`kd export --gguf` where the example's task has a GGUF export: per format the file's size, max
+    |Δlogit| and perplexity against the PyTorch student (its gguf.json); None where the task has none."""
+    if not (proj / "kd_core" / "tasks" / task / "gguf.py").is_file():
+        return None
+    with log.open("a") as out:
+        done = subprocess.run([str(BIN / "kd"), "export", "--gguf"], cwd=proj, env=env(proj), stdout=out,
+                              stderr=subprocess.STDOUT, check=False)
+    report = _read(proj, "artifacts/gguf/gguf.json")
+    return report if done.returncode == 0 and report else {"failed": done.returncode}
+
+
 def run_example(name: str, tmp: Path, logs: Path) -> dict:
     params = yaml.safe_load((ROOT / "examples" / name / "params.yaml").read_text())
     proj = new_project(tmp / name, params)
     print(f"{name}: dvc repro in {proj} …", flush=True)
     code, stages, total = repro(proj, logs / f"{name}.log")
     result = {"exit": code, "stages": stages, "seconds": total, **figures(proj)}
+    if code == 0:
+        result["gguf"] = gguf(proj, params.get("task", ""), logs / f"{name}.log")
     print(f"{name}: exit {code} in {total / 60:.1f} min", flush=True)
     return result
 
@@ -111,9 +126,18 @@ def _fmt(r: dict) -> list[str]:
     return [*heads, f"{r['retention']:.3f}", f"{100 * r['vs_twin']:+.1f} pts"]
 
 
+def _gguf_cell(report: dict | None) -> str:
+    if not report:
+        return "–"
+    if "failed" in report:
+        return f"FAILED (exit {report['failed']})"
+    return "; ".join(f"{fmt} {r['size_bytes'] / 2**20:.0f} MiB, max |Δlogit| {r['max_abs_logit_diff']:.2g}, "
+                     f"ppl {r['perplexity']:.1f} (PyTorch {r['pytorch_perplexity']:.1f})" for fmt, r in report.items())
+
+
 def table(results: dict[str, dict]) -> str:
     head = ["example", "metric", "teacher", "student", "twin", "retention", "gain over twin", "search kept",
-            "int8 change (verdict)", "exit", "card", "wall per stage (s)", "total"]
+            "int8 change (verdict)", "GGUF", "exit", "card", "wall per stage (s)", "total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "int8_change" in r:
@@ -124,7 +148,8 @@ def table(results: dict[str, dict]) -> str:
             int8 = "–"
         kept = f"{r['setting']} ({r['scored_by']})" if "setting" in r else "search off"
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items())
-        cells = [name, r.get("metric", "–"), *_fmt(r), kept, int8, str(r["exit"]), "yes" if r["card"] else "NO",
+        cells = [name, r.get("metric", "–"), *_fmt(r), kept, int8, _gguf_cell(r.get("gguf")), str(r["exit"]),
+                 "yes" if r["card"] else "NO",
                  stages, f"{r['seconds'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -150,7 +175,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"date": when, "results": results}, indent=2) + "\n")
     if not args.keep:
         subprocess.run(["rm", "-rf", *(str(tmp / n) for n in args.examples)], check=False)
-    if any(r["exit"] != 0 or not r["card"] for r in results.values()):
+    if any(r["exit"] != 0 or not r["card"] or "failed" in (r.get("gguf") or {}) for r in results.values()):
         raise SystemExit(1)
 
 
