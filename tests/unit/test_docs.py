@@ -1,8 +1,9 @@
 """The docs site stays true to the code: the generated reference pages cover every key the shipped
 params files use and every `kd` command, and the README stays short with links that resolve.
 
-The generator (docs/gen_reference.py) is not a package module, so it is loaded by path, as
-mkdocs-gen-files runs it; nothing here builds the site (`make docs` does, in strict mode).
+The generator (docs/gen_reference.py, which imports its modules in docs/reference/ by path) is not a
+package module, so it is loaded by path, as mkdocs-gen-files runs it; nothing here builds the site
+(`make docs` does, in strict mode).
 """
 
 from __future__ import annotations
