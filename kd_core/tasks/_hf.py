@@ -21,7 +21,7 @@ from torch import nn
 
 from kd_core.data import TOKENIZER_FILE
 from kd_core.errors import UserError
-from kd_core.models import META_FILE, WEIGHTS_FILE
+from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -171,3 +171,34 @@ def check_loaded(info: dict, problem: str) -> None:
     if missing or unexpected:
         raise UserError(f"{problem}: missing {missing[:3]} ({len(missing)} in all), "
                         f"unexpected {unexpected[:3]} ({len(unexpected)} in all)")
+
+
+# --- kd directories of the token tasks: Hugging Face directories with kd's model.json beside ---------
+
+OLD_PREFIX = "net."  # weight names of directories written before save_pretrained: kd's wrapper's own
+ONE_FILE = "1000GB"  # save_pretrained's shard size: kd reads one model.safetensors, never shards
+DIR_FILES = (META_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+
+
+def dir_spec(path: Path, task: str) -> ModelSpec:
+    """The spec of a kd directory of `task` (its name fills a model.json that names none); a missing file
+    is a one-line UserError."""
+    from kd_core.data import Schema
+
+    if missing := [f for f in DIR_FILES if not (path / f).is_file()]:
+        raise UserError(f"{path} is not a kd {task} model directory (missing {', '.join(missing)})")
+    meta = json.loads((path / META_FILE).read_text())
+    return ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", task))
+
+
+def is_old_layout(weights: Path) -> bool:
+    """Weights under kd's own names (`net.` + the Hugging Face name), as save wrote them before
+    save_pretrained; a file that is not safetensors is a one-line UserError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
+    return bool(keys) and all(k.startswith(OLD_PREFIX) for k in keys)

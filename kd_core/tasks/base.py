@@ -7,7 +7,7 @@ cache and the evaluation index them by row and never look inside.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -203,3 +203,18 @@ class Classifier:
         from kd_core.registry import served_champion
 
         return served_champion(inputs)
+
+    def score(self, loaded: dict[str, tuple[nn.Module, ModelSpec]], splits: Splits,
+              weights: dict[str, Path]) -> dict[str, dict]:
+        from kd_core import evaluate
+
+        task = cast(Task, self)
+        return evaluate.classifier_scores(task, loaded, task.inputs(splits.test, splits.schema),
+                                          task.labels(splits.test, splits.schema), weights)
+
+    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
+                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
+        from kd_core import evaluate
+
+        return evaluate.model_metrics(model, cast(Task, self).example(spec), logits, y, teacher_pred,
+                                      spec.schema.classes, weights_file, latency_ms)

@@ -33,9 +33,12 @@ from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
 from kd_core.tasks._hf import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
+    ONE_FILE,
     TOKENIZER_CONFIG_FILE,
     check_loaded,
+    dir_spec,
     input_embeddings,
+    is_old_layout,
     max_positions,
     pca_projection,
     quiet_transformers,
@@ -233,8 +236,6 @@ def from_config_dir(path: Path, seed: int | None) -> PreTrainedModel:
 
 # --- the model directory --------------------------------------------------------------------------
 
-OLD_PREFIX = "net."  # weight names of directories written before save_pretrained: CausalLM's own
-ONE_FILE = "1000GB"  # save_pretrained's shard size: kd reads one model.safetensors, never shards
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 
 
@@ -278,17 +279,6 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
     return out
 
 
-def is_old_layout(weights: Path) -> bool:
-    """Weights under kd's own names (`net.` + the Hugging Face name), as save wrote them before save_pretrained;
-    a file that is not safetensors is a one-line UserError."""
-    try:
-        with safe_open(str(weights), "pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
-    return bool(keys) and all(k.startswith(OLD_PREFIX) for k in keys)
-
-
 def stored_dtype(weights: Path) -> torch.dtype:
     """The type of a weights file's first floating tensor (float32 if it names none kd knows)."""
     with safe_open(str(weights), "pt") as f:
@@ -316,13 +306,8 @@ def load(path: Path) -> tuple[CausalLM, ModelSpec]:
     its names the file holds. Either way a weight missing or left over is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kd_core.data import Schema
 
-    files = (META_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
-    if missing := [f for f in files if not (path / f).is_file()]:
-        raise UserError(f"{path} is not a kd lm model directory (missing {', '.join(missing)})")
-    meta = json.loads((path / META_FILE).read_text())
-    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "lm"))
+    spec = dir_spec(path, "lm")
     weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
     n_classes, blob = spec.schema.text_info["vocab_size"], (path / TOKENIZER_FILE).read_bytes()
     if not is_old_layout(weights):

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate, models
+from kd_core import data, models
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import Schema, Splits
 from kd_core.errors import UserError
@@ -119,16 +119,6 @@ class TabularTask(Classifier):
 
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(spec.schema.features))  # (batch, F)
-
-    def score(self, loaded: dict[str, tuple[nn.Module, ModelSpec]], splits: Splits,
-              weights: dict[str, Path]) -> dict[str, dict]:
-        return evaluate.classifier_scores(self, loaded, self.inputs(splits.test, splits.schema),
-                                          self.labels(splits.test, splits.schema), weights)
-
-    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
-        return evaluate.model_metrics(model, self.example(spec), logits, y, teacher_pred, spec.schema.classes,
-                                      weights_file, latency_ms)
 
 
 def _check_schema(spec: ModelSpec, schema: Schema, source: str) -> None:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -33,9 +32,12 @@ from kd_core.errors import UserError
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into
 from kd_core.tasks._hf import (
     CONFIG_FILE,
+    ONE_FILE,
     TOKENIZER_CONFIG_FILE,
     check_loaded,
+    dir_spec,
     input_embeddings,
+    is_old_layout,
     load_tokenizer,
     pca_projection,
     quiet_transformers,
@@ -47,8 +49,6 @@ if TYPE_CHECKING:  # transformers is imported where it is used (the table task n
 
 STUDENT_ARCHS = ("layers", "narrow")  # or a directory holding a Hugging Face config.json
 NARROW_DEFAULTS = {"hidden": 128, "layers": 2, "heads": 2, "intermediate": 512}
-OLD_PREFIX = "net."  # weight names of directories written before save_pretrained: TextClassifier's own
-ONE_FILE = "1000GB"  # save_pretrained's shard size: kd reads one model.safetensors, never shards
 
 
 class TextClassifier(nn.Module):
@@ -196,21 +196,6 @@ def copy_dir(src: Path, out: Path, model: TextClassifier, spec: ModelSpec) -> No
             shutil.copy2(src / name, out / name)
 
 
-def is_old_layout(weights: Path) -> bool:
-    """Weights under kd's own names (`net.` + the Hugging Face name), as save wrote them before save_pretrained."""
-    keys = _keys(weights)
-    return bool(keys) and all(k.startswith(OLD_PREFIX) for k in keys)
-
-
-def _keys(weights: Path) -> list[str]:
-    """The tensor names of a weights file (its header only); a corrupt file is a one-line UserError."""
-    try:
-        with safe_open(str(weights), "pt") as f:
-            return list(f.keys())
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{weights}: not a valid safetensors file: {exc}") from None
-
-
 def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
     """A kd text model directory; weights through safetensors, so loading never executes code.
 
@@ -218,13 +203,8 @@ def load(path: Path) -> tuple[TextClassifier, ModelSpec]:
     Face name) and load as they were written; either way a weight missing or left over is an error."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from kd_core.data import Schema
 
-    files = (META_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
-    if missing := [f for f in files if not (path / f).is_file()]:
-        raise UserError(f"{path} is not a kd text model directory (missing {', '.join(missing)})")
-    meta = json.loads((path / META_FILE).read_text())
-    spec = ModelSpec(meta["arch"], meta.get("options", {}), Schema.from_json(meta), meta.get("task", "text"))
+    spec = dir_spec(path, "text")
     weights, problem = path / WEIGHTS_FILE, f"{path / WEIGHTS_FILE} does not match its {CONFIG_FILE}"
     if is_old_layout(weights):
         with quiet_transformers():

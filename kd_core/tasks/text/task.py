@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import data, evaluate
+from kd_core import data
 from kd_core.config import Params, StudentParams, TeacherParams
 from kd_core.data import TOKENIZER_FILE, Schema, Splits
 from kd_core.errors import UserError
@@ -174,13 +174,3 @@ class TextTask(Classifier):
 
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         return text_models.example_ids(spec, batch)  # (batch, median length)
-
-    def score(self, loaded: dict[str, tuple[nn.Module, ModelSpec]], splits: Splits,
-              weights: dict[str, Path]) -> dict[str, dict]:
-        return evaluate.classifier_scores(self, loaded, self.inputs(splits.test, splits.schema),
-                                          self.labels(splits.test, splits.schema), weights)
-
-    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
-        return evaluate.model_metrics(model, self.example(spec), logits, y, teacher_pred, spec.schema.classes,
-                                      weights_file, latency_ms)
