@@ -148,6 +148,15 @@ def int8_recipe(export: dict) -> str:
             f"{r['selection_rows']:,} other training rows")
 
 
+def decision_blocks(reg: dict | None) -> list[Block]:
+    """The promotion decision, one line per rule (none before a registration)."""
+    if not reg:
+        return []
+    return [Heading("Promotion decision"),
+            Para(f"**{reg['decision']}**: one line per rule of `policy` in `params.yaml`."),
+            Bullets([f"`{r}`" for r in reg["reasons"]])]
+
+
 def registry_line(reg: dict) -> str:
     """The summary's line on the registration (metrics/register.json)."""
     return (f"Registry: `{reg['model_name']}` version {reg['version']} was **{reg['decision']}** "
@@ -192,10 +201,7 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
                         "Latencies are measured in one process, interleaved, so machine noise hits all alike; "
                         "the PyTorch rows are re-measured here and can differ from the table above by noise."),
                    table(export_table(inp.export))]
-    if reg:
-        blocks += [Heading("Promotion decision"),
-                   Para(f"**{reg['decision']}**: one line per rule of `policy` in `params.yaml`."),
-                   Bullets([f"`{r}`" for r in reg["reasons"]])]
+    blocks += decision_blocks(reg)
     blocks += [
         Heading("Training curves"),
         Image(figures["training"], f"Loss and accuracy per epoch: student (KD loss: {f.get('loss', '?')}) against "

@@ -15,6 +15,7 @@ from kd_core.card.content import (
     FIGURES,
     HTML_FILE,
     MD_FILE,
+    decision_blocks,
     int8_recipe,
     int8_verdict,
     registry_line,
@@ -123,10 +124,7 @@ def build_blocks(inp: LMCardInputs, figures: dict[str, str], data_docs: str | No
                    Para(f"The student exported to ONNX (fp32) and quantized to int8 ({int8_recipe(inp.export)}), "
                         "each checked against PyTorch on the held-out sequences, position by position."),
                    table(export_table(inp.export))]
-    if reg:
-        blocks += [Heading("Promotion decision"),
-                   Para(f"**{reg['decision']}**: one line per rule of `policy` in `params.yaml`."),
-                   Bullets([f"`{r}`" for r in reg["reasons"]])]
+    blocks += decision_blocks(reg)
     blocks += [
         Heading("Training curves"),
         Image(figures["training"], f"Loss and next-token accuracy per epoch: student (KD loss: {f.get('loss', '?')}) "
