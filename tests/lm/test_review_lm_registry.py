@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -64,7 +63,7 @@ def case(root: Path, today: bytes, champion: bytes, monkeypatch: pytest.MonkeyPa
     ids = np.random.default_rng(0).integers(0, vocab_size(today), (4, SEQ + 1))
     ids[:, 3] = vocab_size(today) - 1  # a token only today's tokenizer has, when it grew
     monkeypatch.setattr(registry.serving, "download_model_dir", lambda uri, dest, root=None: champion_dir)
-    return registry._lm_champion(root, PARAMS, evidence(root, today, ids), SimpleNamespace(version="3"))
+    return tasks.get("lm").champion_score(registry.ChampionInputs(root, PARAMS, evidence(root, today, ids), 3))
 
 
 def test_a_champion_of_the_same_tokenizer_is_scored(tmp_path: Path, lm_tokenizer_json: bytes,
