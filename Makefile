@@ -38,7 +38,7 @@ lm: $(VENV)/.installed
 	$(BIN)/kd run
 
 # ruff, then mypy over kd_core ([tool.mypy] in pyproject.toml): a task class that drifts from the
-# Task protocol (kd_core/tasks/base.py) fails here, through the typed registry TASKS.
+# Task protocol (kd_core/tasks/base.py) fails here, through each task package's `TASK: Task`.
 # Every example end to end (dvc repro in a temporary copy each) and the README's results table: ~40 min.
 examples: $(VENV)/.installed
 	$(BIN)/python bench/examples.py

@@ -118,7 +118,7 @@ def closure(module: str, root: Path = ROOT) -> list[str]:
 
 def task_names(root: Path = ROOT) -> list[str]:
     base = root / PACKAGE / "tasks"
-    return sorted(p.parent.name for p in base.glob("*/__init__.py"))
+    return sorted(p.parent.name for p in base.glob("*/__init__.py") if not p.parent.name.startswith("_"))
 
 
 def task_deps(root: Path = ROOT) -> list[str]:

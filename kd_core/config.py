@@ -275,7 +275,8 @@ class PathParams(_Section):
 
 
 class Params(_Section):
-    # what a row is: a package of kd_core/tasks (a table row, a document, a packed token sequence)
+    # what a row is: a package of kd_core/tasks (a table row, a document, a packed token sequence);
+    # required in a params.yaml file (dvc.yaml's code deps read it)
     task: str = Field(default_factory=lambda: _tasks().DEFAULT, min_length=1)
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
@@ -316,8 +317,9 @@ class Params(_Section):
             raise ValueError(f"task {self.task!r}: choose one of {list(tasks.names())}")
         task = tasks.get(self.task)
         if d.source not in (*task.builtin_sources, *task.file_sources):
-            owner = [n for n in tasks.names() if d.source in tasks.get(n).builtin_sources]
-            hint = f" (data.source {d.source!r} is task {owner[0]!r}'s: set task: {owner[0]})" if owner else ""
+            owner = [n for n in tasks.names()
+                     if d.source in (*tasks.get(n).builtin_sources, *tasks.get(n).file_sources)]
+            hint = f" (task {owner[0]!r} reads it: set task: {owner[0]})" if len(owner) == 1 else ""
             raise ValueError(f"task {self.task!r} reads data.source "
                              f"{' or '.join((*task.builtin_sources, *task.file_sources))}, not {d.source!r}{hint}")
         if d.source in task.file_sources and (not d.train or not d.test):
@@ -389,10 +391,16 @@ def load_params(root: Path | str = ".") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if isinstance(raw, dict) and "task" not in raw:  # dvc.yaml's code deps name kd_core/tasks/${task}
-        raise UserError(f"{path}: no `task:` key; set it (one of {', '.join(_tasks().names())}): dvc.yaml "
-                        "reads it to depend on the task's code")
+    _require_task(raw, str(path))
     return parse_params(raw, str(path))
+
+
+def _require_task(raw: Any, source: str) -> None:
+    """A params.yaml file names its task: dvc.yaml's code deps read it (kd_core/tasks/${task}), so without
+    it DVC cannot even parse the DAG. (Params built in code default to the first-release task.)"""
+    if raw is None or (isinstance(raw, dict) and "task" not in raw):
+        raise UserError(f"{source}: no `task:` key; set it (one of {', '.join(_tasks().names())}): dvc.yaml "
+                        "reads it to depend on the task's code")
 
 
 def _coerce(value: str) -> Any:
@@ -421,7 +429,9 @@ def set_params(root: Path | str, assignments: list[str]) -> Params:
                 node[part] = {}
             node = node[part]
         node[leaf] = _coerce(value)
-    params = parse_params(json.loads(json.dumps(doc)), f"{path} (after --set)")
+    raw = json.loads(json.dumps(doc))
+    _require_task(raw, f"{path} (after --set)")
+    params = parse_params(raw, f"{path} (after --set)")
     buf = io.StringIO()
     rt.dump(doc, buf)
     atomic_write_text(path, buf.getvalue())  # a crash mid-write must not leave half a params.yaml

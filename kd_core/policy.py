@@ -116,9 +116,9 @@ def _champion_checks(candidate: dict, student: float, champion: ChampionScore,
                 (True, f"{RULES[6]} n/a ({why}): pass")]
     p = mcnemar_p_value(champion.wins, champion.losses)
     significance = _at_most(RULES[6], p, policy.max_p_value, f" ({champion.wins} wins, {champion.losses} losses{vs})")
-    if PERPLEXITY in candidate:  # lm: perplexity points gained over the champion; no classes
+    if PERPLEXITY in candidate:  # a perplexity headline: points gained over the champion; no classes
         ppl = _number(candidate, PERPLEXITY, "student", 1.0)
-        return [(True, f"{RULES[4]} n/a (task lm has no classes): pass"),
+        return [(True, f"{RULES[4]} n/a (a language model has no classes): pass"),
                 _at_least(RULES[5], (champion.perplexity or math.inf) - ppl, policy.min_gain_over_champion,
                           f" (perplexity{vs})"),
                 significance]

@@ -66,10 +66,10 @@ def validation_summary(params: Params, workdir: Path) -> dict:
 
 def classifier_inputs(params: Params, workdir: Path) -> CardInputs:
     """A classifier's card: the run's files plus the three models re-scored on the test rows."""
-    metrics = workdir / params.paths.metrics
+    metrics, found = workdir / params.paths.metrics, evals(params, workdir)  # no eval.json: say so before scoring
     logits, y, splits = score_test_split(params, model_dirs(params, workdir), workdir / params.paths.prepared)
     return CardInputs(
-        evals=evals(params, workdir), curves=curves(params, workdir),
+        evals=found, curves=curves(params, workdir),
         logits=logits, labels=y, classes=splits.schema.classes,
         row=tasks.for_params(params).describe(splits.schema),
         split_rows={"train": len(splits.train), "test": len(splits.test), "transfer": len(splits.transfer)},

@@ -131,8 +131,7 @@ def checkpoint_path(workdir: Path, params: Params, stage: str, inputs: dict, wor
     """Where `stage` keeps its training checkpoint: the ignored work directory, not the stage output
     (DVC deletes outputs before re-running a stage), under a key of everything the run depends on —
     `inputs` (params sections, data or cache key), the world size and the training code (the selected
-task's whole package among it) — so only a
-    run that would compute exactly the same epochs resumes from it."""
+    task's whole package among it) — so only a run that would compute exactly the same epochs resumes."""
     h = hashlib.sha256(json.dumps({"stage": stage, "world": world, **inputs}, sort_keys=True).encode())
     kd_core = Path(__file__).resolve().parents[1]
     task_code = sorted(p.relative_to(kd_core).as_posix() for p in (kd_core / "tasks" / params.task).rglob("*.py"))

@@ -26,8 +26,8 @@ DEFAULT = DEFAULT_TASK  # the task of a params.yaml without `task:` and of the f
 
 
 def names() -> tuple[str, ...]:
-    """Every task this kd knows: the packages beside this module, sorted."""
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg))
+    """Every task this kd knows: the packages beside this module, sorted (`_name`: shared code, not a task)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg and not m.name.startswith("_")))
 
 
 @functools.cache

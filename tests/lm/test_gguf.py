@@ -206,3 +206,18 @@ def test_kd_export_gguf_on_a_task_without_it_is_one_line(tmp_path: Path, monkeyp
     res = CliRunner().invoke(app, ["export", "--gguf"])
     assert isinstance(res.exception, UserError) and "has no GGUF export" in str(res.exception)
     assert "\n" not in str(res.exception) and not (tmp_path / "artifacts").exists()
+
+
+def test_kd_export_gguf_of_another_tokenizer_is_one_line(tmp_path: Path, lm_tokenizer_json: bytes,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A student of another tokenizer than the prepared data's (a registered version from before a teacher
+    change) cannot be checked on today's ids: a one-line error, no files (not an IndexError)."""
+    proj = lm_project(tmp_path / "lm", lm_tokenizer_json)
+    schema_file = proj / "data/prepared" / data.SCHEMA_FILE
+    schema = json.loads(schema_file.read_text())
+    schema["text"]["tokenizer_sha256"] = "0" * 64
+    schema_file.write_text(json.dumps(schema))
+    monkeypatch.chdir(proj)
+    res = CliRunner().invoke(app, ["export", "--gguf"])
+    assert isinstance(res.exception, UserError) and "is not the prepared data's" in str(res.exception)
+    assert "\n" not in str(res.exception) and not (proj / "artifacts/gguf").exists()

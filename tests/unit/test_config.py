@@ -100,3 +100,19 @@ def test_a_params_file_without_task_names_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
     with pytest.raises(UserError, match=r"no `task:` key; set it \(one of lm, tabular, text\)"):
         load_params(tmp_path)
+
+
+def test_an_empty_params_file_and_a_set_that_drops_nothing_still_need_task(tmp_path):
+    (tmp_path / "params.yaml").write_text("")
+    with pytest.raises(UserError, match="no `task:` key"):
+        load_params(tmp_path)
+    (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
+    with pytest.raises(UserError, match=r"\(after --set\): no `task:` key"):
+        set_params(tmp_path, ["train.epochs=4"])
+    assert (tmp_path / "params.yaml").read_text() == "train: {epochs: 3}\n"  # nothing written
+
+
+def test_a_source_of_one_other_task_names_it():
+    with pytest.raises(UserError, match=r"task 'tabular' reads data.source mnist1d or parquet, not 'text' "
+                                        r"\(task 'lm' reads it: set task: lm\)"):
+        parse_params({"task": "tabular", "data": {"source": "text", "train": "a", "test": "b"}})

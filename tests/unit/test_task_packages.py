@@ -98,3 +98,9 @@ def test_stage_deps_name_the_selected_task_package_only() -> None:
         if "kd_core/tasks/__init__.py" in deps:
             assert codedeps.TASK_DEP in deps, stage
     assert "__pycache__/" in (ROOT / ".dvcignore").read_text().split()  # bytecode is not a code change
+
+
+def test_shared_code_under_tasks_is_not_a_task() -> None:
+    """`kd_core/tasks/_name/` (shared helpers) is neither a task nor a dvc.yaml task package."""
+    assert all(not n.startswith("_") for n in tasks.names())
+    assert codedeps.task_names() == list(tasks.names())

@@ -1,7 +1,7 @@
 """Every registered task has what the `Task` protocol declares: each attribute (of the declared kind)
 and each method with the protocol's parameters, by name, kind and order, and its defaults.
 
-mypy checks the same through the typed registry (`make lint`); this catches a gap without it."""
+mypy checks the same through each package's typed `TASK: Task` (`make lint`); this catches a gap without it."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from kd_core.errors import UserError
 from kd_core.tasks._hf import load_tokenizer, quiet_transformers
-from kd_core.tasks.lm.models import CausalLM
+from kd_core.tasks.lm.models import CausalLM, tokenizer_sha256
 from kd_core.tasks.lm.scoring import perplexity
 
 if TYPE_CHECKING:
@@ -310,6 +310,10 @@ def run(params: Params, root: Path, model_dir: Path, out: Path) -> dict[str, GGU
     if not isinstance(model, CausalLM):
         raise UserError(f"{model_dir}: not a causal language model; GGUF export writes those")
     splits = data.read_prepared(root / params.paths.prepared)
+    own, today = tokenizer_sha256(model.tokenizer_json), splits.schema.text_info["tokenizer_sha256"]
+    if own != today:  # today's ids mean nothing to it (a grown vocabulary would index past its embeddings)
+        raise UserError(f"{model_dir}: its tokenizer ({own[:12]}) is not the prepared data's ({today[:12]}); "
+                        "GGUF export checks a model on held-out sequences of its own tokenizer")
     task = tasks.for_params(params)
     x = task.inputs(splits.test, splits.schema)[:CHECK_SEQUENCES]  # (N, L)
     y = task.labels(splits.test, splits.schema)[:CHECK_SEQUENCES]  # (N, L)
