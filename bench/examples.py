@@ -131,7 +131,7 @@ def _gguf_cell(report: dict | None) -> str:
         return "–"
     if "failed" in report:
         return f"FAILED (exit {report['failed']})"
-    return "; ".join(f"{fmt} {r['size_bytes'] / 2**20:.0f} MiB, max |Δlogit| {r['max_abs_logit_diff']:.2g}, "
+    return "; ".join(f"{fmt} {r['size_bytes'] / 2**20:.0f} MiB, max \\|Δlogit\\| {r['max_abs_logit_diff']:.2g}, "
                      f"ppl {r['perplexity']:.1f} (PyTorch {r['pytorch_perplexity']:.1f})" for fmt, r in report.items())
 
 
