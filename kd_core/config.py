@@ -52,6 +52,11 @@ class DataParams(_Section):
     seq_len: int = Field(128, ge=4, le=65_536)  # task lm: tokens per packed training sequence
     max_tokens: int | None = Field(None, ge=4)  # task lm: cap on the training tokens (a quicker demo); null: all
     max_test_tokens: int | None = Field(None, ge=4)  # task lm: cap on the held-out tokens
+    image_size: int | None = Field(None, ge=8, le=1024)  # task image: side of the square the models read
+    # (every image resized to it); null: the training images' median longer side, at most 224
+    channels: Literal[1, 3] | None = None  # task image: 1 (greyscale) | 3 (RGB); null: 1 if every training
+    # image is greyscale, else 3 (mixed sources are converted, never refused)
+    image_column: str = Field("image", min_length=1)  # task image, parquet: the column of encoded image bytes
 
     @model_validator(mode="after")
     def _columns(self) -> DataParams:
@@ -64,6 +69,8 @@ class ValidationParams(_Section):
     min_rows_per_class: int = Field(5, ge=1)
     max_duplicate_frac: float = Field(0.05, ge=0.0, le=1.0)
     max_truncated_frac: float = Field(0.5, ge=0.0, le=1.0)  # task text: documents longer than data.max_length
+    max_small_frac: float = Field(0.1, ge=0.0, le=1.0)  # task image: images smaller than data.image_size
+    # (either side), which resizing blows up
 
 
 class TeacherParams(_Section):
@@ -90,6 +97,23 @@ class FeatureCapture(_Section):
     pool: Literal["mean", "max", "none"] = "none"  # over the axes after the channels: (B, C, *S) -> (B, C)
 
 
+class AugmentParams(_Section):
+    """How `cache.views` draws each augmented view (random-resized crop, then a horizontal flip): in the key."""
+
+    scale: tuple[float, float] = (0.35, 1.0)  # share of the image's area a crop covers (torchvision's default 0.08)
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # crop aspect ratios (width / height), drawn log-uniformly
+    flip: bool = True  # mirror half the views left to right
+    seed: int = 0  # the view generator's seed
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentParams:
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale {list(self.scale)}: need 0 < low <= high <= 1")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio {list(self.ratio)}: need 0 < low <= high")
+        return self
+
+
 class CacheParams(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     top_k: int | None = Field(None, ge=1)
@@ -100,6 +124,9 @@ class CacheParams(_Section):
     runner: Literal["serial", "dask"] = "serial"
     dask_address: str | None = None
     features: tuple[FeatureCapture, ...] = ()  # part of the cache key; empty: logits only
+    views: int = Field(0, ge=0, le=64)  # augmented views cached per input row (task image), rows = image × view,
+    # replayed exactly by the student; 0: the plain input only. V and `augment` are in the cache key
+    augment: AugmentParams = AugmentParams()
 
     @field_validator("features")
     @classmethod
@@ -111,7 +138,7 @@ class CacheParams(_Section):
 
 
 # kd_core.losses.LOSSES; a unit test keeps the two in step
-LOSS_NAMES = ("dkd", "hinton", "jsd", "mse", "mse_l2", "reverse_kl", "skew_kl")
+LOSS_NAMES = ("dist", "dkd", "hinton", "jsd", "mse", "mse_l2", "reverse_kl", "skew_kl")
 
 
 class FeatureHint(_Section):
@@ -150,6 +177,8 @@ class DistillParams(_Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     dkd_alpha: float = Field(1.0, ge=0.0)
     dkd_beta: float = Field(8.0, ge=0.0)
+    dist_beta: float = Field(1.0, ge=0.0)  # dist: weight of the inter-class term (per row, across classes)
+    dist_gamma: float = Field(1.0, ge=0.0)  # dist: weight of the intra-class term (per class, across the batch)
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd: 0 is forward KL, 1 reverse KL
     skew: float = Field(0.1, ge=0.0, lt=1.0)  # skew_kl: KL(p_t ‖ a·p_t + (1-a)·p_s)
     ensemble: Literal["logits", "probs"] = "logits"  # several teachers: average their logits or their probabilities
@@ -324,6 +353,11 @@ class Params(_Section):
                              f"{' or '.join((*task.builtin_sources, *task.file_sources))}, not {d.source!r}{hint}")
         if d.source in task.file_sources and (not d.train or not d.test):
             raise ValueError(f"data.source {d.source!r} needs data.train and data.test")
+        if self.cache.views and not task.views:
+            raise ValueError(f"cache.views: task {self.task!r} has no augmented views; set cache.views to 0")
+        if self.cache.views and (self.cache.features or self.teachers):
+            raise ValueError("cache.views: augmented views are cached for a single teacher's logits; "
+                             "set cache.features to [] and teachers to null")
         task.check_params(self)
         return self
 

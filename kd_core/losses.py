@@ -146,6 +146,57 @@ def dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temp
     return _mix(temperature**2 * (tckd_weight * tckd + nckd_weight * nckd), student, labels, alpha)
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of `a` and `b` along `dim`: the cosine of the centred vectors.  # (B, K) -> (K,) or (B,)
+
+    ρ = ⟨a - ā, b - b̄⟩ / (‖a - ā‖·‖b - b̄‖ + ε). The ε makes ρ of a constant vector (no variance: a row
+    of equal logits, one row down a column) 0 rather than 0/0, so the loss and its gradient stay finite.
+    ρ ignores scale, so its gradient grows as 1/‖a - ā‖ near a constant `a`: finite (ε), but large.
+    """
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    return (a * b).sum(dim=dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist_terms(student: torch.Tensor, teacher: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST's (inter-class, intra-class) relation losses at temperature T, without T².  # (B,), ()
+
+    With p = softmax(z/T) in float32 (bf16 logits would round the small probabilities' variances away):
+    inter_i = 1 - ρ(p_s[i, :], p_t[i, :]), across the classes of row i: how the teacher ranks the classes
+    for this input. intra = 1 - (1/K)·Σ_j ρ(p_s[:, j], p_t[:, j]), across the batch's rows for class j:
+    which inputs the teacher finds most class-j-like. The intra term is a statistic of the whole batch;
+    with one row there is nothing to correlate across, so it is 0 there.
+    """
+    p_s = F.softmax(student.float() / temperature, dim=-1)  # (B, K)
+    p_t = F.softmax(teacher.float() / temperature, dim=-1)  # (B, K)
+    inter = 1 - pearson(p_s, p_t, dim=-1)  # (B,)
+    if p_s.shape[0] < 2:
+        return inter, p_s.new_zeros(())
+    return inter, 1 - pearson(p_s, p_t, dim=0).mean()  # (B,), ()
+
+
+def dist_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float,
+            beta: float, gamma: float) -> torch.Tensor:
+    """DIST mixed with CE: soft_i = T²·(β·inter_i + γ·intra), then α-mixed as Hinton KD.  # (B,)
+
+    Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A Stronger Teacher" (NeurIPS 2022), whose
+    names these are: inter-class per row, intra-class per class (dist_terms). Matching correlations
+    instead of KL asks the student for the teacher's relations, not its exact probabilities: any positive
+    affine map of the teacher's scores 0, which helps a much smaller student when the teacher is far
+    stronger. β = `distill.dist_beta`, γ = `distill.dist_gamma` (the authors' default 1, 1). T² is the
+    authors' code's, as in Hinton KD; unlike KL's, the correlation's gradients do not shrink as 1/T², so
+    at T > 1 it also raises the soft term's weight (the paper: T = 1).
+
+    The intra term is one number per batch; every row carries it, so the training loop's sum over rows
+    divided by the batch size counts it once, as the paper's loss does. Under DDP each rank computes it
+    over its own share of the global batch, and the update averages the ranks' values weighted by their
+    shares: an approximation of the global batch's correlation, exact on one process.
+    """
+    inter, intra = dist_terms(student, teacher, temperature)  # (B,), ()
+    return _mix(temperature**2 * (beta * inter + gamma * intra), student, labels, alpha)
+
+
 def hard_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row cross-entropy on labelled rows, 0 on unlabelled ones: the hard-label baseline's loss.  # (B,)"""
     labelled = labels != UNLABELLED  # (B,)
@@ -189,6 +240,11 @@ def _mse(d: DistillParams) -> LossFn:
 @LOSSES.register("dkd")
 def _dkd(d: DistillParams) -> LossFn:
     return partial(dkd, temperature=d.temperature, alpha=d.alpha, tckd_weight=d.dkd_alpha, nckd_weight=d.dkd_beta)
+
+
+@LOSSES.register("dist")
+def _dist(d: DistillParams) -> LossFn:
+    return partial(dist_kd, temperature=d.temperature, alpha=d.alpha, beta=d.dist_beta, gamma=d.dist_gamma)
 
 
 def _divergence(name: str):
