@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: run text lm examples test lint docs install clean
+.PHONY: run text lm image fashion-mnist examples test lint docs install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -36,6 +36,20 @@ text: $(VENV)/.installed
 lm: $(VENV)/.installed
 	cp examples/lm/params.yaml params.yaml
 	$(BIN)/kd run
+
+# The image example (Fashion-MNIST, ResNet teacher -> MobileNet-class student from a cache of augmented
+# views): replaces params.yaml with examples/image/params.yaml. Its images come from the Debian package
+# dataset-fashion-mnist, installed here when missing (as root), else the command to run is printed.
+image: $(VENV)/.installed fashion-mnist
+	cp examples/image/params.yaml params.yaml
+	$(BIN)/kd run
+
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+fashion-mnist:
+	@test -f $(FASHION_MNIST) || { [ "$$(id -u)" = 0 ] \
+	  && { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+	       || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } \
+	  || { echo "Fashion-MNIST is missing: run  sudo apt-get install dataset-fashion-mnist  (Debian/Ubuntu)" >&2; exit 1; }; }
 
 # ruff, then mypy over kd_core ([tool.mypy] in pyproject.toml): a task class that drifts from the
 # Task protocol (kd_core/tasks/base.py) fails here, through each task package's `TASK: Task`.

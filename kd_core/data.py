@@ -35,6 +35,8 @@ class Schema:
     classes: tuple  # class names (ints or strings) in logit order
     # task text: how documents become token ids (kd_core.tasks.text.data.TextInfo as a dict); None for tables
     text: dict | None = None
+    # task image: how an image becomes model inputs (side, channels, normalisation); None for the others
+    image: dict | None = None
 
     @property
     def text_info(self) -> dict:
@@ -42,13 +44,20 @@ class Schema:
         assert self.text is not None, "a table's schema has no text info"
         return self.text
 
+    @property
+    def image_info(self) -> dict:
+        """`image` of a schema that has one (task image)."""
+        assert self.image is not None, "this schema has no image info"
+        return self.image
+
     def to_json(self) -> dict:
         out = {"features": list(self.features), "label_column": self.label_column, "classes": list(self.classes)}
-        return out | ({"text": self.text} if self.text is not None else {})
+        return out | {k: v for k, v in (("text", self.text), ("image", self.image)) if v is not None}
 
     @classmethod
     def from_json(cls, obj: dict) -> Schema:
-        return cls(tuple(obj["features"]), obj["label_column"], tuple(obj["classes"]), obj.get("text"))
+        return cls(tuple(obj["features"]), obj["label_column"], tuple(obj["classes"]), obj.get("text"),
+                   obj.get("image"))
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ def load(path: Path) -> tuple[KDModel, ModelSpec]:
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def read_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file; pickles are opened with weights_only=True, so code never runs."""
     if path.suffix == ".safetensors":
         try:
@@ -262,7 +262,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: Path, spec: ModelSpec) -> KDModel:
     """A user's weights file for architecture `spec.arch`, trained on raw (unscaled) features."""
     model = build(spec)  # identity scaling: the checkpoint's own preprocessing is inside its net
-    state = _read_state(path)
+    state = read_state(path)
     target = model if any(k.startswith(("net.", "scale.")) for k in state) else model.net
     load_into(target, state, f"{path} does not match architecture {spec.arch!r} {spec.options}")
     return model.eval()

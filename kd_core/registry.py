@@ -189,14 +189,14 @@ class _Evidence:
     eval_path: Path
     test: pd.DataFrame  # the prepared test split, labels included
     label_column: str
-    inputs: tuple[str, ...]  # the columns a served model reads (features, or the text column)
+    task: str
     fingerprints: Fingerprints
     schema: data.Schema
 
     @property
     def features(self) -> pd.DataFrame:
         """The raw test inputs as a client sends them (text: the documents, not the prepared ids)."""
-        return self.test[list(self.inputs)]
+        return tasks.get(self.task).client_inputs(self.test, self.schema)
 
     @property
     def labels(self) -> np.ndarray:
@@ -222,7 +222,7 @@ def _evidence(root: Path, params: Params) -> _Evidence:
     splits = data.read_prepared(root / params.paths.prepared)
     if len(splits.test) == 0:
         raise UserError(f"{root / params.paths.prepared}: the test split is empty")
-    return _Evidence(evals, path, splits.test, splits.schema.label_column, splits.schema.features,
+    return _Evidence(evals, path, splits.test, splits.schema.label_column, params.task,
                      fingerprints(root, params), splits.schema)
 
 

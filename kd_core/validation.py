@@ -219,6 +219,22 @@ def _truncated(kw: dict, r: dict, p: ValidationParams) -> str:
             f"{p.max_truncated_frac}; raise data.max_length")
 
 
+def _duplicate_images(kw: dict, r: dict, p: ValidationParams) -> str:
+    return (f"{r['unexpected_count']} of {r['element_count']} images ({r['unexpected_percent']:.1f}%) repeat "
+            f"another one pixel for pixel, more than validation.max_duplicate_frac={p.max_duplicate_frac}")
+
+
+def _small_images(kw: dict, r: dict, p: ValidationParams) -> str:
+    side = kw["column"].removeprefix("kd_")
+    return (f"{r['unexpected_count']} of {r['element_count']} images ({r['unexpected_percent']:.1f}%) have a {side} "
+            f"below data.image_size={kw['min_value']} px, more than validation.max_small_frac={p.max_small_frac}; "
+            f"lower data.image_size or leave the small images out")
+
+
+def _bands(kw: dict, r: dict, _p: ValidationParams) -> str:
+    return f"images with {r.get('observed_value')} channels; only 1 to 4 (grey, grey + alpha, RGB, RGBA) are read"
+
+
 _DESCRIBE: dict[str, Callable[[dict, dict, ValidationParams], str]] = {
     "expect_table_columns_to_match_ordered_list": _columns,
     "expect_column_values_to_not_be_null": _nulls,
@@ -233,6 +249,9 @@ _DESCRIBE: dict[str, Callable[[dict, dict, ValidationParams], str]] = {
     "blank_text": _blank,
     "duplicate_text": _duplicate_text,
     "truncated": _truncated,
+    "duplicate_images": _duplicate_images,
+    "small_images": _small_images,
+    "expect_column_distinct_values_to_be_in_set": _bands,
 }
 
 

@@ -2,7 +2,7 @@
 (build.py), reading (reader.py), the store (store.py) and the stages' side of it (teacher.py). See
 format.py for the layout on disk."""
 
-from kd_core.cache.build import CacheReport, build_cache, write_shard
+from kd_core.cache.build import CacheReport, build_cache, views_path, write_shard
 from kd_core.cache.encode import Encoded, concat, encode_batch, to_host
 from kd_core.cache.format import (
     FORMAT_VERSION,
@@ -25,4 +25,4 @@ __all__ = ["FORMAT_VERSION", "IN_MEMORY_MAX_BYTES", "MANIFEST", "STORE", "CacheR
            "LogitCache", "StoredCache", "TeacherLogits", "TopK", "TopKTensors", "autocast", "build_cache",
            "bytes_per_row", "cache_key", "concat", "decode", "encode_batch", "expected_keys", "gc_store",
            "index_dtype", "key_lock", "list_store", "read_manifest", "settings", "shard_file", "to_host",
-           "verify_cache", "write_shard"]
+           "verify_cache", "views_path", "write_shard"]

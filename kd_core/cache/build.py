@@ -27,6 +27,7 @@ from kd_core.cache.format import (
     FORMAT_VERSION,
     MANIFEST,
     STORE,
+    VIEWS_FILE,
     CacheSettings,
     Features,
     bytes_per_row,
@@ -225,7 +226,7 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
                 dask_address: str | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 feature_shapes: tuple[tuple[int, ...], ...] = (), autocast: str | None = None,
-                device: str = "cpu", gpus: int = 0) -> CacheReport:
+                device: str = "cpu", gpus: int = 0, views: np.ndarray | None = None) -> CacheReport:
     """Compute (or resume) every shard in the store, then publish shards + manifest into `out`.
 
     `feature_shapes` are the per-row shapes of `settings.features`, known before any shard is computed
@@ -238,6 +239,8 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
     recorded in the manifest, not the key; shards an interrupted build left under another capture
     are computed again, never mixed (ties in the top-k may break differently per device).
     `gpus`: devices a temporary Dask cluster gives one worker each.
+    `views` (cache.views): every row's view parameters, written into the store (VIEWS_FILE, with its
+    sha256 in the manifest) before any shard is computed, as `compute` renders its views from that file.
     """
     t0 = time.perf_counter()
     if settings.top_k and settings.top_k > n_classes:
@@ -246,8 +249,25 @@ def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: 
         raise ValueError(f"{len(settings.features)} feature(s) to cache, {len(feature_shapes)} shape(s) given")
     with key_lock(work, key):  # `kd cache gc` skips a cache while its build holds this
         capture = {"device": device, "autocast": autocast}
+        if views is not None:
+            meta = meta | {"views": _write_views(work / STORE / key, views, n_rows, settings)}
         return _build_locked(compute, n_rows, n_classes, out, work, key, settings, meta | {"capture": capture},
                              runner, (dask_address, gpus), progress, feature_shapes, t0)
+
+
+def views_path(work: Path, key: str) -> Path:
+    """Where the build of `key` keeps its view parameters (what TeacherLogits renders its views from)."""
+    return work / STORE / key / VIEWS_FILE
+
+
+def _write_views(store: Path, views: np.ndarray, n_rows: int, settings: CacheSettings) -> dict:
+    """The views file in the store (kept when it verifies: the same key draws the same views); its
+    manifest entry."""
+    if len(views) != n_rows or views.dtype != np.float32:
+        raise ValueError(f"{len(views)} view rows of {views.dtype} for a cache of {n_rows} rows")
+    store.mkdir(parents=True, exist_ok=True)
+    digest = _verified(store / VIEWS_FILE) or _write_array(store / VIEWS_FILE, views)
+    return {"file": VIEWS_FILE, "sha256": digest, "per_row": settings.views, "augment": settings.augment_params()}
 
 
 def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
@@ -344,6 +364,8 @@ def _publish(store: Path, out: Path, manifest: dict) -> None:
         for s in manifest["shards"]:
             for a in s["arrays"].values():
                 _link_or_copy(store / a["file"], tmp / a["file"])
+        if manifest.get("views"):
+            _link_or_copy(store / manifest["views"]["file"], tmp / manifest["views"]["file"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 

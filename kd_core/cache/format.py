@@ -48,6 +48,7 @@ from kd_core.errors import UserError
 
 FORMAT_VERSION = 3  # 3: uint16 indices for vocabularies up to 65,536 classes, capture record
 MANIFEST = "manifest.json"
+VIEWS_FILE = "views.npy"  # cache.views: every cache row's view parameters (rows, D) float32, beside the shards
 STORE = "cache"  # under params.paths.work
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 kept as its bits
 
@@ -60,11 +61,18 @@ class CacheSettings:
     shard_rows: int
     top_k: int | None = None  # None: dense
     features: tuple[tuple[str, str], ...] = ()  # (teacher module, pooling) per captured feature
+    views: int = 0  # augmented views per input row (rows = input row × view); 0: the plain rows
+    augment: str = ""  # the views' recipe as canonical JSON (cache.augment), "" without views
 
     def to_json(self) -> dict:
-        """Features only when there are some: a logits-only cache keeps the key it always had."""
-        extra = {"features": [list(f) for f in self.features]} if self.features else {}
+        """Features and views only when there are some: a plain logits cache keeps the key it always had."""
+        extra: dict = {"features": [list(f) for f in self.features]} if self.features else {}
+        if self.views:
+            extra |= {"views": self.views, "augment": self.augment_params()}
         return {"dtype": self.dtype, "shard_rows": self.shard_rows, "top_k": self.top_k, **extra}
+
+    def augment_params(self) -> dict:
+        return json.loads(self.augment) if self.augment else {}
 
     def roles(self) -> tuple[str, ...]:
         logit_roles = ("values", "indices", "tail_lse") if self.top_k else ("logits",)
@@ -182,7 +190,33 @@ def verify_manifest(path: Path, manifest: dict) -> list[str]:
                 problems += _check_array(f, role, s["stop"] - s["start"], manifest)
     if expected_start != manifest["rows"]:
         problems.append(f"{path}: shards cover {expected_start} rows, manifest says {manifest['rows']}")
-    return problems
+    return problems + _view_problems(path, manifest)
+
+
+def _view_problems(path: Path, manifest: dict) -> list[str]:
+    """The views file of a cache with `views`: present, its checksum, one row of parameters per cache row."""
+    views = manifest.get("views")
+    if not views:
+        return []
+    f = path / views["file"]
+    if not f.exists():
+        return [f"{f}: missing"]
+    if sha256_file(f) != views["sha256"]:
+        return [f"{f}: checksum mismatch (corrupted or modified)"]
+    arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    if arr.dtype != np.float32 or arr.ndim != 2 or len(arr) != manifest["rows"]:
+        return [f"{f}: shape {arr.shape} dtype {arr.dtype}, expected ({manifest['rows']}, D) float32"]
+    return [] if np.isfinite(arr).all() else [f"{f}: non-finite view parameters"]
+
+
+def read_views(path: Path, manifest: dict) -> np.ndarray | None:
+    """The cache's view parameters (rows, D), checksum-verified; None for a cache without views."""
+    views = manifest.get("views")
+    if not views:
+        return None
+    if problems := _view_problems(path, manifest):
+        raise UserError(f"logit cache {path}: {problems[0]}; run the cache_logits stage again")
+    return np.load(path / views["file"], allow_pickle=False)
 
 
 def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:

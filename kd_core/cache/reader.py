@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core.cache.format import clamp_tail, decode, read_manifest, sha256_file
+from kd_core.cache.format import clamp_tail, decode, read_manifest, read_views, sha256_file
 from kd_core.errors import UserError
 
 
@@ -83,6 +83,11 @@ class LogitCache:
     @property
     def top_k(self) -> int | None:
         return self.manifest.get("top_k")
+
+    def views(self) -> np.ndarray | None:
+        """The stored view parameters of every cache row (checksum-verified), which the student replays;
+        None for a cache of plain rows.  # (rows, D) float32"""
+        return read_views(self.path, self.manifest)
 
     def _array(self, i: int, role: str) -> np.ndarray:
         if (i, role) not in self._arrays:

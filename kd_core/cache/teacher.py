@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import socket
 import threading
 from collections import OrderedDict
@@ -20,14 +21,16 @@ from torch import nn
 
 from kd_core import data, distributed, features, tasks
 from kd_core.cache.encode import Encoded, concat, encode_batch
-from kd_core.cache.format import CacheSettings, Features, cache_key
+from kd_core.cache.format import CacheSettings, Features, cache_key, sha256_file
 from kd_core.config import Params
 from kd_core.errors import UserError
 
 
 def settings(params: Params) -> CacheSettings:
-    return CacheSettings(params.cache.dtype, params.cache.shard_rows, params.cache.top_k,
-                         tuple((f.module, f.pool) for f in params.cache.features))
+    c = params.cache
+    augment = json.dumps(c.augment.model_dump(mode="json"), sort_keys=True) if c.views else ""
+    return CacheSettings(c.dtype, c.shard_rows, c.top_k, tuple((f.module, f.pool) for f in c.features),
+                         c.views, augment)
 
 
 def autocast(params: Params) -> str | None:
@@ -62,23 +65,23 @@ def code_identity() -> str:
 
 
 _KEEP = 2  # (teacher, rows) pairs a process holds: an ensemble's members alternate without reloading
-_loaded: OrderedDict[tuple[str, str, str, str], tuple[tuple[str, str], nn.Module, np.ndarray]] = OrderedDict()
+_loaded: OrderedDict[tuple[str, str, str, str, str], tuple[tuple[str, str], nn.Module, np.ndarray]] = OrderedDict()
 _loaded_lock = threading.Lock()
 
 
 def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, device: str,
-                      fingerprints: tuple[str, str]) -> tuple[nn.Module, np.ndarray]:
+                      fingerprints: tuple[str, str], views_file: str = "") -> tuple[nn.Module, np.ndarray]:
     """The teacher (on `device`) and input rows, loaded once per process (the stage, or each Dask worker)
     for each (teacher, data) fingerprint pair: a task whose fingerprints differ from what this process
     holds for the same paths (a teacher retrained in place) reloads, so it never runs a stale teacher."""
-    where = (task_name, teacher_dir, prepared_dir, device)
+    where = (task_name, teacher_dir, prepared_dir, device, views_file)
     with _loaded_lock:
         held = _loaded.get(where)
         if held is not None and held[0] == fingerprints:
             _loaded.move_to_end(where)
             return held[1], held[2]
         _loaded.pop(where, None)  # free the stale teacher before its successor takes the memory
-        model, rows = _load(task_name, Path(teacher_dir), Path(prepared_dir), device, fingerprints)
+        model, rows = _load(task_name, Path(teacher_dir), Path(prepared_dir), device, fingerprints, views_file)
         _loaded[where] = (fingerprints, model, rows)
         while len(_loaded) > _KEEP:
             _loaded.popitem(last=False)
@@ -86,11 +89,11 @@ def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, devic
 
 
 def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
-          fingerprints: tuple[str, str]) -> tuple[nn.Module, np.ndarray]:
+          fingerprints: tuple[str, str], views_file: str) -> tuple[nn.Module, np.ndarray]:
     """Load, then check the files loaded are the ones the submitting stage keyed the cache by."""
     task = tasks.get(task_name)
     model = task.load(teacher_dir)[0].to(distributed.pick_device(device))
-    rows = task.cache_inputs(data.read_prepared(prepared_dir))
+    rows = task.cache_inputs(data.read_prepared(prepared_dir), _views(Path(views_file)) if views_file else None)
     seen = (task.fingerprint(teacher_dir), data.data_fingerprint(prepared_dir))
     for what, path, got, want in zip(("teacher", "prepared data"), (teacher_dir, prepared_dir), seen, fingerprints,
                                      strict=True):
@@ -99,6 +102,15 @@ def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
                             f"the cache_logits stage expected {want[:12]} (it changed while caching, or this worker "
                             "sees other files): re-run cache_logits")
     return model, rows
+
+
+def _views(path: Path) -> np.ndarray:
+    """The view parameters the build wrote (cache.build_cache), checked against their sha256 sidecar."""
+    side = path.with_name(path.name + ".sha256")
+    if not side.is_file() or sha256_file(path) != side.read_text().strip():
+        raise UserError(f"cache task on {socket.gethostname()}: {path} is missing or does not match its checksum "
+                        "(this worker sees other files than the cache_logits stage): re-run cache_logits")
+    return np.load(path, allow_pickle=False)
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,7 @@ class TeacherLogits:
     device: str = "cpu"
     autocast: bool = False
     encode_each_batch: bool | None = None  # None: on accelerators, and for rows of several positions
+    views_file: str = ""  # cache.views: the view parameters the rows are rendered from (build.views_path)
     # what the cache key was made from, fixed where the task is submitted ("": taken from the files then)
     teacher_fingerprint: str = ""
     data_fingerprint: str = ""
@@ -142,7 +155,7 @@ class TeacherLogits:
                             f"process {self.code}: restart the Dask cluster with the same kd_core")
         task = tasks.get(self.task)
         teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device,
-                                       (self.teacher_fingerprint, self.data_fingerprint))
+                                       (self.teacher_fingerprint, self.data_fingerprint), self.views_file)
         device = next(teacher.parameters()).device
         per = task.positions(x)  # cache rows per input row
         # a row of many positions (lm) makes (rows · positions, vocabulary) logits: encoded batch by batch

@@ -5,6 +5,7 @@ with them to the digit. The metrics table is kd_core.metrics_table's, shared wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,8 @@ def score_test_split(params: Params, model_dirs: dict[str, Path], prepared: Path
 
 _LOSSES = {"hinton": "KL·T² + CE", "dkd": "DKD (α·TCKD + β·NCKD)·T² + CE", "mse": "MSE on logits + CE",
            "mse_l2": "MSE on logits + λ‖w‖²", "reverse_kl": "reverse KL·T² + CE", "jsd": "generalized JSD(β)·T² + CE",
-           "skew_kl": "skew KL·T² + CE"}  # kd_core.losses, by `distill.loss`
+           "skew_kl": "skew KL·T² + CE",
+           "dist": "DIST (β·inter + γ·intra Pearson)·T² + CE"}  # kd_core.losses, by `distill.loss`
 
 
 def loss_label(params: Params) -> str:
@@ -164,9 +166,10 @@ def registry_line(reg: dict) -> str:
 
 
 def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None,
-                 docs_pages: dict[str, str] | None = None) -> list[Block]:
+                 docs_pages: dict[str, str] | None = None, extra: list[Block] | None = None) -> list[Block]:
     """The card, top to bottom. `figures` maps a figure's role to its file relative to the card;
-    `docs_pages` a validated table's name to its Data Docs page."""
+    `docs_pages` a validated table's name to its Data Docs page; `extra`: the task's own blocks, after
+    the errors by class."""
     reg = inp.register
     title = (f"Model card: {reg['model_name']} version {reg['version']}" if reg else "Model card: kd student")
     f = inp.facts
@@ -218,6 +221,7 @@ def build_blocks(inp: CardInputs, figures: dict[str, str], data_docs: str | None
                                     "numbers: rows)."),
         Heading("Per-class accuracy", 3),
         *per_class_blocks(inp.evals, inp.classes),
+        *(extra or []),
         Heading("Data and validation"),
         validation_table(inp.validation, docs_pages or {}),
         Para(("Great Expectations Data Docs for these results: "
@@ -261,8 +265,10 @@ def reproduce_blocks(commit: str, reg: dict | None) -> list[Block]:
     return blocks
 
 
-def write_card(inp: CardInputs, out: Path, data_docs: str | None = None) -> dict[str, Path]:
-    """Draw the figures into out/figures and write out/model_card.{md,html}; returns the written paths."""
+def write_card(inp: CardInputs, out: Path, data_docs: str | None = None,
+               extra: Callable[[Path], tuple[list[Block], dict[str, Path]]] | None = None) -> dict[str, Path]:
+    """Draw the figures into out/figures and write out/model_card.{md,html}; returns the written paths.
+    `extra(figures folder)`: the task's own blocks (figures referenced as `figures/<name>`) and files."""
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {
@@ -277,12 +283,13 @@ def write_card(inp: CardInputs, out: Path, data_docs: str | None = None) -> dict
     }
     docs = out / Path(data_docs).parent if data_docs else None  # GX writes validations/<suite>/…/<table>.html
     pages = {p.stem: p.relative_to(out).as_posix() for p in sorted(docs.glob("validations/**/*.html"))} if docs else {}
-    blocks = build_blocks(inp, {k: f"{FIGURES}/{v}" for k, v in figures.items()}, data_docs, pages)
+    own, own_files = extra(fig_dir) if extra is not None else ([], {})
+    blocks = build_blocks(inp, {k: f"{FIGURES}/{v}" for k, v in figures.items()}, data_docs, pages, own)
     title = blocks[0].text if isinstance(blocks[0], Heading) else "Model card"
     (out / MD_FILE).write_text(to_markdown(blocks))
     (out / HTML_FILE).write_text(to_html(blocks, title, out))
     return {"markdown": out / MD_FILE, "html": out / HTML_FILE,
-            **{k: fig_dir / v for k, v in figures.items()}}
+            **{k: fig_dir / v for k, v in figures.items()}, **own_files}
 
 
 def now() -> str:

@@ -20,7 +20,7 @@ COLORS = {"teacher": "#4c72b0", "baseline": "#8c8c8c", "student": "#dd8452", "st
 DPI = 110  # sharp on a laptop screen, ~50 KiB per figure
 
 
-def _save(fig: MplFigure, path: Path) -> str:
+def save_png(fig: MplFigure, path: Path) -> str:
     fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None})  # no version: stable bytes
     return path.name
 
@@ -55,7 +55,7 @@ def fig_training_curves(curves: dict[str, list[dict[str, float]]], path: Path, s
             ax.legend(fontsize=7.5, loc="lower right" if ax is ax_acc else "upper right")
         else:  # an empty chart would look like a bug; say why it is empty
             ax.text(0.5, 0.5, "no training curves (metrics/train_*.csv missing)", ha="center", transform=ax.transAxes)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plain_log_ticks(ax: Axes) -> None:
@@ -120,7 +120,7 @@ def fig_accuracy_vs(evals: dict, export: dict | None, x_key: str, xlabel: str, s
     ax.margins(x=0.35)
     ax.grid(alpha=0.3, which="both")
     _label_points(fig, ax, [(x, acc, f"{name} {acc:.3f}") for name, x, acc in points])  # after the limits are set
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def fig_reliability(logits: dict[str, np.ndarray], y: np.ndarray, path: Path) -> str:
@@ -139,7 +139,7 @@ def fig_reliability(logits: dict[str, np.ndarray], y: np.ndarray, path: Path) ->
     np.atleast_1d(axes)[0].set_ylabel("accuracy in bin")
     handles, names = np.atleast_1d(axes)[0].get_legend_handles_labels()  # below the panels: never over a bar
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.1), frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def confusion(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
@@ -169,4 +169,4 @@ def fig_confusion(logits: dict[str, np.ndarray], y: np.ndarray, classes: tuple, 
                             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
                                     color="white" if share[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="share of the true class")
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -40,7 +40,8 @@ def facts(params: Params, workdir: Path) -> dict[str, str]:
             "distill": setting_line(params, workdir / params.paths.student),
             "train": f"{params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr}",
             "cache": f"{params.cache.dtype}, " + (f"top {params.cache.top_k} logits per row" if params.cache.top_k
-                                                  else "dense (every logit)"),
+                                                  else "dense (every logit)")
+                     + (f", {params.cache.views} augmented views per row" if params.cache.views else ""),
             "data": f"source {params.data.source}"}
 
 

@@ -41,10 +41,13 @@ def kd_rows(params: Params, workdir: Path, task: tasks.Task, splits: data.Splits
     keys = expected_keys(params, workdir)
     caches = [LogitCache(workdir / d, k) for d, k in zip(params.logit_dirs(), keys, strict=True)]
     _, y_lab = labelled_arrays(task, splits)
-    x = task.cache_inputs(splits)  # (N, ...)
+    x = task.cache_inputs(splits, caches[0].views())  # (N, ...); cache.views: each row's stored views, replayed
+    positions = task.positions(x)
+    if positions > 1 and y_lab.ndim == 1:  # a row's label holds for each of its positions (its views)
+        y_lab = np.repeat(y_lab[:, None], positions, axis=1)  # (N, P)
     y = np.concatenate([y_lab, np.full((len(splits.transfer), *y_lab.shape[1:]), losses.UNLABELLED)])
     val = validation_rows(len(y_lab), params.train.val_fraction, params.train.seed)
-    return KDRows(x, y, task.positions(x), len(y_lab), val, caches, keys, task.lengths(x, splits.schema))
+    return KDRows(x, y, positions, len(y_lab), val, caches, keys, task.lengths(x, splits.schema))
 
 
 def kd_objective(distill: DistillParams, rows: KDRows) -> tuple[train.LossFn, train.SoftLabels]:

@@ -50,9 +50,11 @@ def run(params: Params, workdir: Path) -> CacheResult:
     task = tasks.for_params(params)
     prepared_dir = workdir / params.paths.prepared
     splits = data.read_prepared(prepared_dir)
-    x = task.cache_inputs(splits)  # (N, ...) input rows, each holding task.positions(x) cache rows
-    n_rows = len(x) * task.positions(x)
     settings, amp, gpus = cache.settings(params), cache.autocast(params), _gpus(params)
+    x = task.cache_inputs(splits)  # (N, ...) input rows, each holding task.positions(x) cache rows
+    # cache.views: each input row's augmented views, drawn once here and stored with the cache
+    views = task.draw_views(len(x), settings.views, settings.augment_params()) if settings.views else None
+    n_rows = len(x) * task.positions(x) if views is None else len(views)
     device = distributed.pick_device(params.cache.device).type
     reports = []
     for i, (t_dir, l_dir, key) in enumerate(zip(params.teacher_dirs(), params.logit_dirs(),
@@ -66,11 +68,13 @@ def run(params: Params, workdir: Path) -> CacheResult:
                                       params.cache.batch_size, settings, len(splits.schema.classes),
                                       params.cache.device, amp is not None,
                                       teacher_fingerprint=meta["teacher_fingerprint"],
-                                      data_fingerprint=meta["data_fingerprint"])
+                                      data_fingerprint=meta["data_fingerprint"],
+                                      views_file="" if views is None else str(
+                                          cache.views_path(workdir / params.paths.work, key).resolve()))
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
         reports.append(cache.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
                                          workdir / params.paths.work, key, settings, meta,
                                          params.cache.runner, params.cache.dask_address,
                                          progress=progress.bar(label), feature_shapes=shapes,
-                                         autocast=amp, device=device, gpus=gpus))
+                                         autocast=amp, device=device, gpus=gpus, views=views))
     return CacheResult(tuple(reports))

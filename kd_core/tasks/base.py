@@ -35,6 +35,7 @@ class Task(Protocol):
     file_sources: tuple[str, ...]  # data.source values read from data.train / data.test files
     requirements: tuple[str, ...]  # packages a served model needs beyond kd_core's own
     input_name: str  # the exported ONNX graph's input
+    views: bool  # draws augmented views of its rows for the cache (`cache.views`, kd_core.tasks.image.views)
     dynamic_axes: tuple[int, ...]  # its axes of any size (batch; sequence for text)
 
     def prepare(self, params: Params, root: Path, out: Path) -> Splits:
@@ -70,8 +71,13 @@ class Task(Protocol):
     def labels(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         """Class indices into `schema.classes`.  # (N,)"""
 
-    def cache_inputs(self, splits: Splits) -> np.ndarray:
-        """The rows the teacher caches and the student learns from, in cache order.  # (N, ...)"""
+    def cache_inputs(self, splits: Splits, views: np.ndarray | None = None) -> np.ndarray:
+        """The rows the teacher caches and the student learns from, in cache order; with `views` (what
+        `draw_views` drew, as the cache stores it) each row holds its rendered views.  # (N, ...)"""
+
+    def draw_views(self, n_rows: int, views: int, augment: dict) -> np.ndarray:
+        """`views` augmented views of each of `n_rows` input rows, drawn by a seeded generator from the
+        `cache.augment` recipe: what the cache stores and the student replays.  # (N·V, D) float32"""
 
     def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
         """The model spec of a teacher or student section for this data; an `arch` that is a relative
@@ -132,6 +138,10 @@ class Task(Protocol):
     def input_example(self, model: nn.Module, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         """A few raw rows in the types a client sends: the served model's signature and example."""
 
+    def client_inputs(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        """The rows of a prepared split as a client sends them to the served model (text: the documents,
+        not the prepared ids; image: encoded images, not the prepared pixels)."""
+
     def example(self, spec: ModelSpec, batch: int = 1) -> torch.Tensor:
         """`batch` zero input rows: for MAC counting and latency (batch 1), shape probes and export."""
 
@@ -179,9 +189,16 @@ class Classifier:
     headline = "accuracy"
     lower_is_better = False
     classifier = True
+    views = False
 
     def check_params(self, params: Params) -> None:
         return None
+
+    def draw_views(self, n_rows: int, views: int, augment: dict) -> np.ndarray:
+        raise NotImplementedError(f"task {cast(Task, self).name} draws no augmented views")
+
+    def client_inputs(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        return frame[list(schema.features)]  # the feature columns, or the text column, as they were read
 
     def describe_teacher(self, teacher: TeacherParams) -> str:
         return f"{teacher.arch} {dict(teacher.options)} (source: {teacher.source}, {teacher.epochs} epochs)"

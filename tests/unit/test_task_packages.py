@@ -22,6 +22,8 @@ ALLOWED = {
     ("kd_core/alerts.py", "text"): "the message field of a chat webhook's JSON",
     ("kd_core/config.py", "text"): "data.text_column's default column name",
     ("kd_core/data.py", "text"): "schema.json's key for how documents become token ids",
+    ("kd_core/data.py", "image"): "schema.json's key for how images become model inputs",
+    ("kd_core/config.py", "image"): "data.image_column's default column name",
 }
 
 

@@ -51,6 +51,7 @@ class LMTask:
     headline = "perplexity"
     lower_is_better = True
     classifier = False  # answers with completions
+    views = False
     builtin_sources: tuple[str, ...] = ("stdlib",)  # the docstrings of Python's standard library
     file_sources: tuple[str, ...] = ("text", "parquet")  # .txt/.md/.rst files, or tables with a text column
     requirements: tuple[str, ...] = ("transformers", "tokenizers")
@@ -139,8 +140,14 @@ class LMTask:
     def labels(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         return _ids(frame)[:, 1:]  # (N, L): position t's target is token t + 1
 
-    def cache_inputs(self, splits: Splits) -> np.ndarray:
+    def cache_inputs(self, splits: Splits, views: np.ndarray | None = None) -> np.ndarray:
         return self.inputs(splits.train, splits.schema)  # every document is labelled text: no transfer rows
+
+    def draw_views(self, n_rows: int, views: int, augment: dict) -> np.ndarray:
+        raise NotImplementedError("task lm draws no augmented views")
+
+    def client_inputs(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+        return frame[list(schema.features)]
 
     def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
         if isinstance(section, TeacherParams):

@@ -41,7 +41,7 @@ class TabularTask(Classifier):
     def labels(self, frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         return data.label_indices(frame, schema)  # (N,)
 
-    def cache_inputs(self, splits: Splits) -> np.ndarray:
+    def cache_inputs(self, splits: Splits, views: np.ndarray | None = None) -> np.ndarray:
         return labelled_then_transfer(self, splits)
 
     def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
