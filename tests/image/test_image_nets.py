@@ -68,7 +68,7 @@ def test_options_change_the_nets() -> None:
     assert macs(built("mobilenet", width=0.5), example(1, 28)) < macs(built("mobilenet"), example(1, 28))
     assert macs(built("cnn", width=8), example(1, 28)) < macs(built("cnn"), example(1, 28))
     forced = built("mobilenet", size=28, stride_stem=2)
-    assert macs(forced, example(1, 28)) < macs(built("mobilenet"), example(1, 28)) / 2
+    assert macs(forced, example(1, 28)) < macs(built("mobilenet"), example(1, 28))
 
 
 def test_macs_counts_convs_and_linears() -> None:
@@ -165,15 +165,15 @@ def test_nets_learn(arch: str) -> None:
     """A few SGD steps on one random batch of 2-class images lower the loss: gradients reach every layer."""
     net = built(arch, 1, 2, 16).train()
     x, y = example(1, 16, batch=16), torch.arange(16) % 2
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     losses = []
-    for _ in range(12):
+    for _ in range(20):
         loss = nn.functional.cross_entropy(net(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_an_unknown_arch_is_one_line() -> None:

@@ -128,7 +128,8 @@ def conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1,
 
 
 def _init(net: nn.Module) -> None:
-    """He-normal convs (fan-out, as torchvision's ResNet and MobileNet), unit batch norms, small linears."""
+    """He-normal convs (fan-out, as torchvision's ResNet and MobileNet) and unit batch norms; linears keep
+    torch's default (uniform in ±1/sqrt(fan_in))."""
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -136,9 +137,6 @@ def _init(net: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
 
 
@@ -187,9 +185,9 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(c_in, n_classes)
         _init(self)
-        for m in self.modules():
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.body[-1][1].weight)  # the block's last BatchNorm2d
+        for block in self.stages.modules():
+            if isinstance(block, BasicBlock):  # the body's last batch norm: the block starts as its shortcut
+                nn.init.zeros_([m for m in block.body.modules() if isinstance(m, nn.BatchNorm2d)][-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, S, S) -> (B, K)
         h = self.stages(self.stem(x))  # (B, W·2^(n-1), S', S')
