@@ -101,9 +101,10 @@ class AugmentParams(_Section):
     """How `cache.views` draws each augmented view (random-resized crop, then a horizontal flip): in the key."""
 
     scale: tuple[float, float] = (0.35, 1.0)  # share of the image's area a crop covers (torchvision's default 0.08)
-    ratio: tuple[float, float] = (0.75, 4 / 3)  # crop aspect ratios (width / height), drawn log-uniformly
+    ratio: tuple[float, float] = (0.75, 1.3333)  # crop aspect ratios (width / height), drawn log-uniformly
     flip: bool = True  # mirror half the views left to right
     seed: int = 0  # the view generator's seed
+    online: bool = True  # the teacher and the hard-label twin train on fresh draws of this recipe each step
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentParams:

@@ -58,7 +58,7 @@ def _one(tp: TeacherParams, seed: int, name: str, params: Params, splits: data.S
         x, y = labelled_arrays(task, splits)
         spec = task.spec(tp, splits.schema, workdir)
         init = task.init_dir(params, workdir)
-        model = task.build(spec, x, seed, init)
+        model = task.for_training(task.build(spec, x, seed, init), params)
         features.check(params, model, splits.schema, init, workdir)  # a bad feature name costs no training
         epochs = epochs_for(tp.epochs, tp.min_steps, len(x), tp.batch_size)
         cfg = FitConfig(epochs, tp.batch_size, tp.lr, tp.weight_decay, seed, params.train.device)

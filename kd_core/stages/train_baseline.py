@@ -36,8 +36,8 @@ def run(params: Params, workdir: Path) -> StudentResult:
     val = validation_rows(len(x), tp.val_fraction, tp.seed)  # (V,)
     cfg = labels_only_config(tp, len(splits.train) + len(splits.transfer), len(x), len(val))
     spec = task.spec(params.student, splits.schema, workdir)
-    model = task.build(spec, x, tp.seed, task.init_dir(params, workdir))
-    inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
+    model = task.for_training(task.build(spec, x, tp.seed, task.init_dir(params, workdir)), params)
+    inputs = {"params": params.model_dump(mode="json", include={"student", "train", "cache"}),
               "data": data.data_fingerprint(workdir / params.paths.prepared)}
     ckpt = checkpoint_path(workdir, params, "train_baseline", inputs, 1)
     resumed = train.checkpoint_epochs(ckpt)

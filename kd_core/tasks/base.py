@@ -75,6 +75,10 @@ class Task(Protocol):
         """The rows the teacher caches and the student learns from, in cache order; with `views` (what
         `draw_views` drew, as the cache stores it) each row holds its rendered views.  # (N, ...)"""
 
+    def for_training(self, model: nn.Module, params: Params) -> nn.Module:
+        """`model` set up to train on plain rows (the teacher, the hard-label twin): image adds online
+        augmentation (cache.augment, fresh each step) where `cache.augment.online`; others return it as is."""
+
     def draw_views(self, n_rows: int, views: int, augment: dict) -> np.ndarray:
         """`views` augmented views of each of `n_rows` input rows, drawn by a seeded generator from the
         `cache.augment` recipe: what the cache stores and the student replays.  # (N·V, D) float32"""
@@ -196,6 +200,9 @@ class Classifier:
 
     def draw_views(self, n_rows: int, views: int, augment: dict) -> np.ndarray:
         raise NotImplementedError(f"task {cast(Task, self).name} draws no augmented views")
+
+    def for_training(self, model: nn.Module, params: Params) -> nn.Module:
+        return model
 
     def client_inputs(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         return frame[list(schema.features)]  # the feature columns, or the text column, as they were read

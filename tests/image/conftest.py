@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.conftest import ROOT, git, new_project, write_params
+from tests.reliability.conftest import Damage
 from tests.text.conftest import project_env
 
 SHAPES = ("disc", "square", "stripes")  # the class names (folder names), in kd's sorted order
@@ -81,6 +82,12 @@ def shape_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_folder(root / "test", 30, seed=2)
     write_folder(root / "transfer", 50, seed=3, labelled=False)
     return root
+
+
+@pytest.fixture
+def tally(record_property: Callable[[str, object], None]) -> Damage:
+    """The reliability suite's damage record (tests/reliability/conftest.py), for the image cases."""
+    return Damage(record_property)
 
 
 @contextmanager

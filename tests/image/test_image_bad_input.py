@@ -69,11 +69,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, shape_folders: Path) -> I
         yield Prepared(root, (root / "params.yaml").read_text(), shape_folders)
 
 
-@pytest.fixture
-def tally(record_property: Callable[[str, object], None]) -> Damage:
-    return Damage(record_property)
-
-
 # --- the cases ------------------------------------------------------------------------------------
 
 def _write(rel: str, content: bytes) -> Callable[[Prepared], None]:

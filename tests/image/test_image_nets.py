@@ -77,9 +77,11 @@ def test_macs_counts_convs_and_linears() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=8),
                         nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).train()
     before = net[1].running_mean.clone()
+    net[4].eval()  # a module left in its own mode keeps it
     assert macs(net, torch.randn(1, 3, 10, 10)) == 8 * 10 * 10 * 3 * 9 + 8 * 8 * 8 * 1 * 9 + 5 * 512
     assert macs(net, torch.randn(4, 3, 10, 10)) == 4 * (8 * 10 * 10 * 3 * 9 + 8 * 8 * 8 * 9 + 5 * 512)
-    assert net.training and torch.equal(net[1].running_mean, before)
+    assert net.training and net[1].training and not net[4].training
+    assert torch.equal(net[1].running_mean, before)
 
 
 def test_students_cost_a_tenth_of_the_teacher() -> None:
@@ -266,7 +268,7 @@ def fake_timm(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace
     module = types.ModuleType("timm")
     module.create_model = create_model  # type: ignore[attr-defined]
     module.is_model = lambda name: name in names  # type: ignore[attr-defined]
-    module.list_models = lambda pattern: [n for n in names if pattern.strip("*") in n]  # type: ignore[attr-defined]
+    module.list_models = lambda pattern="*": [n for n in names if pattern.strip("*") in n]  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "timm", module)
     timm_available.cache_clear()
     yield types.SimpleNamespace(calls=calls)
@@ -280,6 +282,8 @@ def test_the_timm_path_with_a_stand_in(fake_timm: types.SimpleNamespace) -> None
     assert fake_timm.calls == [("resnet18", {"pretrained": False, "num_classes": 7, "in_chans": 1, "drop_rate": 0.1})]
     with pytest.raises(UserError, match=r"timm:resnet1: timm has no model 'resnet1'; close names: \['resnet18', "):
         build_net("timm:resnet1", {}, 1, 7, 28)
+    with pytest.raises(UserError, match=r"timm has no model 'resnt18'; close names: \['resnet18', "):  # a typo
+        build_net("timm:resnt18", {}, 1, 7, 28)
     with pytest.raises(UserError, match=r"architecture 'timm:resnet18' rejected its options \{'depth': 2\}"):
         build_net("timm:resnet18", {"depth": 2}, 1, 7, 28)
 

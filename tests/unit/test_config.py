@@ -77,7 +77,7 @@ def test_every_example_params_file_loads_and_the_demo_is_the_shipped_params_yaml
 
 
 def test_unknown_task_is_a_one_line_error():
-    with pytest.raises(UserError, match=r"task 'speech': choose one of \['lm', 'tabular', 'text'\]"):
+    with pytest.raises(UserError, match=r"task 'speech': choose one of \['image', 'lm', 'tabular', 'text'\]"):
         parse_params({"task": "speech"})
 
 
@@ -98,7 +98,7 @@ def test_set_params_is_atomic_a_failed_write_leaves_params_yaml_as_it_was(tmp_pa
 def test_a_params_file_without_task_names_the_key(tmp_path):
     """dvc.yaml's code deps read `task` from params.yaml: without it DVC could not even parse the DAG."""
     (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
-    with pytest.raises(UserError, match=r"no `task:` key; set it \(one of lm, tabular, text\)"):
+    with pytest.raises(UserError, match=r"no `task:` key; set it \(one of image, lm, tabular, text\)"):
         load_params(tmp_path)
 
 

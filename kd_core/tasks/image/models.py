@@ -26,7 +26,7 @@ from kd_core.data import Schema
 from kd_core.errors import UserError
 from kd_core.models import META_FILE, WEIGHTS_FILE, ModelSpec, load_into, read_state
 from kd_core.tasks._hf import CONFIG_FILE
-from kd_core.tasks.image import nets
+from kd_core.tasks.image import nets, views
 
 TIMM_PREFIX = "timm:"
 
@@ -40,12 +40,15 @@ class ImageClassifier(nn.Module):
     def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.net = net
+        self.augment: dict | None = None  # cache.augment while training on plain images (teacher, twin)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1) * 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-3]  # (B,) or (B, V)
         pixels = x.reshape(-1, *x.shape[-3:]).float()  # (B·V, C, S, S)
+        if self.training and self.augment is not None and x.dim() == 4:  # plain images: a fresh view each step
+            pixels = views.random_views(pixels, self.augment)
         logits = self.net((pixels - self.mean) / self.std)  # (B·V, K)
         return logits.reshape(*lead, logits.shape[-1])
 

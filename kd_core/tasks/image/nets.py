@@ -16,6 +16,7 @@ never from the data, so the graph traces to ONNX with a dynamic batch.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,7 +80,7 @@ def _timm_net(arch: str, options: dict[str, Any], channels: int, n_classes: int)
 
     name = arch[len(TIMM_PREFIX):]
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
+        close = timm.list_models(f"*{name}*")[:5] or difflib.get_close_matches(name, timm.list_models(), 5, 0.7)
         raise UserError(f"{arch}: timm has no model {name!r}" + (f"; close names: {close}" if close else ""))
     try:
         return timm.create_model(name, pretrained=False, num_classes=n_classes, in_chans=channels, **options)
@@ -92,7 +93,7 @@ def macs(net: nn.Module, example: torch.Tensor) -> int:
 
     Counted on Conv2d (output elements x in_channels/groups x kh x kw) and Linear (output elements x
     in_features), which carry all but a rounding error of a CNN's arithmetic. The net runs in eval
-    mode (batch-norm statistics untouched) and is returned to its former mode.
+    mode (batch-norm statistics untouched); every module gets its former mode back.
     """
     total = 0
 
@@ -105,7 +106,7 @@ def macs(net: nn.Module, example: torch.Tensor) -> int:
             total += output.numel() * module.in_features
 
     hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}
     try:
         net.eval()
         with torch.no_grad():
@@ -113,7 +114,8 @@ def macs(net: nn.Module, example: torch.Tensor) -> int:
     finally:
         for h in hooks:
             h.remove()
-        net.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     return total
 
 

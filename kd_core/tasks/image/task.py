@@ -80,6 +80,13 @@ class ImageTask(Classifier):
     def draw_views(self, n_rows: int, views: int, augment: dict) -> np.ndarray:
         return view_cache.draw(n_rows, views, augment)  # (N·V, 5)
 
+    def for_training(self, model: nn.Module, params: Params) -> nn.Module:
+        """The teacher and the twin see the view cache's recipe online, a fresh view each step, so the
+        teacher's soft labels for crops come from a teacher that has seen crops."""
+        cast(ImageClassifier, model).augment = (params.cache.augment.model_dump(mode="json")
+                                                if params.cache.augment.online else None)
+        return model
+
     def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
         return ModelSpec(section.arch, dict(section.options), schema, self.name, root)
 

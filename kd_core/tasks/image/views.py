@@ -84,6 +84,23 @@ def render(images: np.ndarray, params: np.ndarray) -> np.ndarray:
     return out
 
 
+def random_views(x: torch.Tensor, augment: dict) -> torch.Tensor:
+    """One fresh view of each image, drawn with torch's generator (seeded and checkpointed by the training
+    loop): how the teacher and the hard-label twin see the recipe online. One try per crop, clamped to
+    the image.  # (B, C, S, S) float -> (B, C, S, S)"""
+    b, dev = len(x), x.device
+    lo, hi = augment["scale"]
+    log_r = torch.log(torch.tensor(augment["ratio"], dtype=torch.float32))
+    area = torch.empty(b, device=dev).uniform_(lo, hi)
+    ratio = torch.exp(torch.empty(b, device=dev).uniform_(float(log_r[0]), float(log_r[1])))
+    w, h = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)
+    x0, y0 = torch.rand(b, device=dev) * (1 - w), torch.rand(b, device=dev) * (1 - h)
+    flip = (torch.rand(b, device=dev) < 0.5) & bool(augment["flip"])
+    theta = _theta(torch.stack([x0, y0, w, h, flip.float()], dim=1))
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def describe(views: int, augment: dict) -> str:
     """The recipe in words, for summaries and the model card."""
     lo, hi = augment["scale"]

@@ -149,6 +149,9 @@ class LMTask:
     def client_inputs(self, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         return frame[list(schema.features)]
 
+    def for_training(self, model: nn.Module, params: Params) -> nn.Module:
+        return model
+
     def spec(self, section: TeacherParams | StudentParams, schema: Schema, root: Path | None = None) -> ModelSpec:
         if isinstance(section, TeacherParams):
             return ModelSpec(TEACHER_ARCH, {"source": section.source}, schema, self.name)
