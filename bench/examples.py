@@ -1,6 +1,6 @@
 """Every shipped example end to end, as a user runs it: the README's results table.
 
-    .venv/bin/python bench/examples.py                  # mnist1d, text, lm: ~45 min on 2 idle cores
+    .venv/bin/python bench/examples.py                  # mnist1d, text, lm, image: ~60 min on 2 idle cores
     .venv/bin/python bench/examples.py text lm          # some of them
     .venv/bin/python bench/examples.py --json out.json  # also the figures as JSON
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from _project import BIN, ROOT, env, new_project
 
-EXAMPLES = ("mnist1d", "text", "lm")
+EXAMPLES = ("mnist1d", "text", "lm", "image")
 STAGE_LINE = "Running stage '"  # how `dvc repro` announces a stage
 
 
@@ -74,7 +74,8 @@ def figures(proj: Path) -> dict:
     if ev:
         metric = "perplexity" if "perplexity" in ev["student"] else "accuracy"
         t, s, b = (ev[k][metric] for k in ("teacher", "student", "baseline"))
-        out |= {"metric": metric, "teacher": t, "student": s, "twin": b}
+        out |= {"metric": metric, "teacher": t, "student": s, "twin": b,
+                "macs": ev["student"]["macs"] / max(ev["teacher"]["macs"], 1)}
         if metric == "perplexity":  # lower is better: retention is teacher / student, gain a ratio to the twin
             out |= {"retention": t / s, "vs_twin": s / b}
         else:
@@ -136,7 +137,8 @@ def _gguf_cell(report: dict | None) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = ["example", "metric", "teacher", "student", "twin", "retention", "gain over twin", "search kept",
+    head = ["example", "metric", "teacher", "student", "twin", "retention", "gain over twin", "MACs / teacher",
+            "search kept",
             "int8 change (verdict)", "GGUF", "exit", "card", "wall per stage (s)", "total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
@@ -148,7 +150,8 @@ def table(results: dict[str, dict]) -> str:
             int8 = "–"
         kept = f"{r['setting']} ({r['scored_by']})" if "setting" in r else "search off"
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items())
-        cells = [name, r.get("metric", "–"), *_fmt(r), kept, int8, _gguf_cell(r.get("gguf")), str(r["exit"]),
+        macs = f"1/{1 / r['macs']:.0f}" if r.get("macs") else "–"
+        cells = [name, r.get("metric", "–"), *_fmt(r), macs, kept, int8, _gguf_cell(r.get("gguf")), str(r["exit"]),
                  "yes" if r["card"] else "NO",
                  stages, f"{r['seconds'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -32,11 +32,12 @@ def draw(n_images: int, views: int, augment: dict) -> np.ndarray:
     probability 1/2 when `flip`; every block of BLOCK rows has its own generator seeded by
     (`seed`, block), so the draw is the same however the rows are later sharded."""
     rows = n_images * views
-    out = [_block(augment, b, min(BLOCK, rows - b * BLOCK)) for b in range(-(-rows // BLOCK))]
+    out = [_block(augment, b)[:min(BLOCK, rows - b * BLOCK)] for b in range(-(-rows // BLOCK))]
     return np.concatenate(out) if out else np.zeros((0, len(COLUMNS)), np.float32)
 
 
-def _block(augment: dict, block: int, n: int) -> np.ndarray:
+def _block(augment: dict, block: int, n: int = BLOCK) -> np.ndarray:
+    """BLOCK views (always all of them, so a row's draw never depends on how many follow it)."""
     rng = np.random.default_rng([int(augment["seed"]), block])
     lo, hi = augment["scale"]
     log_ratio = np.log(np.asarray(augment["ratio"], np.float64))
