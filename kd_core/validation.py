@@ -22,7 +22,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.expectation import Expectation
 
 from kd_core.config import ValidationParams
-from kd_core.data import SPLITS, TOKENS, Splits
+from kd_core.data import SPLITS, TOKENS, Schema, Splits
 
 # Every split is cast to float32 for the models (data.features_array), so any numeric dtype agrees
 # with any other; bool is left out on purpose, as data.py rejects it as a feature.
@@ -122,13 +122,20 @@ def split_expectations(name: str, splits: Splits, params: ValidationParams) -> l
         out += document_expectations(df, features[0], schema.text["max_length"], params)
     else:
         out += _feature_expectations(df, features)
-    if name != "transfer" and label in df.columns:
-        out.append(gxe.ExpectColumnValuesToNotBeNull(column=label))
-        if name == "train":
-            out.append(gxe.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2))
-        else:
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=label, value_set=list(schema.classes)))
+    out += label_expectations(name, df, schema)
     return out + ([] if schema.text else _duplicate_expectation(df, features, params.max_duplicate_frac))
+
+
+def label_expectations(name: str, df: pd.DataFrame, schema: Schema) -> list[Expectation]:
+    """Labels present; at least two training classes; test labels among the training classes."""
+    label = schema.label_column
+    if name == "transfer" or label not in df.columns:
+        return []
+    if name == "train":
+        return [gxe.ExpectColumnValuesToNotBeNull(column=label),
+                gxe.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2)]
+    return [gxe.ExpectColumnValuesToNotBeNull(column=label),
+            gxe.ExpectColumnValuesToBeInSet(column=label, value_set=list(schema.classes))]
 
 
 def class_counts(splits: Splits) -> pd.DataFrame:

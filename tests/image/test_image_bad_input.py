@@ -22,8 +22,7 @@ from PIL import Image
 from kd_core.tasks.image import nets
 from tests.conftest import kd
 from tests.image.conftest import IMAGES, image_project
-from tests.reliability.conftest import Damage, lost_bytes, snapshot
-from tests.text.test_text_bad_input import first_failure
+from tests.reliability.conftest import Damage, check_refused
 
 pytestmark = pytest.mark.slow
 UP_TO_TEACHER = ("prepare", "validate", "teacher")  # the case must fail before the last one
@@ -135,24 +134,4 @@ if nets.timm_available() is not None:  # where timm imports, timm:<name> builds:
 def test_bad_image_input_is_one_line_before_compute(prepared: Prepared, case: str, tally: Damage,
                                                    record_property: Callable[[str, object], None]) -> None:
     break_it, needles, stages = CASES[case]
-    before_files, before_versions = snapshot(prepared.root, GUARDED), prepared.versions()
-    try:
-        break_it(prepared)
-        stage, res = first_failure(prepared.root, stages)
-    finally:
-        prepared.restore()
-    after_files = snapshot(prepared.root, GUARDED)
-    tally.lost(lost_bytes(before_files, after_files))  # measured before the asserts: damage always shows
-    tally.wrongly_registered(prepared.versions() - before_versions)
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kd: error:")]
-    last = [ln.strip() for ln in res.stderr.splitlines() if "Error" in ln][-2:]
-    assert res.returncode != 0, f"every stage of {stages} passed: {res.stdout[-2000:]}"
-    assert stage != "teacher", f"the bad input reached the teacher stage: {errors or last}"
-    assert len(errors) == 1, f"{stage}: {len(errors)} 'kd: error:' lines; stderr ends {last}"
-    assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    assert prepared.versions() == before_versions == 0
-    assert after_files == before_files
-    assert not (prepared.root / "artifacts/student").exists()
-    record_property("outcome", errors[0].replace(str(prepared.root) + "/", ""))
+    check_refused(prepared, break_it, needles, stages, GUARDED, tally, record_property)

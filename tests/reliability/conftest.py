@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -48,3 +49,52 @@ def tally(record_property: Callable[[str, object], None]) -> Damage:
     return Damage(record_property)
 
 
+
+
+class Breakable(Protocol):
+    """A module's built project that bad-input cases break and restore (tests/<task>/test_*_bad_input.py)."""
+
+    root: Path
+
+    def restore(self) -> None: ...
+
+    def versions(self) -> int: ...
+
+
+def first_failure(root: Path, stages: tuple[str, ...]):  # -> (stage, CompletedProcess)
+    """`kd stage` for each stage in order, stopping at the first that fails (or after the last)."""
+    from tests.conftest import kd
+
+    for stage in stages:
+        res = kd(root, "stage", stage)
+        if res.returncode != 0:
+            break
+    return stage, res
+
+
+def check_refused(project: Breakable, break_it: Callable, needles: list[str], stages: tuple[str, ...],
+                  guarded: list[str], tally: Damage, record_property: Callable[[str, object], None]) -> None:
+    """Break the project, run `stages` until one fails, restore it; the failure must be one `kd: error:`
+    line holding every needle, before the teacher stage, with no traceback, nothing registered and the
+    `guarded` artifacts byte for byte as they were. The damage is recorded before any assert."""
+    before_files, before_versions = snapshot(project.root, guarded), project.versions()
+    try:
+        break_it(project)
+        stage, res = first_failure(project.root, stages)
+    finally:
+        project.restore()
+    after_files = snapshot(project.root, guarded)
+    tally.lost(lost_bytes(before_files, after_files))  # measured before the asserts: damage always shows
+    tally.wrongly_registered(project.versions() - before_versions)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kd: error:")]
+    last = [ln.strip() for ln in res.stderr.splitlines() if "Error" in ln][-2:]  # what escaped, if anything
+    assert res.returncode != 0, f"every stage of {stages} passed: {res.stdout[-2000:]}"
+    assert stage != "teacher", f"the bad input reached the teacher stage: {errors or last}"
+    assert len(errors) == 1, f"{stage}: {len(errors)} 'kd: error:' lines; stderr ends {last}"
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert project.versions() == before_versions == 0
+    assert after_files == before_files
+    assert not (project.root / "artifacts/student").exists()
+    record_property("outcome", errors[0].replace(str(project.root) + "/", ""))

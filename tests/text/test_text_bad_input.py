@@ -21,7 +21,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import kd
-from tests.reliability.conftest import Damage, lost_bytes, snapshot
+from tests.reliability.conftest import Damage, check_refused
 from tests.text.conftest import ENCODER, LABEL, TEXT, Tables, other_tokenizer, student_config, text_project
 
 pytestmark = pytest.mark.slow
@@ -142,38 +142,9 @@ CASES: dict[str, tuple[Callable[[Prepared], None], list[str], tuple[str, ...]]] 
 }
 
 
-def first_failure(root: Path, stages: tuple[str, ...]):  # -> (stage, CompletedProcess)
-    """`kd stage` for each stage in order, stopping at the first that fails (or after the last)."""
-    for stage in stages:
-        res = kd(root, "stage", stage)
-        if res.returncode != 0:
-            break
-    return stage, res
-
-
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_text_input_is_one_line_before_compute(prepared: Prepared, case: str, tally: Damage,
                                                   record_property: Callable[[str, object], None]) -> None:
     break_it, needles, stages = CASES[case]
-    before_files, before_versions = snapshot(prepared.root, GUARDED), prepared.versions()
-    try:
-        break_it(prepared)
-        stage, res = first_failure(prepared.root, stages)
-    finally:
-        prepared.restore()
-    after_files = snapshot(prepared.root, GUARDED)
-    tally.lost(lost_bytes(before_files, after_files))  # measured before the asserts: damage always shows
-    tally.wrongly_registered(prepared.versions() - before_versions)
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kd: error:")]
-    last = [ln.strip() for ln in res.stderr.splitlines() if "Error" in ln][-2:]  # what escaped, if anything
-    assert res.returncode != 0, f"every stage of {stages} passed: {res.stdout[-2000:]}"
-    assert stage != "teacher", f"the bad input reached the teacher stage: {errors or last}"
-    assert len(errors) == 1, f"{stage}: {len(errors)} 'kd: error:' lines; stderr ends {last}"
-    assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    assert prepared.versions() == before_versions == 0
-    assert after_files == before_files
-    assert not (prepared.root / "artifacts/student").exists()
-    record_property("outcome", errors[0].replace(str(prepared.root) + "/", ""))
+    check_refused(prepared, break_it, needles, stages, GUARDED, tally, record_property)

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 from typing import cast
 
-import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
 import torch
@@ -27,7 +26,6 @@ from kd_core.tasks.base import Classifier, classify, labelled_then_transfer
 from kd_core.tasks.image import data as image_data
 from kd_core.tasks.image import models
 from kd_core.tasks.image import views as view_cache
-from kd_core.tasks.image.data import BANDS, DIGEST, FILE, HEIGHT, PIXELS, WIDTH
 from kd_core.tasks.image.models import ImageClassifier
 
 
@@ -50,6 +48,8 @@ class ImageTask(Classifier):
         return splits
 
     def split_expectations(self, name: str, splits: Splits, params: ValidationParams) -> list:
+        from kd_core.tasks.image.checks import image_expectations  # Great Expectations: validate alone pays
+
         return image_expectations(name, splits, params)
 
     def write_card(self, params: Params, workdir: Path, out: Path, data_docs: str) -> dict[str, Path]:
@@ -222,35 +222,3 @@ def _check_fits(spec: ModelSpec, schema: Schema, source: str) -> None:
     if (have["size"], have["channels"]) != (want["size"], want["channels"]):
         raise UserError(f"teacher {source} reads {have['channels']}-channel {have['size']}px images, the data is "
                         f"{want['channels']}-channel {want['size']}px: set data.image_size and data.channels to match")
-
-
-# --- validation -------------------------------------------------------------------------------------
-
-SIZE_QUANTILES = (0.01, 0.5, 0.99)  # of the original widths and heights, reported for every split
-
-
-def image_expectations(name: str, splits: Splits, params: ValidationParams) -> list:
-    """One split's suite: columns, decoded pixels present, original sizes and channel counts reported, a
-    cap on images smaller than data.image_size, duplicate images (by hash), labels."""
-    df, schema = getattr(splits, name), splits.schema
-    label, size = schema.label_column, schema.image_info["size"]
-    columns = [PIXELS, FILE, WIDTH, HEIGHT, BANDS, DIGEST] + ([label] if name != "transfer" else [])
-    out: list = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=columns,
-                                                          meta={"reference": "the image task's prepared columns"}),
-                 gxe.ExpectColumnValuesToNotBeNull(column=PIXELS),
-                 gxe.ExpectColumnValuesToBeUnique(column=DIGEST, mostly=1.0 - params.max_duplicate_frac,
-                                                  meta={"check": "duplicate_images"}),
-                 gxe.ExpectColumnDistinctValuesToBeInSet(column=BANDS, value_set=[1, 2, 3, 4])]
-    for side in (WIDTH, HEIGHT):
-        out += [gxe.ExpectColumnValuesToBeBetween(column=side, min_value=size, mostly=1.0 - params.max_small_frac,
-                                                  meta={"check": "small_images", "size": size}),
-                gxe.ExpectColumnQuantileValuesToBeBetween(
-                    column=side, quantile_ranges={"quantiles": list(SIZE_QUANTILES),
-                                                  "value_ranges": [[1, None]] * len(SIZE_QUANTILES)})]
-    if name != "transfer" and label in df.columns:
-        out.append(gxe.ExpectColumnValuesToNotBeNull(column=label))
-        if name == "train":
-            out.append(gxe.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2))
-        else:
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=label, value_set=list(schema.classes)))
-    return out
