@@ -106,6 +106,29 @@ def load_weights(model: ImageClassifier, path: Path, arch: str) -> None:
     load_into(model.net, state, f"{path} does not match architecture {arch!r}")
 
 
+def adopt_timm_dir(src: Path, schema: Schema, task: str, out: Path) -> ImageClassifier:
+    """A timm model directory as a kd teacher: its architecture, input size and classes checked against
+    the data, its weights read through safetensors, normalised with the data's statistics."""
+    try:
+        config = json.loads((src / CONFIG_FILE).read_text())
+        arch, cfg = config["architecture"], config.get("pretrained_cfg", {})
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{src / CONFIG_FILE}: not a timm model config (no `architecture`)") from None
+    info = schema.image_info
+    size = cfg.get("input_size", [info["channels"], info["size"], info["size"]])
+    if list(size) != [info["channels"], info["size"], info["size"]]:
+        raise UserError(f"teacher {src} reads images of {list(size)} (C, H, W), the data is "
+                        f"{[info['channels'], info['size'], info['size']]}: set data.image_size and data.channels")
+    if config.get("num_classes", len(schema.classes)) != len(schema.classes):
+        raise UserError(f"teacher {src} has {config.get('num_classes')} classes, the data {len(schema.classes)}")
+    args = {k: v for k, v in config.get("model_args", {}).items() if k != "in_chans"}
+    spec = ModelSpec(TIMM_PREFIX + arch, args, schema, task)
+    model = build(spec, None)
+    load_weights(model, src / WEIGHTS_FILE, spec.arch)
+    save(model.eval(), spec, out)
+    return model
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Logits of pixel rows on the CPU, in batches; rows of views give one row of logits per view.

@@ -101,8 +101,11 @@ class ImageTask(Classifier):
         return root / source
 
     def adopt(self, src: Path, section: TeacherParams, schema: Schema, out: Path) -> ImageClassifier:
-        """A kd image model directory, or a weights file (safetensors; .pt/.pth read weights-only) of
-        `teacher.arch` trained on these classes at this image size."""
+        """A kd image model directory, a timm model directory (config.json + model.safetensors, as timm's
+        `save_pretrained`/`push_to_hf_hub` write it), or a weights file (safetensors; .pt/.pth read
+        weights-only) of `teacher.arch` trained on these classes at this image size."""
+        if src.is_dir() and not (src / META_FILE).is_file() and (src / models.CONFIG_FILE).is_file():
+            return models.adopt_timm_dir(src, schema, self.name, out)  # timm's own save_pretrained layout
         if src.is_dir():
             model, spec = models.load(src)
             _check_fits(spec, schema, str(src))
