@@ -48,7 +48,7 @@ def evidence(root: Path, blob: bytes, ids: np.ndarray) -> registry._Evidence:
     x, y = task.inputs(test, schema), task.labels(test, schema)
     nll, _ = lm_eval.nll_per_sequence(tasks.load_model(root / PARAMS.paths.student)[0], x, y)
     evals = {r: {"perplexity": lm_eval.perplexity(nll.sum(), y.size)} for r in ("student", "teacher", "baseline")}
-    return registry._Evidence(evals, root / "metrics/eval.json", test, "", ("text",), None, schema)
+    return registry._Evidence(evals, root / "metrics/eval.json", test, "", "lm", None, schema)
 
 
 @pytest.fixture(scope="module")
