@@ -234,7 +234,7 @@ def _duplicate_images(kw: dict, r: dict, p: ValidationParams) -> str:
 def _small_images(kw: dict, r: dict, p: ValidationParams) -> str:
     side = kw["column"].removeprefix("kd_")
     return (f"{r['unexpected_count']} of {r['element_count']} images ({r['unexpected_percent']:.1f}%) have a {side} "
-            f"below data.image_size={kw['min_value']} px, more than validation.max_small_frac={p.max_small_frac}; "
+            f"below data.image_size={int(kw['min_value'])} px, more than validation.max_small_frac={p.max_small_frac}; "
             f"lower data.image_size or leave the small images out")
 
 

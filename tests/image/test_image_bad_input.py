@@ -118,7 +118,7 @@ CASES: dict[str, tuple[Callable[[Prepared], None], list[str], tuple[str, ...]]] 
                                                  ["notes.png", "not a readable image"], UP_TO_TEACHER),
     "image: not an image extension": (_write("train/disc/labels.csv", b"a,b\n1,2\n"),
                                       ["labels.csv"], UP_TO_TEACHER),
-    "image: 1x1 images beyond max_small_frac": (_tiny_images, ["40 of 180", "image_size=20", "max_small_frac"],
+    "image: 1x1 images beyond max_small_frac": (_tiny_images, ["of 180 images", "image_size=20 px", "max_small_frac"],
                                                 UP_TO_TEACHER),
     "image: label folder with no images": (_empty_class, ["blank"], UP_TO_TEACHER),
     "image: test class unknown to train": (_unknown_test_class, ["ellipse"], UP_TO_TEACHER),
