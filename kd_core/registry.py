@@ -9,6 +9,7 @@ champion there, and leaves an audit entry. Reading versions back is kd_core.vers
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -193,9 +194,10 @@ class _Evidence:
     fingerprints: Fingerprints
     schema: data.Schema
 
-    @property
+    @functools.cached_property
     def features(self) -> pd.DataFrame:
-        """The raw test inputs as a client sends them (text: the documents, not the prepared ids)."""
+        """The raw test inputs as a client sends them (text: the documents, not the prepared ids; image:
+        PNG-encoded, so built once for the candidate and the champion)."""
         return tasks.get(self.task).client_inputs(self.test, self.schema)
 
     @property
