@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def bucket_log_probs(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor,
-                     n_tail: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     n_tail: int | torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_t, log p_s) on the K'+1 buckets at temperature T.  # (B, C), (B, K'), (B, K'), (B,) -> 2 × (B, K'[+1])
 
     Teacher: bucket logits v_i/T for the cached classes and, for the tail, the log-mass of n equal
@@ -43,8 +43,9 @@ def bucket_log_probs(student: torch.Tensor, values: torch.Tensor, indices: torch
     log_z = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, 1)
     s_top = s.gather(-1, indices) - log_z  # (B, K')
     t_top = values.float() / t  # (B, K')
-    if n_tail > 0:
-        log_n = math.log(n_tail)
+    s_top = torch.where(torch.isfinite(t_top), s_top, torch.full_like(s_top, float("-inf")))  # unused slots
+    if isinstance(n_tail, torch.Tensor) or n_tail > 0:
+        log_n = torch.as_tensor(n_tail, device=values.device).clamp_min(1).double().log().float()  # () or (B,)
         t_tail = log_n + (tail_lse.float() - log_n) / t  # (B,)
         s_tail = torch.logsumexp(s.scatter(-1, indices, float("-inf")), dim=-1) - log_z[:, 0]  # (B,)
         t_top = torch.cat([t_top, t_tail[:, None]], dim=-1)  # (B, K'+1)

@@ -17,7 +17,9 @@ from typing import cast
 import numpy as np
 import torch
 
+from kd_core.cache.compact import pack
 from kd_core.cache.format import CacheSettings, Features, clamp_tail, feature_role, index_dtype
+from kd_core.cache.sparse import clamp_tail_rows, sparse_rows
 from kd_core.errors import UserError
 
 _TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}  # bf16 as its bits
@@ -29,7 +31,8 @@ class Encoded:
 
     arrays: dict[str, torch.Tensor]  # role -> (B, ...) in its storage dtype (uint16 indices as int16 bits)
     nonfinite: torch.Tensor  # () int64: non-finite logits and features, checked once on the host
-    row_min: torch.Tensor | None  # (B,) float32 smallest kept value as stored (top-k): host-side tail clamp
+    row_min: torch.Tensor | None  # (B,) float32 smallest kept value as stored (top-k): host-side tail clamp;
+    # None where the tail was clamped on the device already (rows of different sizes: top_p, sampling)
 
     @property
     def rows(self) -> int:
@@ -75,6 +78,15 @@ def encode_batch(logits: torch.Tensor, feats: Features, settings: CacheSettings,
     if not settings.top_k:  # stored: a raw inf or NaN stays one, a float16 overflow becomes inf
         stored = _store(logits, settings.dtype)
         return Encoded({"logits": stored, **out}, bad + _nonfinite(_floats(stored, settings.dtype)), None)
+    small = index_dtype(n_classes) == np.uint16  # int16 bits on the device: numpy views them as uint16
+    if settings.sparse:
+        bad = bad + _nonfinite(logits)
+        values, indices, tail_lse = sparse_rows(logits, settings.top_k, settings.top_p, settings.sampling, consume)
+        stored = _store(values, settings.dtype)
+        as_stored = _floats(stored, settings.dtype)
+        bad = bad + _nonfinite(as_stored.masked_fill(values == float("-inf"), 0.0))  # unused slots hold -inf
+        return Encoded({"values": stored, "indices": indices.to(torch.int16 if small else torch.int32),
+                        "tail_lse": clamp_tail_rows(tail_lse, as_stored, n_classes), **out}, bad, None)
     values, indices = logits.topk(settings.top_k, dim=-1)  # (B, K'), (B, K') sorted: deterministic bytes
     stored = _store(values, settings.dtype)
     as_stored = _floats(stored, settings.dtype)  # (B, K') what the reader will see
@@ -86,7 +98,6 @@ def encode_batch(logits: torch.Tensor, feats: Features, settings: CacheSettings,
     else:
         tail_lse = torch.full((len(logits),), float("-inf"), device=logits.device)
     row_min = as_stored.amin(dim=-1)
-    small = index_dtype(n_classes) == np.uint16  # int16 bits on the device: numpy views them as uint16
     return Encoded({"values": stored, "indices": indices.to(torch.int16 if small else torch.int32),
                     "tail_lse": tail_lse, **out}, bad, row_min)
 
@@ -125,11 +136,11 @@ class Host:
                             f"{rows[0]}:{rows[1]}; nothing cached")
         out = {r: t.numpy() for r, t in self.tensors.items()}
         if settings.top_k:
-            assert self.row_min is not None  # top-k batches are encoded with their row minima
             if index_dtype(n_classes) == np.uint16:
                 out["indices"] = out["indices"].view(np.uint16)
-            out["tail_lse"] = clamp_tail(self.row_min.numpy(), out["tail_lse"], n_classes - settings.top_k)
-        return out
+            if self.row_min is not None:  # else clamped on the device (rows of different sizes)
+                out["tail_lse"] = clamp_tail(self.row_min.numpy(), out["tail_lse"], n_classes - settings.top_k)
+        return pack(out, settings) if settings.encoding == "compact" else out
 
 
 def release_pinned() -> None:

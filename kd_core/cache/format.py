@@ -48,6 +48,7 @@ from kd_core.errors import UserError
 
 FORMAT_VERSION = 3  # 3: uint16 indices for vocabularies up to 65,536 classes, capture record
 MANIFEST = "manifest.json"
+PACKED = "packed"  # the role of a compact shard's one file: its values, indices and tail, zstd-compressed
 VIEWS_FILE = "views.npy"  # cache.views: every cache row's view parameters (rows, D) float32, beside the shards
 STORE = "cache"  # under params.paths.work
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 kept as its bits
@@ -63,19 +64,34 @@ class CacheSettings:
     features: tuple[tuple[str, str], ...] = ()  # (teacher module, pooling) per captured feature
     views: int = 0  # augmented views per input row (rows = input row × view); 0: the plain rows
     augment: str = ""  # the views' recipe as canonical JSON (cache.augment), "" without views
+    top_p: float | None = None  # a row keeps the fewest logits reaching this probability, at most top_k
+    sampling: int | None = None  # classes drawn from the rest with their weights (sparse.py), within top_k
+    encoding: str = "raw"  # raw: one .npy per role | compact: one zstd frame per shard (compact.py)
 
     def to_json(self) -> dict:
-        """Features and views only when there are some: a plain logits cache keeps the key it always had."""
+        """Features, views, top_p, sampling and a compact encoding only when used: a cache without them
+        keeps the key it always had."""
         extra: dict = {"features": [list(f) for f in self.features]} if self.features else {}
         if self.views:
             extra |= {"views": self.views, "augment": self.augment_params()}
+        extra |= {k: v for k, v in (("top_p", self.top_p), ("sampling", self.sampling)) if v is not None}
+        if self.encoding != "raw":
+            extra["encoding"] = self.encoding
         return {"dtype": self.dtype, "shard_rows": self.shard_rows, "top_k": self.top_k, **extra}
+
+    @property
+    def sparse(self) -> bool:
+        """Rows of different sizes (top_p, sampling): -inf in unused slots, each row its own tail size."""
+        return bool(self.top_k) and (self.top_p is not None or bool(self.sampling))
 
     def augment_params(self) -> dict:
         return json.loads(self.augment) if self.augment else {}
 
     def roles(self) -> tuple[str, ...]:
+        """The files of one shard (`packed` holds a compact shard's values, indices and tail)."""
         logit_roles = ("values", "indices", "tail_lse") if self.top_k else ("logits",)
+        if self.encoding == "compact":
+            logit_roles = (PACKED,)
         return logit_roles + tuple(feature_role(j) for j in range(len(self.features)))
 
 
@@ -120,7 +136,7 @@ def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(stored, dtype=np.float32)
 
 
-def clamp_tail(row_min: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.ndarray:
+def clamp_tail(row_min: np.ndarray, tail_lse: np.ndarray, n_tail: int | np.ndarray) -> np.ndarray:
     """The tail's log-sum-exp, lowered where needed so its equal per-class logit L - log n never
     exceeds the smallest kept logit `row_min` (as stored).  # (B,), (B,) -> (B,)
 
@@ -128,7 +144,7 @@ def clamp_tail(row_min: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.nda
     are rounded to float16/bfloat16 the smallest may round below the tail, which would make the tail
     classes look likelier than a cached one. Clamping moves at most one rounding step of mass.
     """
-    if n_tail == 0:
+    if np.isscalar(n_tail) and n_tail == 0:
         return tail_lse
     limit = row_min.astype(np.float64) + np.log(n_tail)  # (B,)
     limit32 = limit.astype(np.float32)
@@ -137,6 +153,7 @@ def clamp_tail(row_min: np.ndarray, tail_lse: np.ndarray, n_tail: int) -> np.nda
 
 
 def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a role's array (a packed shard: its decoded values, indices and tail)."""
     storage = storage_dtype(manifest["dtype"])
     features = {f["role"]: f["shape"] for f in manifest.get("features", [])}
     if role in features:
@@ -145,6 +162,11 @@ def _expected(role: str, rows: int, manifest: dict) -> tuple[tuple[int, ...], np
     return {"logits": ((rows, manifest["classes"]), storage), "values": ((rows, k), storage),
             "indices": ((rows, k), np.dtype(manifest["index_dtype"])),
             "tail_lse": ((rows,), np.dtype(np.float32))}[role]
+
+
+def is_sparse(manifest: dict) -> bool:
+    """A cache whose rows keep different numbers of classes (top_p, sampling)."""
+    return manifest.get("top_p") is not None or bool(manifest.get("sampling"))
 
 
 def sha256_file(path: Path) -> str:
@@ -220,7 +242,18 @@ def read_views(path: Path, manifest: dict) -> np.ndarray | None:
 
 
 def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:
-    arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    if role == PACKED:
+        from kd_core.cache.compact import unpack
+
+        try:
+            arrays = unpack(np.load(f, allow_pickle=False), manifest)
+        except ValueError as exc:
+            return [f"{f}: {exc}"]
+        return [p for r, a in arrays.items() for p in _check_values(f, r, a, rows, manifest)]
+    return _check_values(f, role, np.load(f, mmap_mode="r", allow_pickle=False), rows, manifest)
+
+
+def _check_values(f: Path, role: str, arr: np.ndarray, rows: int, manifest: dict) -> list[str]:
     shape, dtype = _expected(role, rows, manifest)
     if arr.shape != shape or arr.dtype != dtype:
         return [f"{f}: shape {arr.shape} dtype {arr.dtype}, expected {shape} {dtype}"]
@@ -229,7 +262,8 @@ def _check_array(f: Path, role: str, rows: int, manifest: dict) -> list[str]:
         return [f"{f}: {bad} class index(es) out of range"] if bad else []
     floats = role in ("logits", "values") or role.startswith("feature")
     values = decode(arr, manifest["dtype"]) if floats else np.asarray(arr)
-    finite = np.isfinite(values) | ((values == -np.inf) & (role == "tail_lse"))  # empty tail: -inf
+    unused = role == "tail_lse" or (role == "values" and is_sparse(manifest))  # empty tail, unused slots: -inf
+    finite = np.isfinite(values) | ((values == -np.inf) & unused)
     bad = int((~finite).sum())
     return [f"{f}: {bad} non-finite value(s)"] if bad else []
 

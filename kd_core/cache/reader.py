@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_core.cache.format import clamp_tail, decode, read_manifest, read_views, sha256_file
+from kd_core.cache.format import PACKED, clamp_tail, decode, is_sparse, read_manifest, read_views, sha256_file
 from kd_core.errors import UserError
 
 
@@ -23,7 +23,7 @@ class TopKTensors:
     values: torch.Tensor  # (B, K') float32 raw logits
     indices: torch.Tensor  # (B, K') int64 class indices
     tail_lse: torch.Tensor  # (B,) float32 log-sum-exp of the other logits at T = 1
-    n_tail: int  # classes outside the top K'
+    n_tail: int | torch.Tensor  # classes outside the top K' (per row (B,) int64 where rows differ: top_p)
 
     def argmax(self) -> torch.Tensor:
         """The teacher's class per row (the tail never beats a kept logit: format.clamp_tail).  # (B,)"""
@@ -35,7 +35,7 @@ class TopK:
     values: np.ndarray  # (B, K') float32 raw logits
     indices: np.ndarray  # (B, K') int64 class indices
     tail_lse: np.ndarray  # (B,) float32 log-sum-exp of the other logits at T = 1
-    n_tail: int  # classes outside the top K'
+    n_tail: int | np.ndarray  # classes outside the top K' (per row (B,) where rows differ: top_p, sampling)
 
     def argmax(self) -> np.ndarray:
         """The teacher's class per row.  # (B,)"""
@@ -45,8 +45,9 @@ class TopK:
         """The batch as tensors on `device`, moved as dense batches are (kd_core.distributed.to_device)."""
         from kd_core.distributed import to_device
 
+        n_tail = self.n_tail if isinstance(self.n_tail, int) else to_device(self.n_tail, device)
         return TopKTensors(to_device(self.values, device), to_device(self.indices, device),
-                           to_device(self.tail_lse, device), self.n_tail)
+                           to_device(self.tail_lse, device), n_tail)
 
 
 IN_MEMORY_MAX_BYTES = 1 << 30  # dense caches up to 1 GiB of float32 are read into RAM for training
@@ -62,6 +63,7 @@ class LogitCache:
     manifest: dict = field(init=False)
     _arrays: dict[tuple[int, str], np.ndarray] = field(init=False, default_factory=dict)
     _dense: np.ndarray | None = field(init=False, default=None)
+    _decoded_bytes: int = field(init=False, default=0)  # compact shards decoded into _arrays
 
     def __post_init__(self) -> None:
         self.manifest = read_manifest(self.path)
@@ -91,13 +93,37 @@ class LogitCache:
 
     def _array(self, i: int, role: str) -> np.ndarray:
         if (i, role) not in self._arrays:
-            a = self.manifest["shards"][i]["arrays"][role]
-            f = self.path / a["file"]
-            if not f.exists() or sha256_file(f) != a["sha256"]:
-                raise UserError(f"{f}: checksum mismatch or missing; the cache is corrupt: "
-                                "run `kd cache verify` and re-run the cache_logits stage")
+            arrays = self.manifest["shards"][i]["arrays"]
+            if role not in arrays and PACKED in arrays:
+                self._unpack(i)
+                return self._arrays[(i, role)]
+            f = self._verified(arrays[role]["file"], arrays[role]["sha256"])
             self._arrays[(i, role)] = np.load(f, mmap_mode="r", allow_pickle=False)
         return self._arrays[(i, role)]
+
+    def _verified(self, file: str, sha256: str) -> Path:
+        f = self.path / file
+        if not f.exists() or sha256_file(f) != sha256:
+            raise UserError(f"{f}: checksum mismatch or missing; the cache is corrupt: "
+                            "run `kd cache verify` and re-run the cache_logits stage")
+        return f
+
+    def _unpack(self, i: int) -> None:
+        """Decode compact shard i into its raw roles' arrays, kept while the decoded shards stay within
+        IN_MEMORY_MAX_BYTES (a random batch touches every shard; past the budget the oldest go)."""
+        from kd_core.cache.compact import unpack
+
+        a = self.manifest["shards"][i]["arrays"][PACKED]
+        f = self._verified(a["file"], a["sha256"])
+        try:
+            decoded = unpack(np.load(f, allow_pickle=False), self.manifest)
+        except ValueError as exc:
+            raise UserError(f"{f}: {exc}; run `kd cache verify` and re-run the cache_logits stage") from None
+        size = sum(x.nbytes for x in decoded.values())
+        while self._arrays and self._decoded_bytes + size > IN_MEMORY_MAX_BYTES:
+            self._decoded_bytes -= self._arrays.pop(next(iter(self._arrays))).nbytes
+        self._decoded_bytes += size
+        self._arrays |= {(i, r): x for r, x in decoded.items()}
 
     def _gather(self, idx: np.ndarray, role: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """(positions in idx, rows of that shard's array) for every shard `idx` touches."""
@@ -150,7 +176,12 @@ class LogitCache:
             indices[sel] = rows
         for sel, rows in self._gather(idx, "tail_lse"):
             tail[sel] = rows
-        return TopK(values, indices, clamp_tail(values.min(axis=-1), tail, self.classes - k), self.classes - k)
+        if not is_sparse(self.manifest):
+            return TopK(values, indices, clamp_tail(values.min(axis=-1), tail, self.classes - k), self.classes - k)
+        finite = np.isfinite(values)  # rows of different sizes: -inf in unused slots, a tail size per row
+        n_tail = self.classes - finite.sum(axis=-1)
+        row_min = np.where(finite, values, np.inf).min(axis=-1)
+        return TopK(values, indices, clamp_tail(row_min, tail, np.maximum(n_tail, 1)), n_tail)
 
     def targets(self, idx: np.ndarray) -> np.ndarray | TopK:
         """What training reads for rows `idx`: dense logits (B, C), or a top-k cache as TopK (B, K')."""
@@ -170,9 +201,10 @@ class LogitCache:
                 out[sel] = decode(rows, self.manifest["dtype"])
             return out
         t = self.take_topk(idx)
-        fill = t.tail_lse - np.log(max(t.n_tail, 1))  # (B,)
+        fill = t.tail_lse - np.log(np.maximum(t.n_tail, 1))  # (B,)
         out = np.repeat(fill[:, None], self.classes, axis=1).astype(np.float32)
-        np.put_along_axis(out, t.indices, t.values, axis=1)
+        kept = np.isfinite(t.values)  # unused slots (-inf, repeating the first class) are left out
+        out[np.nonzero(kept)[0], t.indices[kept]] = t.values[kept]
         return out
 
 
