@@ -7,6 +7,7 @@ it is being built.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd_core.cache.cluster import run_dask
 from kd_core.cache.encode import Compute, Encoded, encode_batch, release_pinned, to_host
 from kd_core.cache.format import (
     FORMAT_VERSION,
@@ -41,7 +43,7 @@ from kd_core.cache.format import (
     verify_manifest,
 )
 from kd_core.cache.store import key_lock
-from kd_core.errors import TransientError, UserError
+from kd_core.errors import UserError
 from kd_core.fs import atomic_dir, atomic_write_text
 
 
@@ -175,52 +177,6 @@ def _run_serial(compute: Compute, settings: CacheSettings, store: Path, todo: li
     return done
 
 
-def _local_cluster(n_tasks: int, gpus: int):  # -> distributed.deploy.Cluster
-    """A temporary cluster on this machine: one worker per GPU when the teacher runs on GPUs (dask-cuda
-    pins each to its own device), else one single-threaded worker process per core."""
-    from distributed import LocalCluster
-
-    if gpus > 1:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise UserError(f"cache.runner: dask on {gpus} GPUs needs dask-cuda (pip install dask-cuda), "
-                            "or give cache.dask_address of a running cluster") from None
-        # memory_limit 0: pinned shard buffers must not count against a worker's share of host RAM
-        return LocalCUDACluster(n_workers=gpus, threads_per_worker=1, dashboard_address=None, memory_limit=0)
-    workers = 1 if gpus == 1 else min(n_tasks, os.cpu_count() or 1)
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-
-
-def _run_dask(compute: Compute, settings: CacheSettings, store: Path, todo: list[tuple[int, int, int]],
-              n_classes: int, shapes: tuple[tuple[int, ...], ...], address: str | None,
-              gpus: int = 0) -> dict[int, dict[str, str]]:
-    """Map shards over a Dask cluster: `address` of an existing one, else a temporary local cluster.
-
-    Workers run the same encode and write as the serial runner (byte-identical shards) straight into
-    the store (a shared filesystem for remote clusters).
-    """
-    from distributed import Client
-
-    cluster = None
-    try:
-        if address:
-            client = Client(address, timeout="30s")
-        else:
-            cluster = _local_cluster(len(todo), gpus)
-            client = Client(cluster)
-    except OSError as exc:
-        raise TransientError(f"cannot reach the Dask cluster {address}: {exc}") from None
-    try:
-        futures = {i: client.submit(_compute_and_write, compute, settings, store, i, start, stop, n_classes,
-                                    shapes, pure=False) for i, start, stop in todo}
-        return {i: f.result() for i, f in futures.items()}
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
 def build_cache(compute: Compute, n_rows: int, n_classes: int, out: Path, work: Path, key: str,
                 settings: CacheSettings, meta: dict, runner: str = "serial",
                 dask_address: str | None = None,
@@ -287,12 +243,15 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
     digests = {i: d for i in range(len(ranges)) if reusable and (d := _verified_shard(store, i, settings.roles()))}
     todo = [(i, s, e) for i, (s, e) in enumerate(ranges) if i not in digests]
     if todo:
-        run = _run_dask if runner == "dask" else _run_serial
-        extra = (feature_shapes, *dask) if runner == "dask" else (feature_shapes,)
         if progress is not None and runner != "dask":
             compute = _counted(compute, progress, n_rows - sum(e - s for _, s, e in todo), n_rows)
         try:
-            digests.update(run(compute, settings, store, todo, n_classes, *extra))
+            if runner == "dask":
+                task = functools.partial(_compute_and_write, compute, settings, store, n_classes=n_classes,
+                                         shapes=feature_shapes)
+                digests.update(run_dask(task, store, todo, *dask))
+            else:
+                digests.update(_run_serial(compute, settings, store, todo, n_classes, feature_shapes))
         finally:
             release_pinned()
         if progress is not None:

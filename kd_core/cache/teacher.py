@@ -91,6 +91,10 @@ def _teacher_and_rows(task_name: str, teacher_dir: str, prepared_dir: str, devic
 def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
           fingerprints: tuple[str, str], views_file: str) -> tuple[nn.Module, np.ndarray]:
     """Load, then check the files loaded are the ones the submitting stage keyed the cache by."""
+    for what, path in (("teacher", teacher_dir), ("prepared data", prepared_dir)):
+        if not path.exists():
+            raise UserError(f"{_this_process()} does not see the {what} at {path}: a Dask cluster needs it on a "
+                            "filesystem every worker mounts at the same path")
     task = tasks.get(task_name)
     model = task.load(teacher_dir)[0].to(distributed.pick_device(device))
     rows = task.cache_inputs(data.read_prepared(prepared_dir), _views(Path(views_file)) if views_file else None)
@@ -98,17 +102,28 @@ def _load(task_name: str, teacher_dir: Path, prepared_dir: Path, device: str,
     for what, path, got, want in zip(("teacher", "prepared data"), (teacher_dir, prepared_dir), seen, fingerprints,
                                      strict=True):
         if got != want:
-            raise UserError(f"cache task on {socket.gethostname()}: the {what} at {path} has fingerprint {got[:12]}, "
-                            f"the cache_logits stage expected {want[:12]} (it changed while caching, or this worker "
-                            "sees other files): re-run cache_logits")
+            raise UserError(f"{_this_process()}: the {what} at {path} has fingerprint {got[:12]}, expected {want[:12]} "
+                            "by the cache_logits stage (it changed while caching, or this worker sees other "
+                            "files): re-run cache_logits")
     return model, rows
+
+
+def _this_process() -> str:
+    """Who refuses a cache task, as its one-line error names it: the Dask worker's address (the one to
+    restart or fix), else the host of the stage's own process."""
+    try:
+        from distributed import get_worker
+
+        return f"Dask worker {get_worker().address}"
+    except (ImportError, ValueError):  # ValueError: not inside a Dask worker
+        return f"cache task on {socket.gethostname()}"
 
 
 def _views(path: Path) -> np.ndarray:
     """The view parameters the build wrote (cache.build_cache), checked against their sha256 sidecar."""
     side = path.with_name(path.name + ".sha256")
     if not side.is_file() or sha256_file(path) != side.read_text().strip():
-        raise UserError(f"cache task on {socket.gethostname()}: {path} is missing or does not match its checksum "
+        raise UserError(f"{_this_process()}: {path} is missing or does not match its checksum "
                         "(this worker sees other files than the cache_logits stage): re-run cache_logits")
     return np.load(path, allow_pickle=False)
 
@@ -143,6 +158,9 @@ class TeacherLogits:
     code: str = field(default_factory=code_identity)  # the submitter's kd_core; a worker must run the same
 
     def __post_init__(self) -> None:
+        for name in ("teacher_dir", "prepared_dir", "views_file"):  # a worker resolves nothing in its own cwd
+            if getattr(self, name):
+                object.__setattr__(self, name, str(Path(getattr(self, name)).resolve()))
         if not self.teacher_fingerprint:
             object.__setattr__(self, "teacher_fingerprint", tasks.get(self.task).fingerprint(Path(self.teacher_dir)))
         if not self.data_fingerprint:
@@ -151,8 +169,8 @@ class TeacherLogits:
     @torch.inference_mode()
     def __call__(self, start: int, stop: int) -> Encoded | torch.Tensor | tuple[torch.Tensor, Features]:
         if self.code != code_identity():
-            raise UserError(f"cache worker on {socket.gethostname()} runs {code_identity()}, the submitting "
-                            f"process {self.code}: restart the Dask cluster with the same kd_core")
+            raise UserError(f"{_this_process()} runs {code_identity()}, the submitting process {self.code}: "
+                            "restart the Dask cluster with the same kd_core")
         task = tasks.get(self.task)
         teacher, x = _teacher_and_rows(self.task, self.teacher_dir, self.prepared_dir, self.device,
                                        (self.teacher_fingerprint, self.data_fingerprint), self.views_file)

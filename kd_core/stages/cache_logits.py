@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kd_core import cache, data, distributed, features, progress, tasks
+from kd_core.cache import cluster
 from kd_core.config import Params
 
 
@@ -45,8 +46,19 @@ def _gpus(params: Params) -> int:
     return torch.cuda.device_count() if distributed.pick_device(params.cache.device).type == "cuda" else 0
 
 
+def _runner(params: Params) -> str:
+    """`cache.dask_address` alone means the Dask runner: an address given is a cluster to use. Its
+    workers open the teacher, the data and the store as plain paths, so none may be a URL."""
+    if not params.cache.dask_address:
+        return params.cache.runner
+    cluster.check_shared_paths({"paths.work": params.paths.work, "paths.prepared": params.paths.prepared,
+                                "paths.teacher": params.paths.teacher})
+    return "dask"
+
+
 def run(params: Params, workdir: Path) -> CacheResult:
     """Cache each teacher's logits in its own cache: an unchanged member's cache is reused from the store."""
+    runner, workdir = _runner(params), workdir.resolve()  # a worker resolves nothing in its own cwd
     task = tasks.for_params(params)
     prepared_dir = workdir / params.paths.prepared
     splits = data.read_prepared(prepared_dir)
@@ -74,7 +86,7 @@ def run(params: Params, workdir: Path) -> CacheResult:
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
         reports.append(cache.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
                                          workdir / params.paths.work, key, settings, meta,
-                                         params.cache.runner, params.cache.dask_address,
+                                         runner, params.cache.dask_address,
                                          progress=progress.bar(label), feature_shapes=shapes,
                                          autocast=amp, device=device, gpus=gpus, views=views))
     return CacheResult(tuple(reports))

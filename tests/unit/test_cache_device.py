@@ -14,13 +14,13 @@ from kd_core.cache import (
     build_cache,
     bytes_per_row,
     cache_key,
+    cluster,
     concat,
     encode_batch,
     index_dtype,
     to_host,
     verify_cache,
 )
-from kd_core.cache import build as cache_build
 from kd_core.errors import UserError
 
 
@@ -165,7 +165,7 @@ def test_several_gpus_without_dask_cuda_is_one_clear_line(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_dask_cuda)
     with pytest.raises(UserError, match="dask-cuda"):
-        cache_build._local_cluster(8, gpus=2)
+        cluster.local_cluster(8, gpus=2)
 
 
 def test_cache_rows_are_found_in_a_length_sorted_multi_position_output():
