@@ -22,6 +22,7 @@ import pytest
 import kd_core.cache
 from kd_core import data, models
 from kd_core.cache import STORE, TeacherLogits, build_cache, cache_key, settings, verify_cache
+from kd_core.cache import cluster as dask_cluster
 from kd_core.config import load_params
 from kd_core.errors import UserError
 from kd_core.stages import cache_logits, prepare
@@ -183,6 +184,17 @@ def test_a_worker_running_other_kd_core_is_refused(cluster, project, tmp_path):
                                          r".*, the submitting process kd-pipeline 0\.0\.0 \(source 0{12}\)"):
         _build(compute, tmp_path, cluster.address)
     assert not (tmp_path / "logits").exists()
+
+
+def _never(i: int, start: int, stop: int) -> dict[str, str]:
+    raise AssertionError("a worker that does not see the store computed a shard")
+
+
+def test_a_worker_that_does_not_see_the_store_refuses_before_computing(cluster, tmp_path):
+    """As on a worker whose filesystem is not the stage's: the marker this build wrote is not there."""
+    with cluster.client() as client, pytest.raises(UserError, match=r"^Dask worker tcp://127\.0\.0\.1:\d+ does not "
+                                                   rf"see the cache store {tmp_path}: cache\.dask_address needs"):
+        client.submit(dask_cluster._on_worker, _never, str(tmp_path / ".shared-0"), 0, 0, 10).result()
 
 
 def test_a_url_for_the_store_is_refused_before_any_compute(project):
