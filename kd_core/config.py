@@ -122,6 +122,10 @@ class AugmentParams(_Section):
 class CacheParams(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # top-k rows keep the fewest logits reaching this mass
+    sampling: int | None = Field(None, ge=1)  # of the top_k slots, this many hold classes drawn from the rest
+    # with unbiased weights (kd_core/cache/sparse.py); forward KL at T = 1
+    encoding: Literal["raw", "compact"] = "raw"  # compact: 8-bit log-probs + zstd per shard (top-k caches)
     shard_rows: int = Field(16_384, ge=1)
     batch_size: int = Field(2048, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where the teacher runs; not in the key
@@ -132,6 +136,20 @@ class CacheParams(_Section):
     views: int = Field(0, ge=0, le=64)  # augmented views cached per input row (task image), rows = image × view,
     # replayed exactly by the student; 0: the plain input only. V and `augment` are in the cache key
     augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _sparse_needs_top_k(self) -> CacheParams:
+        for name in ("top_p", "sampling"):
+            if getattr(self, name) is not None and not self.top_k:
+                raise ValueError(f"cache.{name} selects among the cache.top_k slots: set cache.top_k")
+        if self.encoding == "compact" and not self.top_k:
+            raise ValueError("cache.encoding compact stores top-k rows: set cache.top_k (or encoding: raw)")
+        if self.sampling and self.top_k and self.sampling >= self.top_k:
+            raise ValueError(f"cache.sampling {self.sampling} must leave one of the cache.top_k {self.top_k} slots "
+                             "for the teacher's top class")
+        if self.top_k and self.top_k > 255 and self.encoding == "compact":
+            raise ValueError("cache.encoding compact keeps at most 255 classes per row: lower cache.top_k")
+        return self
 
     @field_validator("features")
     @classmethod
@@ -219,10 +237,38 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     compile: bool = False
     seed: int = 0
-    nproc: int = Field(1, ge=1)
+    nproc: int = Field(1, ge=1)  # processes per machine; > 1 launches torch.distributed.run (DDP)
+    nnodes: int = Field(1, ge=1)  # machines training together: each runs `kd stage train_student` (docs/multinode.md)
+    # this machine's place among them; 0 writes the checkpoints and outputs. The environment variable
+    # KD_NODE_RANK overrides it, so every machine can share one params.yaml
+    node_rank: int = Field(0, ge=0)
+    # host:port on which the machines meet (torchrun's c10d rendezvous; a free port of one of them,
+    # reachable from the others); required with nnodes > 1
+    rdzv_endpoint: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, le=0.5)
     patience: int | None = Field(20, ge=1)
     min_steps: int | None = Field(None, ge=1)  # more epochs on small data, so the student gets this many updates
+
+    @model_validator(mode="after")
+    def _nodes(self) -> TrainParams:
+        """A multi-machine setting that cannot launch is named here, before the teacher's compute."""
+        if self.nnodes == 1 and self.rdzv_endpoint is not None:
+            raise ValueError("train.rdzv_endpoint is only for train.nnodes > 1 (one machine launches "
+                             "standalone); remove it or set train.nnodes")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"train.nnodes: {self.nnodes} machines meet at train.rdzv_endpoint (host:port on "
+                             "one of them); set it")
+        if self.rdzv_endpoint is not None and not _host_port(self.rdzv_endpoint):
+            raise ValueError(f"train.rdzv_endpoint {self.rdzv_endpoint!r}: expected host:port, e.g. 10.0.0.1:29500")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank {self.node_rank} must be below train.nnodes ({self.nnodes})")
+        return self
+
+
+def _host_port(endpoint: str) -> bool:
+    """`host:port` with a port torchrun can bind (an IPv6 host in brackets: [::1]:29500)."""
+    host, sep, port = endpoint.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 class Params(_Section):
@@ -252,6 +298,20 @@ class Params(_Section):
             raise ValueError("teachers: an ensemble of teachers needs a dense cache; set cache.top_k to null")
         if self.teachers and self.cache.features:
             raise ValueError("teachers: feature hints (cache.features) need a single teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _sampled_targets(self) -> Params:
+        """Sampled classes carry weights of the teacher's distribution at T = 1 with no tail: only forward
+        KL at T = 1 is unbiased against them (a reverse divergence would need the classes never drawn)."""
+        if not self.cache.sampling:
+            return self
+        d = self.distill
+        tried = [(d.loss, d.temperature)] + [(c.loss or d.loss, c.temperature or d.temperature)
+                                             for c in (d.search.candidates if d.search else ())]
+        if bad := [f"{loss} at T={t:g}" for loss, t in tried if loss != "hinton" or t != 1]:
+            raise ValueError(f"cache.sampling: the sampled targets are unbiased for distill.loss hinton at "
+                             f"temperature 1 only, not {', '.join(bad)}")
         return self
 
     @model_validator(mode="after")

@@ -238,7 +238,7 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
     if complete is not None:
         _publish(store, out, complete)
         return CacheReport(key, n_rows, n_classes, len(ranges), 0, len(ranges), True,
-                           time.perf_counter() - t0, row_bytes)
+                           time.perf_counter() - t0, int(complete.get("bytes_per_row", row_bytes)))
     reusable = _same_capture(store, meta["capture"])
     digests = {i: d for i in range(len(ranges)) if reusable and (d := _verified_shard(store, i, settings.roles()))}
     todo = [(i, s, e) for i, (s, e) in enumerate(ranges) if i not in digests]
@@ -256,6 +256,9 @@ def _build_locked(compute: Compute, n_rows: int, n_classes: int, out: Path, work
             release_pinned()
         if progress is not None:
             progress(n_rows, n_rows)
+    if settings.encoding == "compact":  # compressed: what the shards really take (headers included)
+        files = [store / shard_file(i, r) for i in range(len(ranges)) for r in settings.roles()]
+        row_bytes = round(sum(f.stat().st_size for f in files) / max(n_rows, 1))
     manifest = {"format": FORMAT_VERSION, "key": key, **settings.to_json(),
                 "storage_dtype": storage_dtype(settings.dtype).name, "index_dtype": index_dtype(n_classes).name,
                 "rows": n_rows, "classes": n_classes,

@@ -30,7 +30,7 @@ def settings(params: Params) -> CacheSettings:
     c = params.cache
     augment = json.dumps(c.augment.model_dump(mode="json"), sort_keys=True) if c.views else ""
     return CacheSettings(c.dtype, c.shard_rows, c.top_k, tuple((f.module, f.pool) for f in c.features),
-                         c.views, augment)
+                         c.views, augment, c.top_p, c.sampling, c.encoding)
 
 
 def autocast(params: Params) -> str | None:

@@ -5,6 +5,7 @@ With `cache.features`, the listed teacher activations are captured in the same p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,17 @@ def _gpus(params: Params) -> int:
     return torch.cuda.device_count() if distributed.pick_device(params.cache.device).type == "cuda" else 0
 
 
+def dask_address(params: Params) -> str | None:
+    """The cluster to use: `KD_DASK_ADDRESS` (set by where the run is deployed, e.g. infra/k8s's job
+    template) ahead of `cache.dask_address`. Not a param: moving the cluster must not make the cache
+    stage stale — the bytes are the same on any cluster."""
+    return os.environ.get("KD_DASK_ADDRESS") or params.cache.dask_address
+
+
 def _runner(params: Params) -> str:
-    """`cache.dask_address` alone means the Dask runner: an address given is a cluster to use. Its
-    workers open the teacher, the data and the store as plain paths, so none may be a URL."""
-    if not params.cache.dask_address:
+    """An address (`dask_address`) alone means the Dask runner: an address given is a cluster to use.
+    Its workers open the teacher, the data and the store as plain paths, so none may be a URL."""
+    if not dask_address(params):
         return params.cache.runner
     cluster.check_shared_paths({"paths.work": params.paths.work, "paths.prepared": params.paths.prepared,
                                 "paths.teacher": params.paths.teacher})
@@ -86,7 +94,7 @@ def run(params: Params, workdir: Path) -> CacheResult:
         label = "caching teacher logits" + (f" ({i + 1}/{len(params.teacher_list)})" if params.teachers else "")
         reports.append(cache.build_cache(compute, n_rows, len(splits.schema.classes), workdir / l_dir,
                                          workdir / params.paths.work, key, settings, meta,
-                                         runner, params.cache.dask_address,
+                                         runner, dask_address(params),
                                          progress=progress.bar(label), feature_shapes=shapes,
                                          autocast=amp, device=device, gpus=gpus, views=views))
     return CacheResult(tuple(reports))

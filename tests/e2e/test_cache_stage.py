@@ -103,3 +103,37 @@ def test_device_path_writes_the_stage_bytes(project):
     assert stage_files.keys() == device_files.keys()
     assert {k: v for k, v in stage_files.items() if k.endswith(".npy")} == \
            {k: v for k, v in device_files.items() if k.endswith(".npy")}
+
+
+def test_sampled_compact_cache_through_the_stages(project):
+    """cache.top_p + cache.sampling + compact frames on a real project: the student trains on it, `kd
+    cache verify` decodes every frame, and the accelerator path (batches encoded where computed) writes
+    the bytes of the stage's CPU path — a row draws the same classes in any batch."""
+    from kd_core import cache, data
+    from kd_core.config import load_params
+
+    write_params(project, {"cache": {"top_k": 6, "top_p": 0.8, "sampling": 3, "encoding": "compact",
+                                     "dtype": "float16", "shard_rows": 700, "batch_size": 64},
+                           "distill": {"temperature": 1.0}})
+    for name in ("prepare", "teacher", "cache_logits", "train_student"):
+        stage(project, name)
+    manifest = json.loads((project / "artifacts/logits/manifest.json").read_text())
+    assert manifest["encoding"] == "compact" and manifest["sampling"] == 3 and manifest["top_p"] == 0.8
+    assert manifest["bytes_per_row"] < 6 * 4 + 4  # smaller than the raw top-6 arrays
+    verify = kd(project, "cache", "verify", "artifacts/logits")
+    assert verify.returncode == 0 and "ok" in verify.stdout, verify.stdout + verify.stderr
+
+    params = load_params(project)
+    splits = data.read_prepared(project / params.paths.prepared)
+    settings, n = cache.settings(params), len(splits.train) + len(splits.transfer)
+    classes = len(splits.schema.classes)
+    compute = cache.TeacherLogits("tabular", str(project / params.paths.teacher), str(project / params.paths.prepared),
+                                  50, settings, classes, "cpu", False, encode_each_batch=True)
+    key = cache.expected_keys(params, project)[0]
+    cache.build_cache(compute, n, classes, project / "device-path", project / "work2", key, settings, {})
+    assert {k: v for k, v in files(project / "artifacts/logits").items() if k.endswith(".npy")} == \
+           {k: v for k, v in files(project / "device-path").items() if k.endswith(".npy")}
+
+    write_params(project, {"distill": {"loss": "reverse_kl"}})
+    res = kd(project, "stage", "train_student")
+    assert res.returncode != 0 and "cache.sampling" in res.stderr and "Traceback" not in res.stderr

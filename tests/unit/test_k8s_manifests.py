@@ -140,6 +140,21 @@ def test_the_flow_run_reaches_the_dask_scheduler_service() -> None:
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_the_cache_stage_takes_the_address_the_template_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KD_DASK_ADDRESS overrides cache.dask_address (and selects the Dask runner) without being a param."""
+    from kd_core.config import Params
+    from kd_core.stages import cache_logits
+
+    params = Params(cache={"dask_address": "tcp://elsewhere:8786"})
+    monkeypatch.delenv("KD_DASK_ADDRESS", raising=False)
+    assert cache_logits.dask_address(params) == "tcp://elsewhere:8786"
+    monkeypatch.setenv("KD_DASK_ADDRESS", "tcp://kd-dask-scheduler:8786")
+    assert cache_logits.dask_address(params) == "tcp://kd-dask-scheduler:8786"
+    assert cache_logits._runner(Params()) == "dask"
+    monkeypatch.setenv("KD_DASK_ADDRESS", "")
+    assert cache_logits._runner(Params()) == "serial"
+
+
 def checkout() -> str:
     """Where the kubernetes deployment's flow run clones the project: the template's workingDir plus the
     clone's directory name (prefect.yaml); the Dask workers and training pods run from there."""
