@@ -48,6 +48,8 @@ def pack(arrays: dict[str, np.ndarray], settings: CacheSettings) -> dict[str, np
     """A shard's raw top-k arrays -> {PACKED: uint8 zstd frame} plus its feature arrays unchanged."""
     values, indices, tail = arrays["values"], arrays["indices"], arrays["tail_lse"]
     rows, k = values.shape
+    if k > 255:
+        raise ValueError(f"the compact encoding keeps at most 255 classes per row, not {k}")
     used, deltas, tail = _rel_steps(values, tail, settings.dtype)
     top = values[:, 0].copy()
     top32 = decode(top[:, None], settings.dtype)[:, 0]
