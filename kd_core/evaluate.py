@@ -9,6 +9,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,11 +33,9 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean()) if len(y) else 0.0
 
 
-def nll(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class (natural log)."""
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(y)), y].mean())
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 ECE_BINS = 15  # Guo et al. 2017's choice; the model card's reliability diagrams use the same bins
@@ -64,9 +63,63 @@ def ece(logits: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     return float((counts[full] / max(len(y), 1) * np.abs(mean_conf[full] - acc[full])).sum())
 
 
-def per_class_accuracy(logits: np.ndarray, y: np.ndarray, classes: tuple) -> dict[str, float]:
-    pred = logits.argmax(1)
-    return {str(c): float((pred[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()}
+@dataclass
+class Scores:
+    """One model's test metrics as running sums, added a batch of rows at a time: O(K + bins) memory
+    where the whole split's logits are O(N·K) (lm: 4,096 tokens x 49,152 classes is 805 MB of float32).
+    Each batch is scored exactly as the whole-split functions above score their rows (same dtype, the
+    same argmax of logits for accuracy and of probabilities for the bins); only the order of the float
+    sums differs."""
+
+    classes: int
+    bins: int = ECE_BINS
+    rows: int = 0
+    correct: int = 0  # top-1 == label
+    agree: int = 0  # top-1 == the teacher's top-1
+    nll: float = 0.0  # summed -log p(label)
+    bin_rows: np.ndarray = field(init=False)  # (bins,) rows per confidence bin
+    bin_conf: np.ndarray = field(init=False)  # (bins,) summed confidence
+    bin_correct: np.ndarray = field(init=False)  # (bins,) rows whose most probable class is the label
+    class_rows: np.ndarray = field(init=False)  # (K,) rows per true class
+    class_correct: np.ndarray = field(init=False)  # (K,) of them predicted right
+
+    def __post_init__(self) -> None:
+        self.bin_rows, self.bin_conf, self.bin_correct = (np.zeros(self.bins) for _ in range(3))
+        self.class_rows, self.class_correct = np.zeros(self.classes, np.int64), np.zeros(self.classes, np.int64)
+
+    def add(self, logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray) -> None:
+        """One batch: logits (n, K), labels (n,), the teacher's top-1 (n,)."""
+        pred, hit = logits.argmax(1), logits.argmax(1) == y
+        self.rows, self.correct = self.rows + len(y), self.correct + int(hit.sum())
+        self.agree += int((pred == teacher_pred).sum())
+        self.nll += float(-_log_softmax(logits)[np.arange(len(y)), y].astype(np.float64).sum())
+        p = softmax(logits)
+        conf = p.max(1)
+        which = np.clip(np.digitize(conf, np.linspace(0.0, 1.0, self.bins + 1)[1:-1]), 0, self.bins - 1)
+        self.bin_rows += np.bincount(which, minlength=self.bins)
+        self.bin_conf += np.bincount(which, conf, self.bins)
+        self.bin_correct += np.bincount(which, (p.argmax(1) == y).astype(float), self.bins)
+        self.class_rows += np.bincount(y, minlength=self.classes)[:self.classes]
+        self.class_correct += np.bincount(y[hit], minlength=self.classes)[:self.classes]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.rows if self.rows else 0.0
+
+    @property
+    def nll_mean(self) -> float:
+        return self.nll / self.rows if self.rows else float("nan")
+
+    @property
+    def ece(self) -> float:
+        """As `ece` of the whole split: the bins' |confidence - accuracy| weighted by their share of rows."""
+        full = self.bin_rows > 0
+        gap = np.abs(self.bin_conf[full] - self.bin_correct[full]) / self.bin_rows[full]
+        return float((self.bin_rows[full] / max(self.rows, 1) * gap).sum())
+
+    def per_class_accuracy(self, classes: tuple) -> dict[str, float]:
+        return {str(c): float(self.class_correct[i] / self.class_rows[i])
+                for i, c in enumerate(classes) if self.class_rows[i]}
 
 
 def count_params(model: nn.Module) -> int:
@@ -112,29 +165,38 @@ def batch1_latencies_ms(models: dict[str, nn.Module], examples: dict[str, torch.
         return interleaved_medians_ms(calls)
 
 
-def model_metrics(model: nn.Module, example: torch.Tensor, logits: np.ndarray, y: np.ndarray,
-                  teacher_pred: np.ndarray, classes: tuple, weights_file: Path, latency_ms: float) -> dict:
-    """Every contract metric for one model on the test rows."""
+def model_metrics(model: nn.Module, example: torch.Tensor, scores: Scores, classes: tuple, weights_file: Path,
+                  latency_ms: float) -> dict:
+    """Every contract metric for one model on the test rows, from its running sums."""
     return {
-        "accuracy": accuracy(logits, y),
-        "ece": ece(logits, y),
-        "nll": nll(logits, y),
-        "agreement_with_teacher": float((logits.argmax(1) == teacher_pred).mean()),
+        "accuracy": scores.accuracy,
+        "ece": scores.ece,
+        "nll": scores.nll_mean,
+        "agreement_with_teacher": scores.agree / max(scores.rows, 1),
         "params": count_params(model),
         "macs": count_macs(model, example),
         "latency_ms_p50": latency_ms,
         "size_bytes": weights_file.stat().st_size,
-        "per_class_accuracy": per_class_accuracy(logits, y, classes),
+        "per_class_accuracy": scores.per_class_accuracy(classes),
     }
+
+
+CHUNK_ROWS = 4096  # test rows scored at a time: every model's logits for them are (4096, K), whatever N is
 
 
 def classifier_scores(task: Task, loaded: dict[str, tuple[nn.Module, ModelSpec]], x: np.ndarray, y: np.ndarray,
                       weights: dict[str, Path]) -> dict[str, dict]:
-    """`tabular` and `text`: every model's contract metrics on the test rows `x`, labels `y`; one
-    model is `teacher` (the agreement reference: with several teachers, their ensemble)."""
-    logits = {r: task.predict_logits(m, x) for r, (m, _) in loaded.items()}
+    """`tabular`, `text` and `image`: every model's contract metrics on the test rows `x`, labels `y`; one
+    model is `teacher` (the agreement reference: with several teachers, their ensemble). The rows are
+    scored CHUNK_ROWS at a time into running sums, so memory does not grow with the test split."""
+    scores = {r: Scores(len(spec.schema.classes)) for r, (_, spec) in loaded.items()}
+    per, y = max(1, task.positions(x)) if len(x) else 1, y.reshape(-1)  # one label per logit row
+    for i in range(0, len(x), CHUNK_ROWS):
+        rows, labels = x[i:i + CHUNK_ROWS], y[i * per:(i + CHUNK_ROWS) * per]
+        teacher = task.predict_logits(loaded["teacher"][0], rows)  # (n, K)
+        teacher_pred = teacher.argmax(1)
+        for r, (m, _) in loaded.items():
+            scores[r].add(teacher if r == "teacher" else task.predict_logits(m, rows), labels, teacher_pred)
     latency = batch1_latencies_ms({r: m for r, (m, _) in loaded.items()},
                                   {r: task.example(spec) for r, (_, spec) in loaded.items()})
-    teacher_pred = logits["teacher"].argmax(1)
-    return {r: task.metrics(m, spec, logits[r], y, teacher_pred, weights[r], latency[r])
-            for r, (m, spec) in loaded.items()}
+    return {r: task.metrics(m, spec, scores[r], weights[r], latency[r]) for r, (m, spec) in loaded.items()}

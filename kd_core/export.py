@@ -11,12 +11,13 @@ the fp32 student that was registered. No MLflow here: the stage logs the result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -151,9 +152,10 @@ def check(path: Path) -> None:
         raise UserError(f"{path.name}: not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}") from None
 
 
-def make_int8(task: Task, fp32: Path, dst: Path, inputs: Int8Inputs, threads: int) -> Int8Recipe:
-    """Write `dst`: the int8 recipe that agrees best with `fp32` on the selection rows (kd_core.quantize);
-    with `inputs.weights_dir`, the recipe is applied to that model's ONNX export instead."""
+def make_int8(task: Task, fp32: Path, dst: Path, inputs: Int8Inputs, threads: int, classes: int) -> Int8Recipe:
+    """Write `dst`: the int8 recipe that agrees best with `fp32` on the selection rows (kd_core.quantize),
+    scored about CHUNK_LOGITS logits at a time (`classes`: the model's K); with `inputs.weights_dir`, the
+    recipe is applied to that model's ONNX export instead."""
     cfg, src = inputs.settings, fp32
     methods = ("dynamic",) if cfg.int8 == "dynamic" else cfg.methods
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,12 +164,11 @@ def make_int8(task: Task, fp32: Path, dst: Path, inputs: Int8Inputs, threads: in
             src = Path(tmp) / ONNX_FILE
             to_onnx(tuned, task, tuned_spec, src)
         per = task.positions(inputs.selection)
-        ref = _run_onnx(session(fp32, threads), inputs.selection, per)  # the registered fp32 student's logits
         with _quiet():
             best, tried = quantize.choose_int8(
-                src, dst, methods, task.input_name, inputs.calibration, inputs.selection, ref,
-                lambda path, x: _run_onnx(session(path, threads), x, per), cfg.min_agreement,
-                cfg.max_size_ratio)
+                src, dst, methods, task.input_name, inputs.calibration, inputs.selection, fp32,
+                lambda path: functools.partial(_run_onnx, session(path, threads), positions=per),
+                chunk_rows(per, classes), cfg.min_agreement, cfg.max_size_ratio)
     check(dst)
     return Int8Recipe("qad" if inputs.weights_dir is not None else "student", best, tuple(tried),
                       len(inputs.calibration), len(inputs.selection), inputs.lineage)
@@ -201,6 +202,11 @@ def _onnx_call(sess, example: torch.Tensor) -> Callable[[], object]:
     return lambda: sess.run([OUTPUT], {name: x})
 
 
+def chunk_rows(positions: int, classes: int) -> int:
+    """Input rows per scoring step: about CHUNK_LOGITS logits per array, at least one row."""
+    return max(1, CHUNK_LOGITS // max(1, positions * classes))
+
+
 @dataclass
 class _Tally:
     """One runtime's figures on the test rows, summed chunk by chunk so that memory does not grow with the
@@ -208,21 +214,14 @@ class _Tally:
 
     rows: int = 0
     correct: int = 0
-    agree: int = 0
-    max_diff: float = 0.0
-    abs_diff: float = 0.0  # sum over chunks of mean |Δlogit| x values: one chunk gives back its mean exactly
-    values: int = 0
+    diff: quantize.Diff = field(default_factory=quantize.Diff)
     nll: float = 0.0  # lm: summed NLL of the targets
 
     def add(self, logits: np.ndarray, y: np.ndarray, ref: np.ndarray | None, lm: bool) -> None:
         """One chunk: logits (n, K) of cache rows with targets y (n,), and PyTorch's (n, K) unless this is it."""
-        pred = logits.argmax(1)
-        self.rows, self.correct = self.rows + len(y), self.correct + int((pred == y).sum())
-        if ref is not None and len(y):
-            diff = np.abs(logits - ref)
-            self.agree += int((pred == ref.argmax(1)).sum())
-            self.max_diff = float(np.max([self.max_diff, diff.max()]))  # a NaN stays: the export check fails
-            self.abs_diff, self.values = self.abs_diff + float(diff.mean()) * diff.size, self.values + diff.size
+        self.rows, self.correct = self.rows + len(y), self.correct + int((logits.argmax(1) == y).sum())
+        if ref is not None:
+            self.diff.add(logits, ref)
         if lm:
             self.nll += _nll_sum(logits, y)
 
@@ -243,7 +242,7 @@ def _compare(t: _Tally, ref: _Tally | None, size: int, latency: float, lm: bool)
     ppl = float(np.exp(t.nll / max(t.rows, 1))) if lm else None
     if ref is None:
         return Variant(size, latency, t.accuracy, perplexity=ppl)
-    return Variant(size, latency, t.accuracy, t.max_diff, t.abs_diff / max(t.values, 1), t.agree / max(t.rows, 1),
+    return Variant(size, latency, t.accuracy, t.diff.max_abs, t.diff.mean_abs, t.diff.agree / max(t.rows, 1),
                    ref.accuracy - t.accuracy, ppl)
 
 
@@ -251,7 +250,7 @@ def _score(task: Task, model: nn.Module, sessions: dict, x: np.ndarray, y: np.nd
     """PyTorch's and each ONNX session's tally on the test inputs x (N, ...) with targets y (N·P,), a few rows
     at a time (about CHUNK_LOGITS logits per array): {"pytorch": _Tally, **{session name: _Tally}}."""
     per, lm = task.positions(x), task.lower_is_better  # lower-is-better headline: perplexity
-    step = max(1, CHUNK_LOGITS // max(1, per * classes))
+    step = chunk_rows(per, classes)
     tallies = {k: _Tally() for k in ("pytorch", *sessions)}
     for i in range(0, len(x), step):
         rows, targets = x[i:i + step], y[i * per:(i + step) * per]
@@ -275,12 +274,12 @@ def export_and_check(task: Task, student_dir: Path, x: np.ndarray, y: np.ndarray
     out.mkdir(parents=True, exist_ok=True)
     student, spec = task.load(student_dir)
     example = task.example(spec)  # (1, ...): batch-1 timing input
-    to_onnx(student, task, spec, out / ONNX_FILE)
-    recipe = make_int8(task, out / ONNX_FILE, out / INT8_FILE, int8, threads)
-    sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
     lm, classes = task.lower_is_better, len(spec.schema.classes)
+    to_onnx(student, task, spec, out / ONNX_FILE)
+    recipe = make_int8(task, out / ONNX_FILE, out / INT8_FILE, int8, threads, classes)
+    sessions = {"onnx": session(out / ONNX_FILE, threads), "onnx_int8": session(out / INT8_FILE, threads)}
     tallies = _score(task, student, sessions, x, y, classes)
-    fp32_diff = tallies["onnx"].max_diff
+    fp32_diff = tallies["onnx"].diff.max_abs
     if not fp32_diff <= FP32_TOLERANCE:
         raise UserError(f"the ONNX export of {student_dir} disagrees with PyTorch: max |logit difference| "
                         f"{fp32_diff:.3g} > {FP32_TOLERANCE}; the architecture uses an op the exporter mistranslates")

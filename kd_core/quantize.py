@@ -35,9 +35,40 @@ STATIC = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators (Cali
 # accuracy where static activation ranges cannot (attention probabilities, LayerNorm outputs).
 DYNAMIC = {"dynamic": None, "dynamic_matmul": ["MatMul", "Gemm"]}
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose weights carry the model's size
-CALIBRATION_BATCH = 32  # rows per calibration pass; every pass the same shape (histograms need it)
+CALIBRATION_BATCH = 32  # rows per calibration pass (fewer where a pass's logits would pass the scoring batch:
+# lm, 2 sequences); every pass the same shape (histograms need it); minmax ranges do not depend on it
 
-Run = Callable[[Path, np.ndarray], np.ndarray]  # (an ONNX file, inputs (N, ...)) -> logits (N·P, K)
+Open = Callable[[Path], Callable[[np.ndarray], np.ndarray]]  # an ONNX file -> (inputs (n, ...) -> logits (n·P, K))
+
+
+@dataclass
+class Diff:
+    """|Δlogit| and top-1 agreement of a model against a reference, summed a batch at a time so that no
+    whole-split logit array is ever held (lm: 32 sequences x 128 positions x 49,152 classes is 805 MB)."""
+
+    rows: int = 0  # logit rows (lm: positions)
+    agree: int = 0  # rows whose top-1 class is the reference's
+    max_abs: float = 0.0
+    abs_sum: float = 0.0  # sum over batches of mean |Δlogit| x values: one batch gives back its mean exactly
+    values: int = 0
+
+    def add(self, logits: np.ndarray, ref: np.ndarray) -> None:
+        """One batch: logits (n, K) and the reference's (n, K)."""
+        if not len(logits):
+            return
+        diff = logits - ref
+        np.abs(diff, out=diff)
+        self.rows, self.agree = self.rows + len(logits), self.agree + int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        self.max_abs = float(np.max([self.max_abs, diff.max()]))  # a NaN stays: the export check fails
+        self.abs_sum, self.values = self.abs_sum + float(diff.mean()) * diff.size, self.values + diff.size
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / max(self.rows, 1)
+
+    @property
+    def mean_abs(self) -> float:
+        return self.abs_sum / max(self.values, 1)
 
 
 @dataclass(frozen=True)
@@ -66,10 +97,10 @@ def weight_nodes(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and any(i in consts for i in n.input)]
 
 
-def _reader(name: str, rows: np.ndarray):  # -> onnxruntime.quantization.CalibrationDataReader
+def _reader(name: str, rows: np.ndarray, batch: int):  # -> onnxruntime.quantization.CalibrationDataReader
     from onnxruntime.quantization import CalibrationDataReader
 
-    batch = min(CALIBRATION_BATCH, len(rows))
+    batch = min(batch, len(rows))
     batches = [{name: rows[i:i + batch]} for i in range(0, len(rows) - batch + 1, batch)]
 
     class Rows(CalibrationDataReader):
@@ -95,8 +126,9 @@ def _preprocessed(src: Path, dst: Path) -> Path:
 
 
 def quantize(src: Path, dst: Path, method: str, input_name: str, calibration: np.ndarray,
-             kept_float: tuple[str, ...] = (), activations: str = "uint8") -> None:
-    """Write `dst`, the int8 form of `src` by one recipe: a DYNAMIC one, or a static QDQ calibrator."""
+             kept_float: tuple[str, ...] = (), activations: str = "uint8", batch: int = CALIBRATION_BATCH) -> None:
+    """Write `dst`, the int8 form of `src` by one recipe: a DYNAMIC one, or a static QDQ calibrator that
+    reads the calibration rows `batch` at a time (ONNX Runtime holds one pass's outputs, logits included)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if method in DYNAMIC:
@@ -105,20 +137,33 @@ def quantize(src: Path, dst: Path, method: str, input_name: str, calibration: np
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = _preprocessed(src, Path(tmp) / "pre.onnx")
-        quantize_static(str(model), str(dst), _reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(str(model), str(dst), _reader(input_name, calibration, batch), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt16 if activations == "uint16" else QuantType.QUInt8,
                         calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.title())),
                         nodes_to_exclude=list(kept_float), extra_options={"CalibTensorRangeSymmetric": False})
 
 
-def _score(plan: tuple[str, tuple[str, ...], str], path: Path, ref: np.ndarray, run: Run,
-           selection: np.ndarray) -> Candidate:
-    out = run(path, selection)
-    diff = np.abs(out - ref)
+def _batches(rows: np.ndarray, step: int) -> list[np.ndarray]:
+    return [rows[i:i + step] for i in range(0, len(rows), step)]
+
+
+def _reference(predict: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray], folder: Path) -> list[Path]:
+    """The fp32 model's logits on the selection rows, one .npy file per batch in `folder`: the fp32 model
+    runs once, and each recipe is compared with them a batch at a time, never the whole (S·P, K) array."""
+    files = [folder / f"reference.{i}.npy" for i in range(len(batches))]
+    for file, rows in zip(files, batches, strict=True):
+        np.save(file, predict(rows))
+    return files
+
+
+def _score(plan: tuple[str, tuple[str, ...], str], path: Path, reference: list[Path], open_: Open,
+           batches: list[np.ndarray]) -> Candidate:
+    predict, diff = open_(path), Diff()
+    for file, rows in zip(reference, batches, strict=True):
+        diff.add(predict(rows), np.load(file))
     activations = "dynamic" if plan[0] in DYNAMIC else plan[2]
-    return Candidate(plan[0], plan[1], activations, float((out.argmax(-1) == ref.argmax(-1)).mean()),
-                     float(diff.mean()), float(diff.max()), path.stat().st_size)
+    return Candidate(plan[0], plan[1], activations, diff.agreement, diff.mean_abs, diff.max_abs, path.stat().st_size)
 
 
 def _failed(plan: tuple[str, tuple[str, ...], str], exc: Exception) -> Candidate:
@@ -139,11 +184,12 @@ def _best(candidates: list[Candidate], min_agreement: float, max_size: float) ->
 
 
 def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str, calibration: np.ndarray,
-                selection: np.ndarray, ref: np.ndarray, run: Run, min_agreement: float,
+                selection: np.ndarray, reference: Path, open_: Open, batch_rows: int, min_agreement: float,
                 max_size_ratio: float) -> tuple[Candidate, list[Candidate]]:
-    """Quantize `src` by every recipe, keep the one closest to `ref` (the fp32 student's logits on the
-    `selection` rows, (S·P, K)) as `dst`; return it and all tried. `calibration` and `selection` are
-    disjoint samples of training rows (N, ...); `src` may be a fine-tune of the fp32 student."""
+    """Quantize `src` by every recipe, keep the one closest to `reference` (the fp32 student's ONNX file)
+    on the `selection` rows as `dst`; return it and all tried. `calibration` and `selection` are disjoint
+    samples of training rows (N, ...); `src` may be a fine-tune of the fp32 student. Each file is opened
+    once with `open_` and scored `batch_rows` rows at a time."""
     if len(calibration) == 0 or len(selection) == 0:
         raise UserError("int8 export needs training rows to calibrate on and to choose a recipe with; "
                         "the train and transfer splits are empty")
@@ -153,16 +199,19 @@ def choose_int8(src: Path, dst: Path, methods: tuple[str, ...], input_name: str,
     plans = [(m, (), "uint8") for m in static] + [(m, edges, "uint8") for m in static if edges] + [
         (m, (), "uint16") for m in static] + [(m, kept, "dynamic") for m in DYNAMIC for kept in {(): 0, edges: 0}]
     tried: list[Candidate] = []
+    batches = _batches(selection, max(1, batch_rows))
     with tempfile.TemporaryDirectory() as tmp:
+        ref = _reference(open_(reference), batches, Path(tmp))
         files: list[Path] = []
         for plan in plans:
             path = Path(tmp) / f"{len(tried)}.onnx"
             try:
-                quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2])
+                quantize(src, path, plan[0], input_name, calibration, plan[1], plan[2],
+                         min(CALIBRATION_BATCH, max(1, batch_rows)))
             except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; the recipe is out
                 tried.append(_failed(plan, exc))
             else:
-                tried.append(_score(plan, path, ref, run, selection))
+                tried.append(_score(plan, path, ref, open_, batches))
             files.append(path)
         if all(c.error for c in tried):
             raise UserError(f"no int8 recipe applies to {src.name}: {tried[0].method}: {tried[0].error}")

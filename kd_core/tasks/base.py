@@ -19,6 +19,7 @@ from kd_core.data import Schema, Splits
 from kd_core.models import ModelSpec
 
 if TYPE_CHECKING:
+    from kd_core.evaluate import Scores
     from kd_core.policy import ChampionScore
     from kd_core.registry import ChampionInputs
     from kd_core.validation import Suite
@@ -154,11 +155,12 @@ class Task(Protocol):
         """Every contract metric of `metrics/eval.json` per model on the test split (one is `teacher`;
         latencies timed interleaved in one process); `weights`: each model's weights file."""
 
-    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
-        """Every contract metric of `metrics/eval.json` for one model on the test rows (`latency_ms`:
-        measured with the other models, interleaved: kd_core.evaluate.batch1_latencies_ms); `lm`: those
-        that next-token logits determine, as its `score` (which adds kl_to_teacher and tokens_per_s)."""
+    def metrics(self, model: nn.Module, spec: ModelSpec, scores: Scores, weights_file: Path,
+                latency_ms: float) -> dict:
+        """Every contract metric of `metrics/eval.json` for one model on the test rows, from its running
+        sums over them (`scores`, added batch by batch: memory does not grow with the test split;
+        `latency_ms`: measured with the other models, interleaved: kd_core.evaluate.batch1_latencies_ms);
+        `lm`: those that next-token sums determine, as its `score` (which adds kl_to_teacher and tokens_per_s)."""
 
 
 def labelled_then_transfer(task: Task, splits: Splits) -> np.ndarray:
@@ -236,9 +238,9 @@ class Classifier:
         return evaluate.classifier_scores(task, loaded, task.inputs(splits.test, splits.schema),
                                           task.labels(splits.test, splits.schema), weights)
 
-    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
+    def metrics(self, model: nn.Module, spec: ModelSpec, scores: Scores, weights_file: Path,
+                latency_ms: float) -> dict:
         from kd_core import evaluate
 
-        return evaluate.model_metrics(model, cast(Task, self).example(spec), logits, y, teacher_pred,
-                                      spec.schema.classes, weights_file, latency_ms)
+        return evaluate.model_metrics(model, cast(Task, self).example(spec), scores, spec.schema.classes,
+                                      weights_file, latency_ms)

@@ -67,6 +67,30 @@ def test_pack_drops_the_remainder_and_short_streams() -> None:
         assert seqs.shape == (0, 5) and owner.shape == (0,), docs
 
 
+def test_pack_keeps_the_first_sequences_joining_only_the_documents_they_reach() -> None:
+    """prepare's memory follows data.max_tokens: a capped pack is the full pack's first rows, and int32
+    id arrays (what token_ids gives) pack as lists of ints do."""
+    docs = docs_of([5, 9, 1, 13, 4])
+    seqs, owner = lm_data.pack(docs, 4, eos=0)
+    for k in (1, 3, 9, 50):
+        got, got_owner = lm_data.pack([np.asarray(d, np.int32) for d in docs], 4, 0, max_sequences=k)
+        assert got.dtype == np.int64 and got_owner.dtype == np.int64
+        np.testing.assert_array_equal(got, seqs[:k])
+        np.testing.assert_array_equal(got_owner, owner[:k])
+
+
+def test_token_ids_are_the_tokenizers_ids_batch_by_batch(lm_tokenizer_json: bytes,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd_core.tasks._hf import load_tokenizer
+
+    tok = load_tokenizer(lm_tokenizer_json, "test")
+    texts = ["def f(x): return x", "", "Return the sum.", "a b c d e f g", "x"]
+    monkeypatch.setattr(lm_data, "ENCODE_BATCH", 2)  # three batches
+    got = lm_data.token_ids(tok, texts)
+    want = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    assert [g.tolist() for g in got] == want and all(g.dtype == np.int32 for g in got)
+
+
 def test_packed_frame_caps_the_targets_and_names_documents() -> None:
     names = [("a.txt", ""), ("b.txt", ""), ("c.txt", ""), ("d.txt", ""), ("e.txt", "")]
     docs = docs_of([5, 9, 1, 13, 4])

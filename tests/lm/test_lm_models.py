@@ -371,8 +371,10 @@ def test_padded_teacher_directory_loads(tmp_path: Path, lm_tokenizer_json: bytes
 def test_lm_task_metrics_agree_with_the_evaluate_stage(teacher: nn.Module, spec: ModelSpec, n_tokens: int,
                                                         lm_tokenizer_json: bytes, ids: torch.Tensor,
                                                         tmp_path: Path) -> None:
-    """`metrics` on predict_logits gives every metric the stage's lm_metrics gives, but the two that need
-    more than next-token logits (the teacher's whole distribution; timed generation), with its numbers."""
+    """`metrics` on the running sums of predict_logits gives every metric the stage's lm_metrics gives, but
+    the two that need more than next-token logits (the teacher's whole distribution; timed generation),
+    with its numbers."""
+    from kd_core.evaluate import Scores
     from kd_core.tasks.lm import LMTask
     from kd_core.tasks.lm import scoring as lm_eval
 
@@ -392,7 +394,9 @@ def test_lm_task_metrics_agree_with_the_evaluate_stage(teacher: nn.Module, spec:
     assert logits["teacher"].shape == (x.size, n_tokens)
     teacher_pred = logits["teacher"].argmax(1)
     for role, model in models.items():
-        got = task.metrics(model, spec, logits[role], y, teacher_pred, weights[role], latency[role])
+        scores = Scores(n_tokens)
+        scores.add(logits[role], y.reshape(-1), teacher_pred)  # position t of sequence i is row i·L + t
+        got = task.metrics(model, spec, scores, weights[role], latency[role])
         assert set(got) == set(lm_eval.METRICS) - {"kl_to_teacher", "tokens_per_s"}
         for key, value in got.items():
             assert value == pytest.approx(want[role][key], rel=1e-5, abs=1e-6), (role, key)

@@ -24,7 +24,7 @@ def test_fp32_and_int8_exports_pass_the_checker_and_match_pytorch(tmp_path: Path
     export.to_onnx(model, tasks.get("tabular"), spec, tmp_path / export.ONNX_FILE)
     inputs = export.Int8Inputs(x[:32], x[32:], ExportParams())
     recipe = export.make_int8(tasks.get("tabular"), tmp_path / export.ONNX_FILE, tmp_path / export.INT8_FILE,
-                              inputs, 1)
+                              inputs, 1, len(SCHEMA.classes))
     got = export._run_onnx(export.session(tmp_path / export.ONNX_FILE, 1), x)
     assert np.abs(got - models.predict_logits(model, x)).max() < export.FP32_TOLERANCE
     q = export._run_onnx(export.session(tmp_path / export.INT8_FILE, 1), x[32:])

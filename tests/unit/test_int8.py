@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,10 @@ def _mlp_onnx(tmp_path: Path, x: np.ndarray) -> tuple[Path, nn.Module]:
     return path, model
 
 
+def _opener(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    return functools.partial(export._run_onnx, export.session(path, 1))
+
+
 def test_every_recipe_and_repair_is_measured_and_the_reported_file_is_written(tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
     src, _ = _mlp_onnx(tmp_path, x)
@@ -53,7 +59,7 @@ def test_every_recipe_and_repair_is_measured_and_the_reported_file_is_written(tm
     def run(path: Path, rows: np.ndarray) -> np.ndarray:
         return export._run_onnx(export.session(path, 1), rows)
     best, tried = quantize.choose_int8(src, tmp_path / "q.onnx", ("minmax", "dynamic"), "features", x[:128],
-                                       x[128:], ref, run, 0.0, 10.0)
+                                       x[128:], src, _opener, 48, 0.0, 10.0)  # 128 rows scored 48 at a time
     nodes = quantize.weight_nodes(src)
     assert [(c.method, c.kept_float, c.activations) for c in tried] == [
         ("minmax", (), "uint8"), ("minmax", (nodes[0], nodes[-1]), "uint8"), ("minmax", (), "uint16"),
@@ -141,7 +147,6 @@ def test_a_recipe_the_quantizer_refuses_is_recorded_and_never_chosen(tmp_path: P
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     x = np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32)
     src, _ = _mlp_onnx(tmp_path, x)
-    ref = export._run_onnx(export.session(src, 1), x[64:])
     real = quantize.quantize
 
     def picky(src_: Path, dst: Path, method: str, *args: object) -> None:
@@ -149,12 +154,12 @@ def test_a_recipe_the_quantizer_refuses_is_recorded_and_never_chosen(tmp_path: P
             raise ValueError("Too many bins for data range. Cannot create 128 finite-sized bins.")
         real(src_, dst, method, *args)
     monkeypatch.setattr(quantize, "quantize", picky)
-    run = lambda path, rows: export._run_onnx(export.session(path, 1), rows)  # noqa: E731
     best, tried = quantize.choose_int8(src, tmp_path / "q.onnx", ("entropy", "minmax"), "features", x[:64], x[64:],
-                                       ref, run, 0.99, 0.34)
+                                       src, _opener, 64, 0.99, 0.34)
     refused = [c for c in tried if c.error]
     assert len(refused) == 3 and all(c.method == "entropy" and "Too many bins" in c.error for c in refused)
     assert best.method != "entropy" and best.error is None
     monkeypatch.setattr(quantize, "DYNAMIC", {})  # nothing left that applies
     with pytest.raises(UserError, match=r"^no int8 recipe applies to model.onnx: entropy: ValueError: Too many"):
-        quantize.choose_int8(src, tmp_path / "r.onnx", ("entropy",), "features", x[:64], x[64:], ref, run, 0.99, 0.34)
+        quantize.choose_int8(src, tmp_path / "r.onnx", ("entropy",), "features", x[:64], x[64:], src, _opener, 64,
+                             0.99, 0.34)

@@ -50,8 +50,7 @@ def gaps(task: object) -> list[str]:
 def test_the_protocol_is_what_the_test_reads() -> None:
     assert {"name", "outputs", "serving_params", "headline", "dynamic_axes"} <= set(ATTRS)
     assert {"prepare", "build", "load", "score", "metrics", "serving_inputs", "answer", "example"} <= set(METHODS)
-    assert list(METHODS["metrics"].parameters) == ["self", "model", "spec", "logits", "y", "teacher_pred",
-                                                   "weights_file", "latency_ms"]
+    assert list(METHODS["metrics"].parameters) == ["self", "model", "spec", "scores", "weights_file", "latency_ms"]
 
 
 @pytest.mark.parametrize("key", tasks.names())

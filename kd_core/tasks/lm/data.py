@@ -157,32 +157,50 @@ def eos_id(tok, where: Path) -> int:
     raise UserError(f"{where}: the tokenizer has no end-of-text token (looked for {list(EOS_TOKENS)})")
 
 
-def pack(docs: list[list[int]], seq_len: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
+ENCODE_BATCH = 256  # documents tokenised at a time: a tokenizer Encoding (ids, offsets, token strings) costs
+# ~100 bytes a token, so the corpus's Encodings are never held at once; ids are kept as int32 (4 bytes a token)
+
+
+def token_ids(tok, texts: list[str]) -> list[np.ndarray]:
+    """Each document's token ids (int32), tokenised ENCODE_BATCH documents at a time, so prepare's memory
+    grows by 4 bytes a token of the corpus, not by its Encodings and Python int lists (~140 bytes).  # (n_i,)"""
+    out: list[np.ndarray] = []
+    for i in range(0, len(texts), ENCODE_BATCH):
+        out += [np.asarray(e.ids, np.int32) for e in tok.encode_batch(texts[i:i + ENCODE_BATCH],
+                                                                       add_special_tokens=False)]
+    return out
+
+
+def pack(docs: list, seq_len: int, eos: int, max_sequences: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Documents' ids joined by `eos`, cut into sequences of seq_len + 1 tokens overlapping by one,
-    and the document each sequence starts in.  # -> (N, seq_len + 1) int64, (N,) int64
+    and the document each sequence starts in; the first `max_sequences` at most.
+    # -> (N, seq_len + 1) int64, (N,) int64
 
-    The remainder shorter than a sequence is dropped (at most seq_len tokens of the split).
+    The remainder shorter than a sequence is dropped (at most seq_len tokens of the split). Only the
+    documents the kept sequences reach are joined, so memory follows the sequences kept, not the corpus.
     """
-    stream = np.fromiter((t for d in docs for t in (*d, eos)), dtype=np.int64)
-    owner = np.repeat(np.arange(len(docs)), [len(d) + 1 for d in docs])  # (T,)
-    n = (len(stream) - 1) // seq_len
+    ends = np.cumsum([len(d) + 1 for d in docs], dtype=np.int64)  # (D,) stream position after each eos
+    n = max(0, (int(ends[-1]) - 1) // seq_len) if len(docs) else 0
+    n = n if max_sequences is None else min(n, max_sequences)
+    if not n:
+        return np.zeros((0, seq_len + 1), np.int64), np.zeros(0, np.int64)
+    used = int(np.searchsorted(ends, n * seq_len + 1)) + 1  # documents covering the n·seq_len + 1 tokens needed
+    stream = np.concatenate([np.append(np.asarray(d, np.int64), eos) for d in docs[:used]])
     starts = np.arange(n) * seq_len
-    seqs = stream[starts[:, None] + np.arange(seq_len + 1)] if n else np.zeros((0, seq_len + 1), np.int64)
-    return seqs, owner[starts] if n else np.zeros(0, np.int64)
+    owner = np.searchsorted(ends, starts, side="right").astype(np.int64)  # the document holding each start
+    return stream[starts[:, None] + np.arange(seq_len + 1)], owner
 
 
-def packed_frame(docs: list[tuple[str, str]], ids: list[list[int]], seq_len: int, eos: int,
+def packed_frame(docs: list[tuple[str, str]], ids: list, seq_len: int, eos: int,
                  max_tokens: int | None) -> pd.DataFrame:
     """A split's packed sequences (at most `max_tokens` targets, but at least one sequence) with the
     document each starts in."""
-    seqs, owner = pack(ids, seq_len, eos)
-    if max_tokens is not None:
-        seqs, owner = seqs[:max(1, max_tokens // seq_len)], owner[:max(1, max_tokens // seq_len)]
+    seqs, owner = pack(ids, seq_len, eos, None if max_tokens is None else max(1, max_tokens // seq_len))
     return pd.DataFrame({IDS: pd.Series(list(seqs), dtype=object), DOC: [docs[i][0] for i in owner]})
 
 
 def documents_frame(train: list[tuple[str, str]], test: list[tuple[str, str]], column: str,
-                    tokens: dict[str, list[list[int]]]) -> pd.DataFrame:
+                    tokens: dict[str, list]) -> pd.DataFrame:
     """Every document with its split and token count: what validation checks and the card prompts from."""
     rows = [(name, text, split, len(tokens[split][i]))
             for split, docs in (("train", train), ("test", test)) for i, (name, text) in enumerate(docs)]

@@ -112,17 +112,3 @@ def token_metrics(model: nn.Module, example: torch.Tensor, nll_sum: float, corre
         "size_bytes": weights_file.stat().st_size,
     }
 
-
-def logits_scores(logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray,
-                  rows: int = 4096) -> tuple[float, float, float]:
-    """Summed NLL of the targets, correct top-1 next tokens and top-1 agreements with the teacher, from
-    next-token logits of every position (as sequence_scores counts them, float32 log-softmax), a few
-    thousand positions at a time.  # logits (T, C), y (T,), teacher_pred (T,)"""
-    nll, correct, agree = 0.0, 0.0, 0.0
-    for s in range(0, len(y), rows):
-        log_p = F.log_softmax(torch.as_tensor(logits[s:s + rows]).float(), dim=-1)  # (t, C)
-        yb, top = torch.as_tensor(y[s:s + rows], dtype=torch.int64), log_p.argmax(dim=-1)  # (t,)
-        nll -= float(log_p.gather(-1, yb[:, None]).sum())
-        correct += float((top == yb).sum())
-        agree += float((top == torch.as_tensor(teacher_pred[s:s + rows], dtype=torch.int64)).sum())
-    return nll, correct, agree

@@ -109,15 +109,15 @@ class LMTask:
         for split, docs in (("train", train_docs), ("test", test_docs)):
             if not docs:
                 raise UserError(f"data ({d.source}): the {split} split has no documents")
-        ids = {split: [e.ids for e in tok.encode_batch([t for _, t in docs], add_special_tokens=False)]
+        ids = {split: lm_data.token_ids(tok, [t for _, t in docs])
                for split, docs in (("train", train_docs), ("test", test_docs))}
         eos = lm_data.eos_id(tok, source)
         train = lm_data.packed_frame(train_docs, ids["train"], d.seq_len, eos, d.max_tokens)
         test = lm_data.packed_frame(test_docs, ids["test"], d.seq_len, eos, d.max_test_tokens)
-        for split, frame, docs in (("train", train, ids["train"]), ("test", test, ids["test"])):
+        for split, frame, doc_ids in (("train", train, ids["train"]), ("test", test, ids["test"])):
             if len(frame) == 0:
-                raise UserError(f"data ({d.source}): the {split} split has {sum(map(len, docs)) + len(docs)} tokens, "
-                                f"fewer than one sequence of data.seq_len + 1 = {d.seq_len + 1}")
+                raise UserError(f"data ({d.source}): the {split} split has {sum(map(len, doc_ids)) + len(doc_ids)} "
+                                f"tokens, fewer than one sequence of data.seq_len + 1 = {d.seq_len + 1}")
         vocab = tok.get_vocab_size()
         info = lm_data.LMInfo(d.seq_len, eos, vocab, lm_models.tokenizer_sha256(blob), len(train) * d.seq_len,
                               len(test) * d.seq_len)
@@ -258,17 +258,14 @@ class LMTask:
                                   self.labels(splits.test, splits.schema), weights, latency,
                                   splits.schema.text_info["eos_id"])
 
-    def metrics(self, model: nn.Module, spec: ModelSpec, logits: np.ndarray, y: np.ndarray,
-                teacher_pred: np.ndarray, weights_file: Path, latency_ms: float) -> dict:
-        """The contract metrics that next-token logits determine, for one model on the test sequences:
-        `logits` (N·L, C) as predict_logits gives them, `y` the next tokens (N, L), `teacher_pred` the
-        teacher's top-1 token per position (N·L,). `kl_to_teacher` needs the teacher's whole distribution
-        and `tokens_per_s` times generation: `score` adds both, and streams the test sequences batch by
-        batch instead of holding N·L × C logits (the stage's path)."""
-        y = y.reshape(-1)  # (N·L,): position t of sequence i is row i·L + t, as in predict_logits
-        nll, correct, agree = lm_eval.logits_scores(logits, y, teacher_pred.reshape(-1))
-        return lm_eval.token_metrics(model, self.example(spec), nll, correct, agree, y.size, weights_file,
-                                     latency_ms)
+    def metrics(self, model: nn.Module, spec: ModelSpec, scores: evaluate.Scores, weights_file: Path,
+                latency_ms: float) -> dict:
+        """The contract metrics that next-token sums determine, for one model on the test sequences:
+        `scores` over every position (one row of next-token logits each, as predict_logits gives them).
+        `kl_to_teacher` needs the teacher's whole distribution and `tokens_per_s` times generation: `score`
+        adds both, scoring the test sequences batch by batch itself (the stage's path)."""
+        return lm_eval.token_metrics(model, self.example(spec), scores.nll, scores.correct, scores.agree,
+                                     scores.rows, weights_file, latency_ms)
 
     def predict_logits(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         """Next-token logits of every position of sequences `x` (N, L), on the CPU.  # (N·L, C)"""
