@@ -11,7 +11,8 @@ The loop knows nothing of KD: the loss function decides.
   torch.compile.
 - Distributed: inside a process group (set up by `process_group` under torchrun) the model is
   wrapped in DistributedDataParallel and every rank takes its share of each global batch, so N
-  ranks follow the same optimisation as one process; only rank 0 writes checkpoints.
+  ranks follow the same optimisation as one process; one process writes checkpoints
+  (kd_core.distributed.writes) and every rank resumes from its file.
 - Checkpoints: after every epoch one safetensors file (weights, best weights, optimizer tensors;
   the rest as JSON in its header, nothing pickled) replaces the last one atomically; a killed run
   restarts from it and ends with the same weights as an uninterrupted one.
@@ -34,11 +35,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 from safetensors.torch import safe_open, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_core.distributed import no_buffer_sync, pick_device, ranks, to_device
+from kd_core.distributed import lead_bytes, no_buffer_sync, pick_device, ranks, to_device, writes
 from kd_core.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> per-row loss (B,)
@@ -166,14 +168,15 @@ def save_checkpoint(path: Path, s: TrainState) -> None:
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """(JSON part, tensors) of a checkpoint, or None when there is none or it cannot be read."""
-    if not path.exists():
+    """(JSON part, tensors) of a checkpoint, or None when there is none or it cannot be read. The
+    writing process reads the file and every rank parses its bytes: machines need not share a disk."""
+    blob = lead_bytes(path)
+    if blob is None:
         return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()[CHECKPOINT_META])
-            return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+    try:  # safetensors: an 8-byte little-endian header length, the JSON header, then the tensors
+        header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+        return json.loads(header["__metadata__"][CHECKPOINT_META]), load_tensors(blob)
+    except (ValueError, KeyError, TypeError, SafetensorError) as exc:
         warnings.warn(f"{path}: unreadable checkpoint ({exc}); training from the start", stacklevel=3)
         return None
 
@@ -334,7 +337,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
 
     `val` (row numbers of labelled rows) are held out: never trained on, scored every epoch for
     early stopping; the model ends with the best epoch's weights (unless `cfg.keep_best` is off).
-    With `checkpoint`, training resumes from that file if it exists and rank 0 rewrites it after
+    With `checkpoint`, training resumes from that file if it exists and one rank rewrites it after
     every epoch. Returns one dict of metrics per epoch (also passed to `on_epoch`): mean loss,
     accuracy on the labelled rows trained on, agreement with the teacher when soft labels are given,
     and the validation scores.
@@ -373,7 +376,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn, cfg: Fi
         s.history.append(row)
         if val is not None and cfg.keep_best and best_epoch(s.history) == epoch:
             s.best = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        if checkpoint is not None and rank == 0:
+        if checkpoint is not None and writes():
             save_checkpoint(checkpoint, s)
         if on_epoch is not None:
             on_epoch(row)

@@ -2,13 +2,17 @@
 
 The loss is `distill.loss` (kd_core.losses), plus the `distill.features` hints from the cached teacher
 features through learned projections that are trained here and never saved (kd_core.features).
-With `train.nproc > 1` the stage relaunches itself under torch.distributed.run; started by torchrun
-(that relaunch or a user's own), it trains as one rank.
+With `train.nproc > 1` or `train.nnodes > 1` the stage relaunches itself under torch.distributed.run;
+started by torchrun (that relaunch or a user's own), it trains as one rank. On several machines each
+runs this stage; machine 0 alone writes the checkpoint and the outputs (docs/multinode.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +37,49 @@ from kd_core.stages._distil import KDRows, kd_objective, kd_rows
 from kd_core.train import FitConfig, fit
 
 CURVE = "train_student.csv"
+# where a training runs, not what it computes: the same job on every machine, whatever its node rank
+# or meeting point, so neither enters the checkpoint key nor the rendezvous id
+WHERE = {"train": {"node_rank", "rdzv_endpoint"}}
 SCORE_POSITIONS = 512  # positions per scoring pass of a search candidate (lm: 4 sequences of 128 tokens)
 
 
-def run(params: Params, workdir: Path) -> StudentResult:
-    """Distil the student; with `train.nproc > 1` on that many processes (DDP), reporting rank 0's curve.
+@dataclass(frozen=True)
+class HelperResult:
+    """What a machine other than machine 0 reports: it trained its share and wrote nothing."""
+
+    node_rank: int
+    nnodes: int
+    nproc: int
+
+    def summary(self) -> str:
+        return (f"machine {self.node_rank} of {self.nnodes} trained its {self.nproc} process(es); "
+                "machine 0 wrote the checkpoint and the outputs")
+
+
+def run(params: Params, workdir: Path) -> StudentResult | HelperResult:
+    """Distil the student; with `train.nproc > 1` or `train.nnodes > 1` on that many processes (DDP),
+    reporting the curve the writing process wrote (machine 0; the others report only their share).
 
     The relaunched ranks are `kd stage train_student` processes: they read params.yaml in `workdir`.
     """
-    if params.train.nproc > 1 and not distributed.launched():
-        distributed.launch(params.train.nproc, ["-m", "kd_core.cli", "stage", "train_student"], workdir)
+    t = params.train
+    node = distributed.node_rank(t.node_rank, t.nnodes)
+    if (t.nproc > 1 or t.nnodes > 1) and not distributed.launched():
+        plan = distributed.Plan(t.nproc, t.nnodes, node, t.rdzv_endpoint, job_id(params))
+        distributed.launch(plan, ["-m", "kd_core.cli", "stage", "train_student"], workdir)
+        if node != 0:
+            return HelperResult(node, t.nnodes, t.nproc)
         history = read_curve(workdir / params.paths.metrics / CURVE)
-        return StudentResult.from_history("student", params.student.arch, history, None, params.train.nproc)
-    with distributed.process_group(params.train.device) as (rank, world):
-        return _distil(params, workdir, rank, world)
+        return StudentResult.from_history("student", params.student.arch, history, None, t.nproc * t.nnodes)
+    with distributed.process_group(t.device, node) as (_, world):
+        return _distil(params, workdir, world)
+
+
+def job_id(params: Params) -> str:
+    """The rendezvous id: the same on every machine of one job (node rank and meeting point left out),
+    another for other params, so two jobs meeting at one endpoint never mix."""
+    digest = hashlib.sha256(json.dumps(params.model_dump(mode="json", exclude=WHERE), sort_keys=True).encode())
+    return f"kd-train_student-{digest.hexdigest()[:12]}"
 
 
 def _hinted(distill: DistillParams, cache: LogitCache, model: nn.Module,
@@ -67,7 +100,7 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
     checkpoint restored and the loop it ran. `budget` (a search candidate): that many epochs over the
     student's rows, `held` held out and scored once at the end. Labels alone train as the baseline does:
     on the labelled rows, with as many steps, so a student chosen that way is the baseline's twin."""
-    lead = distributed.ranks()[0] == 0
+    lead = distributed.writes()
     held = rows.val if held is None else held
     n = rows.extent(distill)
     model = task.build(spec, rows.x[:n], params.train.seed, task.init_dir(params, workdir))
@@ -79,11 +112,12 @@ def _train(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec: 
         distill = distill.model_copy(update={"features": ()})  # no hints either: the baseline's twin
     if budget is not None:
         cfg = dataclasses.replace(cfg, patience=None, keep_best=False)
-    inputs = {"params": params.model_dump(mode="json", include={"student", "train"}),
+    inputs = {"params": params.model_dump(mode="json", include={"student", "train"}, exclude=WHERE),
               "distill": distill.model_dump(mode="json"), "epochs": cfg.epochs, "steps": cfg.steps,
               "patience": cfg.patience, "keep_best": cfg.keep_best, "held_out": [len(held), int(held.sum())],
               "cache": rows.keys}
     ckpt = checkpoint_path(workdir, params, "train_student", inputs, world)
+    distributed.check_same(ckpt.stem, "the student's inputs (params, prepared data, teacher cache, training code)")
     resumed = train.checkpoint_epochs(ckpt)
     loss, soft = kd_objective(distill, rows)
     net, extra = _hinted(distill, rows.caches[0], model, task.example(spec, batch=2))
@@ -121,7 +155,7 @@ def _search(params: Params, workdir: Path, task: tasks.Task, rows: KDRows, spec:
                                    sum(len(h) for h in held_out)))
         # per row, higher is better: right or wrong, or (a lower-is-better headline) minus the row's NLL
         per_row.append(np.concatenate([-n if task.lower_is_better else a for a, n in scores]))
-        if distributed.ranks()[0] == 0:
+        if distributed.writes():
             log_trial(workdir, trials[-1], history)
     decision = search.decide(trials, per_row, task.lower_is_better, cfg.max_p_value)
     return settings[decision.chosen], trials, decision, search.scored_by(held_out, rows.positions)
@@ -145,8 +179,8 @@ def _held_out_scores(task: tasks.Task, model: nn.Module, rows: KDRows,
     return np.concatenate(acc), np.concatenate(nll)
 
 
-def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResult:
-    """One rank's training; rank 0 alone logs, checkpoints and writes the outputs."""
+def _distil(params: Params, workdir: Path, world: int) -> StudentResult:
+    """One rank's training; one process alone (distributed.writes) logs, checkpoints and writes the outputs."""
     task = tasks.for_params(params)
     splits = data.read_prepared(workdir / params.paths.prepared)
     rows = kd_rows(params, workdir, task, splits)
@@ -157,7 +191,7 @@ def _distil(params: Params, workdir: Path, rank: int, world: int) -> StudentResu
     if params.distill.search is not None:
         distill, trials, decision, how = _search(params, workdir, task, rows, spec, world)
     model, history, resumed, _ = _train(params, workdir, task, rows, spec, distill, world)
-    if rank == 0:
+    if distributed.writes():
         with atomic_dir(workdir / params.paths.student) as out:
             task.save(model, spec, out)
             if decision is not None:
