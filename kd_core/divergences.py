@@ -91,7 +91,8 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {"hinton": forward_kl, "re
                                                        "jsd": generalized_jsd, "skew_kl": skew_kl}
 
 
-def as_buckets(teacher: torch.Tensor | TopKTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def as_buckets(teacher: torch.Tensor | TopKTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       int | torch.Tensor]:
     """(values, indices, tail_lse, n_tail) of a top-k batch, or of dense logits (B, C) as C buckets."""
     if isinstance(teacher, torch.Tensor):
         b, c = teacher.shape

@@ -205,7 +205,7 @@ def hard_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def topk_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor,
-            n_tail: int, temperature: float) -> torch.Tensor:
+            n_tail: int | torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-row T² · KL over K'+1 buckets — the teacher's top-K' classes and one tail bucket.  # (B,)
 
     KL = Σ_b p_t(b) (log p_t(b) - log p_s(b)) on the buckets of `divergences.bucket_log_probs`; × T²

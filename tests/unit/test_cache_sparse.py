@@ -10,8 +10,8 @@ import torch
 from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key, verify_cache
 from kd_core.cache.compact import pack, unpack
 from kd_core.cache.encode import encode_batch, to_host
-from kd_core.cache.sparse import sparse_rows
 from kd_core.cache.reader import TopKTensors
+from kd_core.cache.sparse import sparse_rows
 from kd_core.divergences import forward_kl, sparse_divergence
 from kd_core.losses import topk_kl
 
