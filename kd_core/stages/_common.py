@@ -37,6 +37,10 @@ def labelled_arrays(task: tasks.Task, splits: data.Splits) -> tuple[np.ndarray, 
     return task.inputs(splits.train, splits.schema), task.labels(splits.train, splits.schema)
 
 
+# where a training runs, not what it computes: the same job on every machine, whatever its node rank
+# or meeting point, so neither enters a checkpoint key nor the rendezvous id
+WHERE = {"train": {"node_rank", "rdzv_endpoint"}}
+
 def per_row(loss: train.LossFn, positions: int) -> train.LossFn:
     """A per-position loss as the per-row loss the loop reduces: rows of P positions (`lm`: tokens of a
     sequence) score the mean over their positions.  # (b, P, C), targets (b·P, …), (b, P) -> (b,)"""

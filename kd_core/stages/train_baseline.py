@@ -9,6 +9,7 @@ from kd_core.config import Params
 from kd_core.curves import write_curve
 from kd_core.fs import atomic_dir
 from kd_core.stages._common import (
+    WHERE,
     StudentResult,
     checkpoint_path,
     discard_checkpoints,
@@ -37,7 +38,7 @@ def run(params: Params, workdir: Path) -> StudentResult:
     cfg = labels_only_config(tp, len(splits.train) + len(splits.transfer), len(x), len(val))
     spec = task.spec(params.student, splits.schema, workdir)
     model = task.for_training(task.build(spec, x, tp.seed, task.init_dir(params, workdir)), params)
-    inputs = {"params": params.model_dump(mode="json", include={"student", "train", "cache"}),
+    inputs = {"params": params.model_dump(mode="json", include={"student", "train", "cache"}, exclude=WHERE),
               "data": data.data_fingerprint(workdir / params.paths.prepared)}
     ckpt = checkpoint_path(workdir, params, "train_baseline", inputs, 1)
     resumed = train.checkpoint_epochs(ckpt)

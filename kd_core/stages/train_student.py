@@ -25,6 +25,7 @@ from kd_core.config import DistillParams, Params
 from kd_core.curves import read_curve, write_curve
 from kd_core.fs import atomic_dir
 from kd_core.stages._common import (
+    WHERE,
     StudentResult,
     checkpoint_path,
     discard_checkpoints,
@@ -37,9 +38,6 @@ from kd_core.stages._distil import KDRows, kd_objective, kd_rows
 from kd_core.train import FitConfig, fit
 
 CURVE = "train_student.csv"
-# where a training runs, not what it computes: the same job on every machine, whatever its node rank
-# or meeting point, so neither enters the checkpoint key nor the rendezvous id
-WHERE = {"train": {"node_rank", "rdzv_endpoint"}}
 SCORE_POSITIONS = 512  # positions per scoring pass of a search candidate (lm: 4 sequences of 128 tokens)
 
 
