@@ -61,26 +61,29 @@ class Breakable(Protocol):
     def versions(self) -> int: ...
 
 
-def first_failure(root: Path, stages: tuple[str, ...]):  # -> (stage, CompletedProcess)
-    """`kd stage` for each stage in order, stopping at the first that fails (or after the last)."""
-    from tests.conftest import kd
+def first_failure(root: Path, stages: tuple[str, ...], kd: Callable | None = None):  # -> (stage, CompletedProcess)
+    """`kd stage` for each stage in order, stopping at the first that fails (or after the last); `kd` runs
+    one command (tests.conftest.kd, a subprocess, unless given)."""
+    from tests.conftest import kd as in_subprocess
 
     for stage in stages:
-        res = kd(root, "stage", stage)
+        res = (kd or in_subprocess)(root, "stage", stage)
         if res.returncode != 0:
             break
     return stage, res
 
 
 def check_refused(project: Breakable, break_it: Callable, needles: list[str], stages: tuple[str, ...],
-                  guarded: list[str], tally: Damage, record_property: Callable[[str, object], None]) -> None:
+                  guarded: list[str], tally: Damage, record_property: Callable[[str, object], None],
+                  kd: Callable | None = None) -> None:
     """Break the project, run `stages` until one fails, restore it; the failure must be one `kd: error:`
     line holding every needle, before the teacher stage, with no traceback, nothing registered and the
-    `guarded` artifacts byte for byte as they were. The damage is recorded before any assert."""
+    `guarded` artifacts byte for byte as they were. The damage is recorded before any assert. `kd` runs
+    the stages (a subprocess each unless given, see first_failure)."""
     before_files, before_versions = snapshot(project.root, guarded), project.versions()
     try:
         break_it(project)
-        stage, res = first_failure(project.root, stages)
+        stage, res = first_failure(project.root, stages, kd)
     finally:
         project.restore()
     after_files = snapshot(project.root, guarded)
