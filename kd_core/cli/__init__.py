@@ -27,9 +27,11 @@ def main() -> None:
     except Exception as exc:
         import click
 
-        if isinstance(exc, click.ClickException):
+        # a usage error (unknown command or option): click's, or the copy of click typer >= 0.29 carries
+        usage = (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
+        if isinstance(exc, usage) and hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(getattr(exc, "exit_code", 2))
         raise
 
 

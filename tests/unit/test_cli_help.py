@@ -41,3 +41,10 @@ def test_importing_the_cli_loads_no_heavy_library():
             "'matplotlib', 'onnx', 'pandas'); print([m for m in heavy if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("args", [["nocommand"], ["stage", "--no-such-option"]], ids=["command", "option"])
+def test_a_usage_mistake_is_a_usage_line_not_a_traceback(args: list[str]):
+    res = subprocess.run([sys.executable, "-m", "kd_core.cli", *args], capture_output=True, text=True, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "No such" in res.stderr
