@@ -107,9 +107,11 @@ def test_packed_frame_caps_the_targets_and_names_documents() -> None:
         assert capped[lm_data.DOC].tolist() == full[lm_data.DOC].tolist()[:rows]
 
 
-def test_documents_frame_counts_tokens_per_split() -> None:
+def test_documents_table_counts_tokens_per_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train, test = [("a", "x y"), ("b", "z")], [("c", "w")]
-    frame = lm_data.documents_frame(train, test, "text", {"train": [[1, 2], [3]], "test": [[4, 5, 6]]})
+    monkeypatch.setattr(lm_data, "ENCODE_BATCH", 2)  # two row groups
+    lm_data.write_documents(tmp_path / "docs.parquet", train, test, "text", {"train": [2, 1], "test": [3]})
+    frame = pd.read_parquet(tmp_path / "docs.parquet")
     assert frame.to_dict("records") == [{"name": "a", "text": "x y", "split": "train", "tokens": 2},
                                         {"name": "b", "text": "z", "split": "train", "tokens": 1},
                                         {"name": "c", "text": "w", "split": "test", "tokens": 3}]

@@ -157,13 +157,13 @@ def eos_id(tok, where: Path) -> int:
     raise UserError(f"{where}: the tokenizer has no end-of-text token (looked for {list(EOS_TOKENS)})")
 
 
-ENCODE_BATCH = 256  # documents tokenised at a time: a tokenizer Encoding (ids, offsets, token strings) costs
-# ~100 bytes a token, so the corpus's Encodings are never held at once; ids are kept as int32 (4 bytes a token)
+ENCODE_BATCH = 256  # documents tokenised at a time: a tokenizer Encoding (ids, offsets, token strings, masks)
+# costs many times a token's 4-byte int32 id, so the corpus's Encodings are never held at once
 
 
 def token_ids(tok, texts: list[str]) -> list[np.ndarray]:
     """Each document's token ids (int32), tokenised ENCODE_BATCH documents at a time, so prepare's memory
-    grows by 4 bytes a token of the corpus, not by its Encodings and Python int lists (~140 bytes).  # (n_i,)"""
+    grows by 4 bytes a token of the corpus, not by its Encodings and lists of Python ints.  # (n_i,)"""
     out: list[np.ndarray] = []
     for i in range(0, len(texts), ENCODE_BATCH):
         out += [np.asarray(e.ids, np.int32) for e in tok.encode_batch(texts[i:i + ENCODE_BATCH],
@@ -199,9 +199,19 @@ def packed_frame(docs: list[tuple[str, str]], ids: list, seq_len: int, eos: int,
     return pd.DataFrame({IDS: pd.Series(list(seqs), dtype=object), DOC: [docs[i][0] for i in owner]})
 
 
-def documents_frame(train: list[tuple[str, str]], test: list[tuple[str, str]], column: str,
-                    tokens: dict[str, list]) -> pd.DataFrame:
-    """Every document with its split and token count: what validation checks and the card prompts from."""
-    rows = [(name, text, split, len(tokens[split][i]))
+def write_documents(path: Path, train: list[tuple[str, str]], test: list[tuple[str, str]], column: str,
+                    tokens: dict[str, list[int]]) -> None:
+    """Every document with its split and token count (`tokens`: per split, each document's) as a parquet
+    table, what validation checks and the card prompts from. Written ENCODE_BATCH documents per row group:
+    one table of the whole corpus would copy every text once more (Arrow strings) at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("name", pa.string()), (column, pa.string()), ("split", pa.string()), ("tokens", pa.int64())])
+    rows = [(name, text, split, tokens[split][i])
             for split, docs in (("train", train), ("test", test)) for i, (name, text) in enumerate(docs)]
-    return pd.DataFrame(rows, columns=["name", column, "split", "tokens"])
+    with pq.ParquetWriter(path, schema) as writer:
+        for i in range(0, len(rows), ENCODE_BATCH):
+            part = list(zip(*rows[i:i + ENCODE_BATCH], strict=True))
+            writer.write_table(pa.table([pa.array(c, f.type) for c, f in zip(part, schema, strict=True)],
+                                        schema=schema))

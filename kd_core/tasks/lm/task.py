@@ -114,9 +114,11 @@ class LMTask:
         eos = lm_data.eos_id(tok, source)
         train = lm_data.packed_frame(train_docs, ids["train"], d.seq_len, eos, d.max_tokens)
         test = lm_data.packed_frame(test_docs, ids["test"], d.seq_len, eos, d.max_test_tokens)
-        for split, frame, doc_ids in (("train", train, ids["train"]), ("test", test, ids["test"])):
+        counts = {split: [len(i) for i in doc_ids] for split, doc_ids in ids.items()}
+        del ids  # the corpus's ids, 4 bytes a token: gone before the documents table is written
+        for split, frame in (("train", train), ("test", test)):
             if len(frame) == 0:
-                raise UserError(f"data ({d.source}): the {split} split has {sum(map(len, doc_ids)) + len(doc_ids)} "
+                raise UserError(f"data ({d.source}): the {split} split has {sum(counts[split]) + len(counts[split])} "
                                 f"tokens, fewer than one sequence of data.seq_len + 1 = {d.seq_len + 1}")
         vocab = tok.get_vocab_size()
         info = lm_data.LMInfo(d.seq_len, eos, vocab, lm_models.tokenizer_sha256(blob), len(train) * d.seq_len,
@@ -127,8 +129,7 @@ class LMTask:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / TOKENIZER_FILE).write_bytes(blob)
             data.write_prepared(splits, out, Path(tmp) / TOKENIZER_FILE)
-        lm_data.documents_frame(train_docs, test_docs, d.text_column, ids).to_parquet(out / lm_data.DOCUMENTS,
-                                                                                     index=False)
+        lm_data.write_documents(out / lm_data.DOCUMENTS, train_docs, test_docs, d.text_column, counts)
         return splits
 
     def describe(self, schema: Schema) -> str:
