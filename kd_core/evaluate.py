@@ -190,7 +190,7 @@ def classifier_scores(task: Task, loaded: dict[str, tuple[nn.Module, ModelSpec]]
     model is `teacher` (the agreement reference: with several teachers, their ensemble). The rows are
     scored CHUNK_ROWS at a time into running sums, so memory does not grow with the test split."""
     scores = {r: Scores(len(spec.schema.classes)) for r, (_, spec) in loaded.items()}
-    per, y = max(1, task.positions(x)) if len(x) else 1, y.reshape(-1)  # one label per logit row
+    per, y = task.positions(x), y.reshape(-1)  # one label per logit row
     for i in range(0, len(x), CHUNK_ROWS):
         rows, labels = x[i:i + CHUNK_ROWS], y[i * per:(i + CHUNK_ROWS) * per]
         teacher = task.predict_logits(loaded["teacher"][0], rows)  # (n, K)
