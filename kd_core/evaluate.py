@@ -89,7 +89,8 @@ class Scores:
 
     def add(self, logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray) -> None:
         """One batch: logits (n, K), labels (n,), the teacher's top-1 (n,)."""
-        pred, hit = logits.argmax(1), logits.argmax(1) == y
+        pred = logits.argmax(1)
+        hit = pred == y
         self.rows, self.correct = self.rows + len(y), self.correct + int(hit.sum())
         self.agree += int((pred == teacher_pred).sum())
         self.nll += float(-_log_softmax(logits)[np.arange(len(y)), y].astype(np.float64).sum())
