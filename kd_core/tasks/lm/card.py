@@ -69,13 +69,23 @@ def _one_line(text: str, limit: int = 160) -> str:
     return (flat[:limit] + "…") if len(flat) > limit else flat
 
 
+def _kept(c: dict) -> str:
+    """What a cache row holds, in words (manifest keys: top_k, top_p, sampling)."""
+    k, p, drawn = int(c.get("top_k") or 0), c.get("top_p"), c.get("sampling")
+    head = f"the top {k - (drawn or 0)}" + (f" (fewer where they reach p = {p})" if p is not None else "")
+    if drawn:
+        return f"{head} next-token logits + {drawn} classes drawn from the rest with unbiased weights"
+    return f"{head} next-token logits + the tail's exact mass"
+
+
 def _summary(inp: LMCardInputs) -> list[str]:
     items = [headline(inp.evals) + "."]
     c = inp.cache
     if c:
-        items.append(f"The teacher ran once: {c.get('rows', 0):,} token positions cached as the top {c.get('top_k')} "
-                     f"next-token logits + the tail's exact mass, **{c.get('bytes_per_row')} bytes per token** "
-                     f"({c.get('index_dtype')} indices, {c.get('dtype')} values).")
+        compact = ", compact: 8-bit log-probs + zstd" if c.get("encoding") == "compact" else ""
+        items.append(f"The teacher ran once: {c.get('rows', 0):,} token positions cached as {_kept(c)}, "
+                     f"**{c.get('bytes_per_row')} bytes per token** ({c.get('index_dtype')} indices, "
+                     f"{c.get('dtype')} values{compact}).")
     if inp.export and "onnx_int8" in inp.export.get("student", {}):
         q = inp.export["student"]["onnx_int8"]
         items.append(f"Edge: int8 ONNX student {q['size_bytes'] / 2**20:.1f} MiB, perplexity {q['perplexity']:.2f} "
@@ -158,7 +168,8 @@ def manifest(logits_dir: Path) -> dict:
     if not path.is_file():
         return {}
     m = json.loads(path.read_text())
-    return {k: m.get(k) for k in ("rows", "top_k", "bytes_per_row", "index_dtype", "dtype", "capture")}
+    keys = ("rows", "top_k", "top_p", "sampling", "encoding", "bytes_per_row", "index_dtype", "dtype", "capture")
+    return {k: m.get(k) for k in keys}
 
 
 def run_card(params: Params, workdir: Path, out: Path, data_docs: str) -> dict[str, Path]:
