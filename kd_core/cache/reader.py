@@ -63,7 +63,7 @@ class LogitCache:
     manifest: dict = field(init=False)
     _arrays: dict[tuple[int, str], np.ndarray] = field(init=False, default_factory=dict)
     _dense: np.ndarray | None = field(init=False, default=None)
-    _decoded_bytes: int = field(init=False, default=0)  # compact shards decoded into _arrays
+    _decoded: dict[int, int] = field(init=False, default_factory=dict)  # compact shards held decoded: bytes
 
     def __post_init__(self) -> None:
         self.manifest = read_manifest(self.path)
@@ -119,10 +119,13 @@ class LogitCache:
             decoded = unpack(np.load(f, allow_pickle=False), self.manifest)
         except ValueError as exc:
             raise UserError(f"{f}: {exc}; run `kd cache verify` and re-run the cache_logits stage") from None
-        size = sum(x.nbytes for x in decoded.values())
-        while self._arrays and self._decoded_bytes + size > IN_MEMORY_MAX_BYTES:
-            self._decoded_bytes -= self._arrays.pop(next(iter(self._arrays))).nbytes
-        self._decoded_bytes += size
+        while self._decoded and sum(self._decoded.values()) + sum(x.nbytes for x in decoded.values()) \
+                > IN_MEMORY_MAX_BYTES:
+            oldest = next(iter(self._decoded))
+            del self._decoded[oldest]
+            for role in decoded:
+                self._arrays.pop((oldest, role), None)
+        self._decoded[i] = sum(x.nbytes for x in decoded.values())
         self._arrays |= {(i, r): x for r, x in decoded.items()}
 
     def _gather(self, idx: np.ndarray, role: str) -> list[tuple[np.ndarray, np.ndarray]]:

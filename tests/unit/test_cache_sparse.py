@@ -150,3 +150,19 @@ def test_built_sparse_cache_reads_verifies_and_densifies(tmp_path, settings: Cac
     f.unlink()
     f.write_bytes(data[:-3] + b"\0\0\0")
     assert any("checksum" in p for p in verify_cache(tmp_path / "out"))
+
+
+def test_decoded_compact_shards_stay_within_the_budget(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd_core.cache import reader
+
+    s = CacheSettings("float16", 20, 8, encoding="compact")
+    z = _logits(200)
+    key = cache_key("t", "d", s)
+    build_cache(lambda a, b: z[a:b].clone(), 200, C, tmp_path / "out", tmp_path / "work", key, s, {})
+    one_shard = 20 * (8 * 2 + 8 * 2 + 4)  # float16 values, uint16 indices, float32 tail
+    monkeypatch.setattr(reader, "IN_MEMORY_MAX_BYTES", 3 * one_shard)
+    cache = LogitCache(tmp_path / "out", key)
+    whole = cache.take_topk(np.arange(200))  # touches all 10 shards
+    assert len(cache._decoded) == 3 and sum(cache._decoded.values()) <= 3 * one_shard
+    again = cache.take_topk(np.arange(200)[::-1])
+    assert np.array_equal(again.values, whole.values[::-1]) and np.array_equal(again.indices, whole.indices[::-1])
