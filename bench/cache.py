@@ -15,6 +15,10 @@ Teacher: an MLP 256 -> 1024 -> 1000 on synthetic rows (issue 3). Prints, each wi
                top-k bytes / (N*K*(2+4) + tail)                              (<= 1.00)
   memory       peak RSS at N=big and its ratio to N=big/10                   (<= 2 GB, <= 1.10)
   reading      teacher forward of 256 random rows / memory-mapped read       (>= 10)
+
+How small a cache can get and what it loses (top_p, sampling, the compact encoding: bytes per token and
+KL on a real teacher's held-out text) is `bench/cache_size.py`; the students those caches train,
+against full-vocabulary targets, `bench/sparse_kd.py`.
 """
 
 from __future__ import annotations
