@@ -37,11 +37,11 @@ def test_kill_9_mid_capture_resumes_to_the_same_bytes(tmp_path: Path, tiny_llama
     proc = subprocess.Popen([str(BIN / "kd"), "stage", "cache_logits"], cwd=proj, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(store.glob("*/*.indices.npy.sha256"))) < 5:
+    while time.time() < deadline and len(list(store.glob("*/shard-*.npy.sha256"))) < 5:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(store.glob("*/*.indices.npy.sha256")))
+    done = len(list(store.glob("*/shard-*.npy.sha256")))
     assert 5 <= done < 96, done  # killed mid-capture: 96 shards in all
     res = kd(proj, "stage", "cache_logits")
     assert res.returncode == 0 and "resumed" in res.stdout, res.stdout + res.stderr
