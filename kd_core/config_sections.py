@@ -1,4 +1,4 @@
-"""The operational sections of params.yaml (promotion policy, export, registry, schedule, paths) and the
+"""The operational sections of params.yaml (promotion policy, export, registry, schedule, paths, the cache) and the
 frozen, unknown-key-refusing base every section shares; kd_core.config assembles them into Params."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -95,3 +95,69 @@ class PathParams(Section):
     reports: str = "reports"
     metrics: str = "metrics"
     work: str = ".kd"
+
+
+class FeatureCapture(Section):
+    """A teacher module (a name from `named_modules()`) whose output cache_logits stores beside the logits."""
+
+    module: str = Field(min_length=1)
+    pool: Literal["mean", "max", "none"] = "none"  # over the axes after the channels: (B, C, *S) -> (B, C)
+
+
+class AugmentParams(Section):
+    """How `cache.views` draws each augmented view (random-resized crop, then a horizontal flip): in the key."""
+
+    scale: tuple[float, float] = (0.35, 1.0)  # share of the image's area a crop covers (torchvision's default 0.08)
+    ratio: tuple[float, float] = (0.75, 1.3333)  # crop aspect ratios (width / height), drawn log-uniformly
+    flip: bool = True  # mirror half the views left to right
+    seed: int = 0  # the view generator's seed
+    online: bool = True  # the teacher and the hard-label twin train on fresh draws of this recipe each step
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentParams:
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale {list(self.scale)}: need 0 < low <= high <= 1")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio {list(self.ratio)}: need 0 < low <= high")
+        return self
+
+
+class CacheParams(Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # top-k rows keep the fewest logits reaching this mass
+    sampling: int | None = Field(None, ge=1)  # of the top_k slots, this many hold classes drawn from the rest
+    # with unbiased weights (kd_core/cache/sparse.py); forward KL at T = 1
+    encoding: Literal["raw", "compact"] = "raw"  # compact: 8-bit log-probs + zstd per shard (top-k caches)
+    shard_rows: int = Field(16_384, ge=1)
+    batch_size: int = Field(2048, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where the teacher runs; not in the key
+    autocast: bool = True  # bf16 autocast on CUDA (recorded in the manifest); raw logits stored in `dtype`
+    runner: Literal["serial", "dask"] = "serial"
+    dask_address: str | None = None
+    features: tuple[FeatureCapture, ...] = ()  # part of the cache key; empty: logits only
+    views: int = Field(0, ge=0, le=64)  # augmented views cached per input row (task image), rows = image × view,
+    # replayed exactly by the student; 0: the plain input only. V and `augment` are in the cache key
+    augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _sparse_needs_top_k(self) -> CacheParams:
+        for name in ("top_p", "sampling"):
+            if getattr(self, name) is not None and not self.top_k:
+                raise ValueError(f"cache.{name} selects among the cache.top_k slots: set cache.top_k")
+        if self.encoding == "compact" and not self.top_k:
+            raise ValueError("cache.encoding compact stores top-k rows: set cache.top_k (or encoding: raw)")
+        if self.sampling and self.top_k and self.sampling >= self.top_k:
+            raise ValueError(f"cache.sampling {self.sampling} must leave one of the cache.top_k {self.top_k} slots "
+                             "for the teacher's top class")
+        if self.top_k and self.top_k > 255 and self.encoding == "compact":
+            raise ValueError("cache.encoding compact keeps at most 255 classes per row: lower cache.top_k")
+        return self
+
+    @field_validator("features")
+    @classmethod
+    def _unique_modules(cls, v: tuple[FeatureCapture, ...]) -> tuple[FeatureCapture, ...]:
+        names = [f.module for f in v]
+        if dups := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"module(s) {dups} captured more than once")
+        return v
