@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core.config import AugmentParams
+from kd_core.config_sections import AugmentParams
 from kd_core.tasks.image import views
 
 AUGMENT = AugmentParams().model_dump(mode="json")
