@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -53,3 +54,14 @@ def env(proj: Path) -> dict[str, str]:
 def set_params(proj: Path, change: dict) -> None:
     params = yaml.safe_load((proj / "params.yaml").read_text())
     (proj / "params.yaml").write_text(yaml.safe_dump(deep_update(params, change), sort_keys=False))
+
+
+def ran(root: Path) -> tuple[Any, Any, Any]:
+    """(params, task, prepared splits) of a project `dvc repro` has prepared: what every benchmark that
+    reads an existing run starts from. kd_core is imported here, not at the top: bench/examples.py must
+    not import the checkout's kd_core (its copies import their own)."""
+    from kd_core import data, tasks
+    from kd_core.config import load_params
+
+    params = load_params(root)
+    return params, tasks.for_params(params), data.read_prepared(root / params.paths.prepared)

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _project import ran
 
-from kd_core import data, tasks
 from kd_core.cache import CacheSettings, decode
 from kd_core.cache.compact import pack, unpack
 from kd_core.cache.encode import encode_batch, to_host
 from kd_core.cache.format import index_dtype
-from kd_core.config import load_params
 
 SHARD = 4096
 SETTINGS = {  # name -> settings (encoding raw; "+ compact" variants are added below)
@@ -48,9 +47,7 @@ COMPACT = ("top-64", "top-p 0.9 (K 64)", "top-8 + 16 sampled", "top-p 0.5 (≤ 4
 
 def teacher_logits(root: Path, tokens: int) -> tuple[list[torch.Tensor], float, int]:
     """The teacher's (b·P, C) logits per batch of held-out sequences, forward seconds, classes."""
-    params = load_params(root)
-    task = tasks.for_params(params)
-    splits = data.read_prepared(root / params.paths.prepared)
+    params, task, splits = ran(root)
     x = task.inputs(splits.test, splits.schema)
     x = x[:max(1, tokens // task.positions(x))]
     teacher = task.load(root / params.paths.teacher)[0].eval()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _project import ran
 
-from kd_core import data, losses, tasks
+from kd_core import losses
 from kd_core.cache import LogitCache, expected_keys
-from kd_core.config import load_params
 from kd_core.stages._common import fit_config, per_row, position_targets, validation_rows
 from kd_core.tasks.lm import scoring as lm_eval
 from kd_core.train import fit
@@ -30,9 +30,7 @@ VARIANTS = ("hinton", "reverse_kl", "jsd", "skew_kl")  # forward KL, reverse KL,
 
 def train_one(loss_name: str | None, root: Path, epochs: int, sequences: int) -> tuple[torch.nn.Module, float]:
     """A student trained with `loss_name` on the cache (None: the text-only twin); (model, seconds)."""
-    params = load_params(root)
-    task = tasks.for_params(params)
-    splits = data.read_prepared(root / params.paths.prepared)
+    params, task, splits = ran(root)
     x, y = task.inputs(splits.train, splits.schema)[:sequences], task.labels(splits.train, splits.schema)[:sequences]
     per = task.positions(x)
     cache = LogitCache(root / params.logit_dirs()[0], expected_keys(params, root)[0])
@@ -57,9 +55,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=128, help="training sequences (the first N of the cache)")
     args = ap.parse_args()
     root = args.project.resolve()
-    params = load_params(root)
-    task = tasks.for_params(params)
-    splits = data.read_prepared(root / params.paths.prepared)
+    params, task, splits = ran(root)
     xt, yt = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)
     teacher = task.load(root / params.paths.teacher)[0]
     print(f"{params.student.arch} {dict(params.student.options)}, {args.sequences} sequences x "

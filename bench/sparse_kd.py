@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _project import ran
 
-from kd_core import data, losses, tasks
+from kd_core import losses
 from kd_core.cache import CacheSettings, LogitCache, build_cache, cache_key
-from kd_core.config import load_params
 from kd_core.stages._common import fit_config, per_row, position_targets
 from kd_core.tasks.lm import scoring as lm_eval
 from kd_core.train import fit
@@ -43,9 +43,7 @@ VARIANTS = {  # name -> cache settings (shard_rows set from --shard)
 
 def teacher_targets(root: Path, sequences: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor, float]:
     """Training rows x, y (N, L) and the teacher's float16 logits for their positions (N·L, C)."""
-    params = load_params(root)
-    task = tasks.for_params(params)
-    splits = data.read_prepared(root / params.paths.prepared)
+    params, task, splits = ran(root)
     x, y = task.inputs(splits.train, splits.schema)[:sequences], task.labels(splits.train, splits.schema)[:sequences]
     teacher = task.load(root / params.paths.teacher)[0].eval()
     t0, out = time.perf_counter(), []
@@ -66,9 +64,7 @@ def build(logits: torch.Tensor, s: CacheSettings, store: Path, name: str) -> tup
 
 def train(root: Path, x: np.ndarray, y: np.ndarray, soft, top_k: int | None, steps: int) -> torch.nn.Module:
     """The project's student, `steps` steps over x from its usual initialisation, loss and optimizer."""
-    params = load_params(root)
-    task = tasks.for_params(params)
-    splits = data.read_prepared(root / params.paths.prepared)
+    params, task, splits = ran(root)
     model = task.build(task.spec(params.student, splits.schema), x, params.train.seed, task.init_dir(params, root))
     per = task.positions(x)
     cfg = replace(fit_config(params.train.model_copy(update={"epochs": 1, "min_steps": None, "patience": None}),
@@ -86,9 +82,7 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=2048, help="cache rows (tokens) per shard")
     args = ap.parse_args()
     root = args.project.resolve()
-    params = load_params(root)
-    task = tasks.for_params(params)
-    splits = data.read_prepared(root / params.paths.prepared)
+    params, task, splits = ran(root)
     xt, yt = task.inputs(splits.test, splits.schema), task.labels(splits.test, splits.schema)
     x, y, dense, seconds = teacher_targets(root, args.steps * params.train.batch_size)
     print(f"{len(x)} training sequences x {x.shape[1]} tokens ({len(dense)} cached rows, teacher {seconds:.0f} s), "
