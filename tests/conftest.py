@@ -26,6 +26,7 @@ from tests.tally import (  # noqa: F401  (hooks: the reliability figure, counted
     pytest_terminal_summary,
 )
 
+pytest_plugins = ["tests.order"]  # slowest modules first (the two workers' balance)
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore",

@@ -8,7 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import dvc, kd, write_params
-from tests.e2e.test_dvc_repro import ALL, ran
+from tests.conftest import stages_ran as ran
+from tests.e2e.test_user_commands import ALL
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,7 @@
 """What a new user touches after the first run: the model card, `kd status`, `kd compare`, `kd predict`
-and `kd export`, on a tiny project run by `dvc repro` (one run for the whole module: it is the slow part)."""
+and `kd export`, on a tiny project run by `dvc repro` (one run for the whole module: it is the slow part);
+then which stages an edit to the code makes stale. (A no-op repro and a distill param re-running only the
+student side: tests/e2e/test_features_repro.py.)"""
 
 import base64
 import json
@@ -8,12 +10,16 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import dvc, kd
+from tests.conftest import stages_ran as ran
 from tests.unit.test_report import png_size
 
 pytestmark = pytest.mark.slow
+ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
+       "evaluate", "register", "export", "report"}
 
 
 def one_line_error(res) -> str:
@@ -28,6 +34,7 @@ def one_line_error(res) -> str:
 def test_card_and_user_commands_after_a_run(project):
     res = dvc(project, "repro")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert ran(res.stdout) == ALL and (project / "dvc.lock").exists()
     ev = json.loads((project / "metrics/eval.json").read_text())
     reg = json.loads((project / "metrics/register.json").read_text())
     exp = json.loads((project / "metrics/export.json").read_text())
@@ -103,3 +110,22 @@ def test_card_and_user_commands_after_a_run(project):
     assert "x03" in one_line_error(kd(project, "predict", "short.parquet", "--version", str(reg["version"])))
     (project / "bad.parquet").write_text("not parquet")
     assert "not a readable parquet table" in one_line_error(kd(project, "predict", "bad.parquet"))
+
+    # a code change makes exactly the stages that import the changed module stale (dvc.yaml's deps are
+    # generated from the import closures: kd_core/codedeps.py); a task is one package and dvc.yaml names
+    # only the selected one (kd_core/tasks/${task}): an edit to the lm package leaves this tabular project
+    # up to date, one to its own package makes every stage that asks the task stale
+    asks_task = {name for name, body in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items()
+                 if "kd_core/tasks/${task}" in body["deps"]}
+    assert {"prepare", "teacher", "train_student", "evaluate"} <= asks_task
+    for module, stale in (("kd_core/card/figures.py", {"report"}), ("kd_core/export.py", {"export"}),
+                          ("kd_core/losses.py", {"teacher", "cache_logits", "train_student", "train_baseline",
+                                                 "export"}),  # export: its quantization-aware fine-tune
+                          ("kd_core/tasks/lm/task.py", set()), ("kd_core/tasks/tabular/task.py", asks_task)):
+        path = project / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        status = dvc(project, "status", "--json")
+        path.write_text(original)
+        assert status.returncode == 0, status.stderr
+        assert set(json.loads(status.stdout)) == stale, (module, status.stdout)
