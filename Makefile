@@ -68,11 +68,11 @@ docs: $(VENV)/.installed
 	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Two workers by default (CI has 2 cores): test files are spread over them whole (--dist loadfile),
-# so module-scoped projects are built once; slowest modules first (tests/order.py). TEST_WORKERS=0 runs
-# in one process.
+# so module-scoped projects are built once; each worker's processes get their share of the cores
+# (tests/threads.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: lint docs
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) .prefect .kd

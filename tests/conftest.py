@@ -26,7 +26,7 @@ from tests.tally import (  # noqa: F401  (hooks: the reliability figure, counted
     pytest_terminal_summary,
 )
 
-pytest_plugins = ["tests.order"]  # slowest modules first (the two workers' balance)
+pytest_plugins = ["tests.threads"]  # the xdist workers share the cores (threads per process)
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore",
