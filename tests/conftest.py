@@ -87,6 +87,8 @@ def new_project(proj: Path, overrides: dict, extra_files: tuple[str, ...] = ()) 
     return proj
 
 
+ALL_STAGES = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
+              "evaluate", "register", "export", "report"}  # dvc.yaml's stages: what a first `dvc repro` runs
 _STALE = re.compile(r"Running stage '([a-z_]+)'|Stage '([a-z_]+)' is cached")
 
 

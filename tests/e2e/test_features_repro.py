@@ -7,9 +7,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import dvc, kd, write_params
+from tests.conftest import ALL_STAGES, dvc, kd, write_params
 from tests.conftest import stages_ran as ran
-from tests.e2e.test_user_commands import ALL
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +20,7 @@ def test_repro_with_features(project):
     write_params(project, {"cache": {"features": [CAPTURE]}, "distill": {"features": [HINT]}})
     first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert ran(first.stdout) == ALL
+    assert ran(first.stdout) == ALL_STAGES
     assert "bytes/row" in first.stdout
 
     manifest = json.loads((project / "artifacts/logits/manifest.json").read_text())

@@ -13,13 +13,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import dvc, kd
+from tests.conftest import ALL_STAGES, dvc, kd
 from tests.conftest import stages_ran as ran
 from tests.unit.test_report import png_size
 
 pytestmark = pytest.mark.slow
-ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
-       "evaluate", "register", "export", "report"}
 
 
 def one_line_error(res) -> str:
@@ -34,7 +32,7 @@ def one_line_error(res) -> str:
 def test_card_and_user_commands_after_a_run(project):
     res = dvc(project, "repro")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert ran(res.stdout) == ALL and (project / "dvc.lock").exists()
+    assert ran(res.stdout) == ALL_STAGES and (project / "dvc.lock").exists()
     ev = json.loads((project / "metrics/eval.json").read_text())
     reg = json.loads((project / "metrics/register.json").read_text())
     exp = json.loads((project / "metrics/export.json").read_text())

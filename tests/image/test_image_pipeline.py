@@ -21,12 +21,10 @@ from kd_core import data, tasks
 from kd_core.cache import LogitCache
 from kd_core.tasks.image import data as image_data
 from kd_core.tasks.image import models as image_models
-from tests.conftest import dvc, stages_ran
+from tests.conftest import ALL_STAGES, dvc, stages_ran
 from tests.image.conftest import IMAGES, SHAPES, image_project
 
 pytestmark = pytest.mark.slow
-ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
-       "evaluate", "register", "export", "report"}
 MODEL_KEYS = {"accuracy", "ece", "nll", "agreement_with_teacher", "params", "macs", "latency_ms_p50", "size_bytes"}
 
 
@@ -44,7 +42,7 @@ def read(proj: Path, rel: str) -> dict:
 
 
 def test_repro_runs_the_whole_dag(run: tuple[Path, str]) -> None:
-    assert stages_ran(run[1]) == ALL
+    assert stages_ran(run[1]) == ALL_STAGES
 
 
 def test_prepared_images_are_resized_rgb_with_their_origin(run: tuple[Path, str]) -> None:

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from kd_core.cache import LogitCache
 from kd_core.tasks.lm import data as lm_data
 from kd_core.tasks.lm import models as lm_models
-from tests.conftest import BIN, ROOT, deep_update, dvc, git, kd, new_project, stages_ran, write_params
+from tests.conftest import ALL_STAGES, BIN, ROOT, deep_update, dvc, git, kd, new_project, stages_ran, write_params
 from tests.e2e.test_registry import free_port
 from tests.lm.conftest import build_llama, train_tokenizer
 from tests.text.conftest import project_env
@@ -37,8 +37,6 @@ LM = {"data": {"source": "stdlib", "seq_len": SEQ, "max_tokens": 3072, "max_test
       "cache": {"top_k": K, "dtype": "float16", "shard_rows": 500, "batch_size": 4},
       "distill": {"temperature": 1.0, "alpha": 0.5, "search": None},
       "train": {"epochs": 2, "batch_size": 8, "lr": 0.001, "patience": None, "val_fraction": 0.1}}
-ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline", "evaluate", "register",
-       "export", "report"}
 
 
 def lm_project(tmp: Path, teacher: Path | None, overrides: dict | None = None) -> Path:
@@ -74,7 +72,7 @@ def read(proj: Path, rel: str) -> dict:
 
 
 def test_repro_runs_the_whole_dag(run: tuple[Path, str]) -> None:
-    assert stages_ran(run[1]) == ALL
+    assert stages_ran(run[1]) == ALL_STAGES
 
 
 def test_sequences_are_packed_with_the_teachers_tokenizer(run: tuple[Path, str]) -> None:

@@ -17,12 +17,10 @@ import yaml
 
 from kd_core.tasks import _hf as hf
 from kd_core.tasks.text import data as text_data
-from tests.conftest import dvc, kd, stages_ran, write_params
+from tests.conftest import ALL_STAGES, dvc, kd, stages_ran, write_params
 from tests.text.conftest import ENCODER, LABEL, LABELS, TEXT, Tables, text_project
 
 pytestmark = pytest.mark.slow
-ALL = {"prepare", "validate", "teacher", "cache_logits", "train_student", "train_baseline",
-       "evaluate", "register", "export", "report"}
 MODEL_KEYS = {"accuracy", "ece", "nll", "agreement_with_teacher", "params", "macs", "latency_ms_p50", "size_bytes"}
 
 
@@ -42,7 +40,7 @@ def read(proj: Path, rel: str) -> dict:
 
 def test_repro_runs_the_whole_dag(run: tuple[Path, str]) -> None:
     proj, stdout = run
-    assert stages_ran(stdout) == ALL
+    assert stages_ran(stdout) == ALL_STAGES
 
 
 def test_prepared_data_is_tokenised_by_the_teachers_tokenizer(run: tuple[Path, str]) -> None:
