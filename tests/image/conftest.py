@@ -89,32 +89,16 @@ def shape_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One torch thread in this process, as project_env gives every `kd` subprocess: two xdist workers share
-    two cores, and oversubscribed OpenMP threads spin (test_nets_learn[mobilenet]: 34 s in a run on a loaded
-    machine, 0.6 s with one thread)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def kd_here(root: Path, *args: str) -> subprocess.CompletedProcess:
     """`kd ARGS` in `root` through the console entry point (kd_core.cli.main) in this process: the same
     exit code, stdout and stderr as tests.conftest.kd's subprocess, an escaped exception written as its
-    traceback, without paying a fresh interpreter's imports (2-6 s of CPU a stage) each time. One torch
-    thread, as the subprocess's OMP_NUM_THREADS=1, also from module fixtures (set up before one_torch_thread)."""
-    import torch
-
+    traceback, without paying a fresh interpreter's imports (2-6 s of CPU a stage) each time. Its torch
+    threads are the worker's, as many as a subprocess gets (tests/threads.py)."""
     from kd_core.cli import main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
-    argv, threads = sys.argv, torch.get_num_threads()
+    argv = sys.argv
     sys.argv = ["kd", *args]
-    torch.set_num_threads(1)
     try:
         with contextlib.chdir(root), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -126,7 +110,6 @@ def kd_here(root: Path, *args: str) -> subprocess.CompletedProcess:
                 code = 1
     finally:
         sys.argv = argv
-        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["kd", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -150,10 +150,9 @@ def text_tables(tmp_path_factory: pytest.TempPathFactory) -> Tables:
 
 
 def project_env(tmp: Path) -> dict[str, str]:
-    """Its own MLflow store and Prefect home, the venv's kd and dvc first on PATH, and one torch thread per
-    stage: two xdist workers share two cores, and oversubscribed OpenMP threads spin (the tiny teacher's
-    fine-tuning took 42 s with two threads next to a busy process, 7 s with one)."""
-    return {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    """Its own MLflow store and Prefect home, the venv's kd and dvc first on PATH (threads per stage:
+    tests/threads.py)."""
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
             "PREFECT_HOME": str(tmp / "prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "GIT_AUTHOR_NAME": "kd test", "GIT_AUTHOR_EMAIL": "test@kd.invalid",
             "GIT_COMMITTER_NAME": "kd test", "GIT_COMMITTER_EMAIL": "test@kd.invalid"}
